@@ -1,0 +1,30 @@
+"""Test set-up: Keras must start on the torch backend, before anything imports it."""
+
+import os
+
+os.environ["KERAS_BACKEND"] = "torch"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    """Seeds every RNG the tests touch and restores float32 afterwards."""
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.config.set_floatx("float32")
+
+
+@pytest.fixture
+def float64():
+    """Runs a test with Keras floatx float64 (exact per-example comparisons)."""
+    keras.config.set_floatx("float64")
+    yield
+    keras.config.set_floatx("float32")
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, keras {keras.__version__}, numpy {np.__version__}"

@@ -1,0 +1,106 @@
+"""Argument checks shared by every public entry point.
+
+Each check returns the normalised value or raises `DPConfigError` with a
+message that names the argument and the value it received, in the Keras style:
+``Expected l2_norm_clip > 0. Received: l2_norm_clip=-1``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from torchdp_keras.errors import DPConfigError
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_l2_norm_clip(value, name: str = "l2_norm_clip") -> float:
+    """Returns `value` as a float; it must be a finite number > 0."""
+    if not _is_real(value):
+        raise DPConfigError(
+            f"Expected {name} to be a number > 0. Received: {name}={value!r} "
+            f"of type {type(value).__name__}"
+        )
+    if not math.isfinite(value) or value <= 0:
+        raise DPConfigError(f"Expected {name} > 0 and finite. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_noise_multiplier(value, name: str = "noise_multiplier") -> float:
+    """Returns `value` as a float; it must be a finite number >= 0."""
+    if not _is_real(value):
+        raise DPConfigError(
+            f"Expected {name} to be a number >= 0. Received: {name}={value!r} "
+            f"of type {type(value).__name__}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise DPConfigError(f"Expected {name} >= 0 and finite. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_optional_positive_int(value, name: str) -> int | None:
+    """Returns `value` as an int (or None); it must be an integer >= 1."""
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise DPConfigError(
+            f"Expected {name} to be None or an integer >= 1. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    if value < 1:
+        raise DPConfigError(f"Expected {name} >= 1. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_seed(value, name: str = "seed") -> int | None:
+    """Returns `value` as an int (or None); it must be an integer >= 0."""
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise DPConfigError(
+            f"Expected {name} to be None or an integer >= 0. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    if value < 0:
+        raise DPConfigError(f"Expected {name} >= 0. Received: {name}={value!r}")
+    return int(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """Returns `value`; it must be a bool."""
+    if not isinstance(value, bool):
+        raise DPConfigError(f"Expected {name} to be True or False. Received: {name}={value!r}")
+    return value
+
+
+def units_per_batch(batch_size: int, num_microbatches: int | None) -> int:
+    """Returns the number of clipping units (examples or microbatches).
+
+    Args:
+        batch_size: The number of examples in the batch.
+        num_microbatches: None (every example is a unit) or the number of
+            contiguous groups the batch is split into.
+
+    Raises:
+        DPConfigError: the batch does not split into `num_microbatches`
+            groups of equal size.
+    """
+    if num_microbatches is None:
+        return batch_size
+    if batch_size % num_microbatches != 0:
+        raise DPConfigError(
+            f"Expected the batch size to be divisible by num_microbatches. "
+            f"Received: batch_size={batch_size}, "
+            f"num_microbatches={num_microbatches}. Use a batch size that is a "
+            f"multiple of num_microbatches (with fit(), also make the number "
+            f"of examples a multiple of batch_size so that the last batch is "
+            f"not smaller), or num_microbatches=None."
+        )
+    return num_microbatches

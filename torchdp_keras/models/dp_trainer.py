@@ -1,0 +1,243 @@
+"""The DP-SGD training step shared by every DP model class.
+
+`DPTrainerMixin` replaces Keras's torch `train_step` with DP-SGD:
+
+1. per-unit gradients (a unit is one example, or one of `num_microbatches`
+   contiguous groups) of the user's loss, each clipped to L2 norm `C`
+   over all trainable weights together;
+2. their sum plus Gaussian noise `N(0, sigma^2 C^2 I)`, divided by the number
+   of units `k` (the batch size when `num_microbatches` is None);
+3. plus the gradient of the weight regularizers, which do not depend on the
+   data and so are outside the sensitivity;
+4. handed to the compiled Keras optimizer, unchanged otherwise.
+
+Guarantee: one step is the Gaussian mechanism with sensitivity `C` (with
+respect to adding or removing one unit) and noise multiplier `sigma`; the
+privacy accounting of the whole run composes these steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import warnings
+
+import keras
+import numpy as np
+import torch
+from keras import tree
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from torchdp_keras import _validation
+from torchdp_keras.errors import DPConfigError
+from torchdp_keras.model_checks import check_per_example_privacy
+from torchdp_keras.ops import add_gaussian_noise
+from torchdp_keras.per_example import VmapEngine
+
+logger = logging.getLogger(__name__)
+
+DP_CONFIG_KEYS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "use_xla", "seed")
+
+
+def validate_dp_arguments(
+    *, l2_norm_clip, noise_multiplier, num_microbatches=None, use_xla=False, seed=None
+) -> dict:
+    """Checks the DP keyword arguments and returns them normalised."""
+    return {
+        "l2_norm_clip": _validation.check_l2_norm_clip(l2_norm_clip),
+        "noise_multiplier": _validation.check_noise_multiplier(noise_multiplier),
+        "num_microbatches": _validation.check_optional_positive_int(
+            num_microbatches, "num_microbatches"
+        ),
+        "use_xla": _validation.check_bool(use_xla, "use_xla"),
+        "seed": _validation.check_seed(seed),
+    }
+
+
+def warn_if_seed_restored(config: dict) -> None:
+    """Warns when a saved model comes back with a fixed noise seed."""
+    if config.get("seed") is not None:
+        warnings.warn(
+            f"torchdp_keras: this DP model was saved with seed={config['seed']}. "
+            "Its noise stream restarts from the beginning after loading, so "
+            "continued training would reuse the noise of the first run. For "
+            "training that continues a previous run, rebuild the model with "
+            "seed=None (fresh OS entropy).",
+            stacklevel=3,
+        )
+
+
+def _batch_size(x) -> int:
+    for leaf in tree.flatten(x):
+        if leaf is not None:
+            return int(leaf.shape[0])
+    raise DPConfigError("Expected a batch with at least one input tensor. Received: x=None")
+
+
+class DPTrainerMixin:
+    """DP-SGD `train_step` for Keras models on the torch backend.
+
+    Put it before the Keras class in the bases and call `_init_dp` after the
+    Keras constructor. It is not part of the public API: use `DPSequential`,
+    `DPModel`, `PrivateKerasModel` or `make_private`.
+    """
+
+    def _init_dp(self, settings: dict) -> None:
+        self._l2_norm_clip = settings["l2_norm_clip"]
+        self._noise_multiplier = settings["noise_multiplier"]
+        self._num_microbatches = settings["num_microbatches"]
+        self._use_xla = settings["use_xla"]
+        self._dp_seed = settings["seed"]
+        entropy = self._dp_seed if self._dp_seed is not None else secrets.randbits(128)
+        noise_seed, layer_seed = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
+        self._noise_seed = int(noise_seed)
+        self._noise_generator = None
+        self._layer_rng = random.Random(int(layer_seed))
+        self._dp_engine = None
+
+    # -- read-only DP settings ----------------------------------------------
+    @property
+    def l2_norm_clip(self) -> float:
+        """The clipping norm C: every unit's gradient is clipped to this L2 norm."""
+        return self._l2_norm_clip
+
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma: the noise added to the clipped sum has std sigma * C."""
+        return self._noise_multiplier
+
+    @property
+    def num_microbatches(self) -> int | None:
+        """Number of groups a batch is split into for clipping (None: per example)."""
+        return self._num_microbatches
+
+    @property
+    def use_xla(self) -> bool:
+        """Whether the DP step is compiled with torch.compile (TF Privacy's name)."""
+        return self._use_xla
+
+    def _dp_config(self) -> dict:
+        return {
+            "l2_norm_clip": self._l2_norm_clip,
+            "noise_multiplier": self._noise_multiplier,
+            "num_microbatches": self._num_microbatches,
+            "use_xla": self._use_xla,
+            "seed": self._dp_seed,
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._dp_config())
+        return config
+
+    # -- Keras hooks ----------------------------------------------------------
+    def compile(self, optimizer="rmsprop", loss=None, *args, **kwargs):
+        """Configures the model for DP training; see `keras.Model.compile`.
+
+        A loss is required: DP-SGD clips the gradient of each example's loss.
+        With `use_xla=True`, `jit_compile` defaults to True.
+        """
+        if loss is None:
+            raise DPConfigError(
+                "Expected a loss in compile(): DP-SGD clips the gradient of each "
+                "example's loss. Received: loss=None"
+            )
+        if self._use_xla and kwargs.get("jit_compile", "auto") == "auto":
+            kwargs["jit_compile"] = True
+        super().compile(optimizer, loss, *args, **kwargs)
+        self._dp_engine = None
+
+    def make_train_function(self, force=False):
+        # The DP step compiles only its pure per-example part (see VmapEngine),
+        # so Keras must not wrap the whole step in torch.compile.
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution > 1:
+            raise ValueError(
+                "`steps_per_execution` must be 1 with the PyTorch backend. "
+                f"Received: steps_per_execution={self.steps_per_execution}"
+            )
+
+        def one_step_on_data(data):
+            return self.train_step(data[0])
+
+        self.train_function = one_step_on_data
+        return self.train_function
+
+    def _get_dp_engine(self) -> VmapEngine:
+        key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)
+        if self._dp_engine is None or self._dp_engine.variable_key != key:
+            check_per_example_privacy(self)
+            self._dp_engine = VmapEngine(self, compile=bool(self.jit_compile))
+        return self._dp_engine
+
+    def _noise_generator_for(self, device: torch.device) -> torch.Generator:
+        if self._noise_generator is None or self._noise_generator.device != device:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._noise_seed)
+            self._noise_generator = generator
+        return self._noise_generator
+
+    def _weight_regularization(self, trainable_variables):
+        """Returns (loss, gradients) of the weight regularizers (not private data)."""
+        with torch.enable_grad():
+            losses = self._get_regularization_losses()
+            if not losses:
+                return None, None
+            total = losses[0]
+            for extra in losses[1:]:
+                total = total + extra
+            grads = torch.autograd.grad(
+                total, [v.value for v in trainable_variables], allow_unused=True
+            )
+        return total.detach(), grads
+
+    def train_step(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        trainable_variables = list(self.trainable_variables)
+        if not trainable_variables:
+            raise DPConfigError(
+                f"Model '{self.name}' has no trainable weights: there is nothing "
+                "to train privately."
+            )
+        batch_size = _batch_size(x)
+        num_units = _validation.units_per_batch(batch_size, self._num_microbatches)
+        optimizer = self.optimizer
+        loss_scale = 1.0
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            loss_scale = float(optimizer.dynamic_scale)
+
+        result = self._get_dp_engine().clipped_batch(
+            x,
+            y,
+            sample_weight,
+            num_units=num_units,
+            l2_norm_clip=self._l2_norm_clip,
+            rng_seed=self._layer_rng.getrandbits(63),
+            loss_scale=loss_scale,
+        )
+        noise_std = self._noise_multiplier * self._l2_norm_clip
+        generator = self._noise_generator_for(result.summed[0].device)
+        grads = add_gaussian_noise(result.summed, noise_std, generator)
+        grads = [g / num_units for g in grads]
+
+        loss = result.unit_losses.mean()
+        reg_loss, reg_grads = self._weight_regularization(trainable_variables)
+        if reg_loss is not None:
+            loss = loss + reg_loss
+            grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
+        self._loss_tracker.update_state(loss, sample_weight=batch_size)
+
+        if loss_scale != 1.0:
+            grads = [g * loss_scale for g in grads]
+        with torch.no_grad():
+            optimizer.apply(grads, trainable_variables)
+
+        compile_loss = self._compile_loss
+        if compile_loss is not None and compile_loss.metrics:
+            # Per-output loss trackers of multi-output models: the per-unit
+            # calls ran in a stateless scope, so update them on the batch.
+            with torch.no_grad():
+                compile_loss(y, result.y_pred, sample_weight)
+        return self.compute_metrics(x, y, result.y_pred, sample_weight=sample_weight)

@@ -1,0 +1,74 @@
+"""`DPModel`: a `keras.Model` trained with DP-SGD, functional or subclassed."""
+
+from __future__ import annotations
+
+import keras
+
+from torchdp_keras.model_checks import check_per_example_privacy
+from torchdp_keras.models.dp_trainer import (
+    DPTrainerMixin,
+    validate_dp_arguments,
+    warn_if_seed_restored,
+)
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DPModel(DPTrainerMixin, keras.Model):
+    """A `keras.Model` trained with DP-SGD (per-example clipping and noise).
+
+    Works as a functional model and as a base class for subclassed models;
+    takes the same DP keyword arguments as `DPSequential`.
+
+    Args:
+        *args: Passed to `keras.Model` (e.g. `inputs`, `outputs`).
+        l2_norm_clip: Clipping norm `C` > 0.
+        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
+        num_microbatches: None (clip every example) or the number of
+            contiguous groups a batch is split into.
+        use_xla: Compile the DP step with `torch.compile`.
+        seed: Seed of the noise and of the random layers; None: OS entropy.
+        **kwargs: Passed to `keras.Model`.
+
+    Example:
+        >>> inputs = keras.Input((4,))
+        >>> outputs = keras.layers.Dense(2)(inputs)
+        >>> model = DPModel(inputs=inputs, outputs=outputs,
+        ...                 l2_norm_clip=1.0, noise_multiplier=1.1)
+
+        Subclassed models pass the DP arguments (and `**kwargs`, so that a
+        saved model can be rebuilt from its config) to `super().__init__`:
+
+        >>> class Classifier(DPModel):
+        ...     def __init__(self, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.dense = keras.layers.Dense(10)
+        ...     def call(self, x):
+        ...         return self.dense(x)
+        >>> clf = Classifier(l2_norm_clip=1.0, noise_multiplier=1.1)
+    """
+
+    def __init__(
+        self,
+        *args,
+        l2_norm_clip,
+        noise_multiplier,
+        num_microbatches=None,
+        use_xla=False,
+        seed=None,
+        **kwargs,
+    ):
+        settings = validate_dp_arguments(
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            num_microbatches=num_microbatches,
+            use_xla=use_xla,
+            seed=seed,
+        )
+        super().__init__(*args, **kwargs)
+        self._init_dp(settings)
+        check_per_example_privacy(self)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        warn_if_seed_restored(config)
+        return super().from_config(config, custom_objects=custom_objects)

@@ -1,0 +1,104 @@
+"""`DPSequential`: TF Privacy's DP replacement for `keras.Sequential`."""
+
+from __future__ import annotations
+
+import keras
+from keras.src.saving import serialization_lib
+
+from torchdp_keras.model_checks import check_per_example_privacy
+from torchdp_keras.models.dp_trainer import (
+    DP_CONFIG_KEYS,
+    DPTrainerMixin,
+    validate_dp_arguments,
+    warn_if_seed_restored,
+)
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DPSequential(DPTrainerMixin, keras.Sequential):
+    """A `keras.Sequential` trained with DP-SGD (per-example clipping and noise).
+
+    Use it with a standard Keras optimizer and a standard reduced loss; the
+    clipping and noising happen in `train_step`. Each step clips every
+    example's gradient (or every microbatch's mean gradient) to L2 norm
+    `l2_norm_clip`, adds Gaussian noise of std `noise_multiplier *
+    l2_norm_clip` to the sum and divides by the number of units.
+
+    Args:
+        layers: Optional list of layers, as for `keras.Sequential`.
+        l2_norm_clip: Clipping norm `C` > 0.
+        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
+        num_microbatches: None (clip every example) or the number of
+            contiguous groups a batch is split into; the batch size must be a
+            multiple of it.
+        use_xla: Compile the DP step with `torch.compile` (same as
+            `compile(jit_compile=True)`); falls back to eager with a warning.
+        seed: Seed of the noise and of the random layers, for reproducible
+            runs; None draws OS entropy.
+        **kwargs: Passed to `keras.Sequential` (`name`, `trainable`).
+
+    Example:
+        >>> model = DPSequential(
+        ...     [keras.Input((4,)), keras.layers.Dense(2)],
+        ...     l2_norm_clip=1.0, noise_multiplier=1.1)
+        >>> model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    """
+
+    def __init__(
+        self,
+        layers=None,
+        *,
+        l2_norm_clip,
+        noise_multiplier,
+        num_microbatches=None,
+        use_xla=False,
+        seed=None,
+        **kwargs,
+    ):
+        settings = validate_dp_arguments(
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            num_microbatches=num_microbatches,
+            use_xla=use_xla,
+            seed=seed,
+        )
+        self._dp_checks_on_add = False
+        super().__init__(layers=layers, **kwargs)
+        self._init_dp(settings)
+        check_per_example_privacy(self)
+        self._dp_checks_on_add = True
+
+    def add(self, layer, rebuild=True):
+        """Adds a layer on top of the stack (see `keras.Sequential.add`).
+
+        Raises:
+            UnsupportedLayerError: the layer (or a layer inside it) mixes the
+                examples of a batch, like BatchNormalization.
+        """
+        if self._dp_checks_on_add and isinstance(layer, keras.layers.Layer):
+            check_per_example_privacy(layer, prefix=f"{self.name}/{layer.name}", include_root=True)
+        super().add(layer, rebuild=rebuild)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        warn_if_seed_restored(config)
+        dp = {key: config.pop(key) for key in DP_CONFIG_KEYS if key in config}
+        layers = []
+        for layer_config in config.pop("layers"):
+            layers.append(
+                serialization_lib.deserialize_keras_object(
+                    layer_config, custom_objects=custom_objects
+                )
+            )
+        build_input_shape = config.pop("build_input_shape", None)
+        model = cls(
+            layers=layers, name=config.get("name"), trainable=config.get("trainable", True), **dp
+        )
+        if (
+            not model._functional
+            and build_input_shape
+            and isinstance(build_input_shape, (tuple, list))
+        ):
+            model.build(build_input_shape)
+        return model

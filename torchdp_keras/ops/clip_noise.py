@@ -1,0 +1,110 @@
+"""Clipping and Gaussian noise in plain torch.
+
+These are the building blocks of the DP-SGD update
+
+    (sum_i min(1, C / ||g_i||) g_i + N(0, sigma^2 C^2 I)) / B
+
+where `g_i` is the gradient of one clipping unit (an example, or a
+microbatch) flattened over all trainable weights together.
+
+Guarantee: every clipped unit gradient has an L2 norm of at most `C`. The norm
+is accumulated in float64 and the clip factor carries a relative safety margin
+of 1e-6, so that float32 rounding in the norm or in the scaling cannot push a
+clipped norm above `C`. A unit whose gradient is exactly zero gets the factor 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Relative margin that keeps ||factor * g|| <= C under float32 rounding.
+CLIP_SAFETY_MARGIN = 1e-6
+
+
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def per_unit_squared_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Squared L2 norms of per-unit gradients, taken over all tensors together.
+
+    Args:
+        grads: Tensors of shape `(k, ...)`, one per trainable weight; row `i`
+            of every tensor belongs to unit `i`.
+
+    Returns:
+        A float64 tensor of shape `(k,)`.
+
+    Example:
+        >>> g = [torch.tensor([[3.0], [0.0]]), torch.tensor([[4.0], [1.0]])]
+        >>> per_unit_squared_norms(g)
+        tensor([25.,  1.], dtype=torch.float64)
+    """
+    if not grads:
+        raise ValueError("Expected at least one gradient tensor. Received: grads=[]")
+    dtype = _accumulation_dtype(grads[0].device)
+    total = None
+    for g in grads:
+        sq = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=dtype)
+        sq = sq * sq
+        total = sq if total is None else total + sq
+    return total
+
+
+def clip_factors(squared_norms: torch.Tensor, l2_norm_clip: float) -> torch.Tensor:
+    """Per-unit factors `min(1, C / ||g_i||)` (with the safety margin).
+
+    Args:
+        squared_norms: Squared norms of shape `(k,)` (float64 preferred).
+        l2_norm_clip: The clipping norm `C` > 0.
+
+    Returns:
+        Factors of the same shape and dtype, in `(0, 1]`.
+
+    Example:
+        >>> clip_factors(torch.tensor([4.0, 0.25], dtype=torch.float64), 1.0)
+        tensor([0.5000, 1.0000], dtype=torch.float64)
+    """
+    norms = torch.sqrt(squared_norms)
+    return torch.clamp(l2_norm_clip / (norms * (1.0 + CLIP_SAFETY_MARGIN)), max=1.0)
+
+
+def clipped_sum(grads: Sequence[torch.Tensor], factors: torch.Tensor) -> list[torch.Tensor]:
+    """Returns `sum_i factors[i] * grads[.][i]` for every tensor in `grads`.
+
+    Args:
+        grads: Tensors of shape `(k, ...)`.
+        factors: Clip factors of shape `(k,)`.
+
+    Returns:
+        Tensors of shape `grads[j].shape[1:]`, in the dtype of `grads`.
+    """
+    out = []
+    for g in grads:
+        f = factors.to(g.dtype)
+        out.append(torch.tensordot(f, g, dims=1))
+    return out
+
+
+def add_gaussian_noise(
+    tensors: Sequence[torch.Tensor],
+    noise_std: float,
+    generator: torch.Generator | None,
+) -> list[torch.Tensor]:
+    """Returns `t + N(0, noise_std^2 I)` for every tensor, drawn from `generator`.
+
+    The noise is drawn in float32 (at least) and cast to each tensor's dtype.
+    With `noise_std == 0` the tensors are returned unchanged (no draw).
+    """
+    if noise_std < 0:
+        raise ValueError(f"Expected noise_std >= 0. Received: noise_std={noise_std}")
+    if noise_std == 0:
+        return list(tensors)
+    out = []
+    for t in tensors:
+        draw_dtype = torch.promote_types(t.dtype, torch.float32)
+        noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=draw_dtype)
+        out.append((t.to(draw_dtype) + noise_std * noise).to(t.dtype))
+    return out

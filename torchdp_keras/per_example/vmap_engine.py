@@ -1,0 +1,315 @@
+"""Per-example (per-unit) clipped gradient sums with `torch.func`.
+
+A *clipping unit* is what DP-SGD clips: one example, or one microbatch of
+`m` contiguous examples when `num_microbatches` is set. The engine evaluates
+the user's model and loss on each unit alone (a Keras batch of `m`), with
+`torch.func.vmap` over `torch.func.grad` of a stateless Keras call, and
+returns
+
+    sum_i min(1, C / ||g_i||) g_i
+
+without ever holding more than one chunk of per-unit gradients in memory.
+
+What belongs to a unit's loss: the compiled loss of that unit (honouring its
+`sample_weight`) plus the losses its forward pass adds with `add_loss`
+(activity regularizers). Weight regularizers do not depend on the data and
+are not part of it: the DP model adds their gradient after noising.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any
+
+import keras
+import torch
+from keras import tree
+from keras.src import backend as keras_backend
+
+from torchdp_keras.errors import DPConfigError, UnsupportedLayerError
+from torchdp_keras.model_checks import iter_layers
+from torchdp_keras.ops import clip_factors, clipped_sum, per_unit_squared_norms
+from torchdp_keras.per_example.keras_patches import per_example_call_context
+
+logger = logging.getLogger(__name__)
+
+# Per-unit gradients held at once, in elements (256 MiB of float32).
+DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclasses.dataclass
+class ClippedBatch:
+    """What one pass of the engine over a batch returns.
+
+    Attributes:
+        summed: Sum over units of the clipped unit gradients, one tensor per
+            trainable variable (in `model.trainable_variables` order).
+        unit_losses: The loss of every unit, shape `(num_units,)`.
+        unit_norms: The unclipped gradient norm of every unit (float64).
+        y_pred: The model's training-mode predictions for the whole batch.
+    """
+
+    summed: list[torch.Tensor]
+    unit_losses: torch.Tensor
+    unit_norms: torch.Tensor
+    y_pred: Any
+
+
+def _leading_dims(tree_):
+    """vmap `in_dims` for a pytree: 0 for every tensor, None elsewhere."""
+    return torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, tree_)
+
+
+def _to_units(value, num_units):
+    if value is None:
+        return None
+    return value.reshape(num_units, value.shape[0] // num_units, *value.shape[1:])
+
+
+def _from_units(value):
+    return value.reshape(value.shape[0] * value.shape[1], *value.shape[2:])
+
+
+class VmapEngine:
+    """Clipped per-unit gradient sums of a Keras model, through `torch.func`.
+
+    The engine is bound to the model's current variable lists; build a new one
+    when they change (a layer added, a weight frozen).
+
+    Args:
+        model: A built Keras model on the torch backend, compiled with a loss.
+        max_chunk_elements: Upper bound on `units_per_chunk * num_parameters`,
+            the memory of the per-unit gradients held at once.
+        compile: Wrap the per-unit gradient function in `torch.compile`; if
+            that fails, warn once and run eagerly.
+
+    Example:
+        >>> engine = VmapEngine(model)  # doctest: +SKIP
+        >>> out = engine.clipped_batch(x, y, None, num_units=len(x),
+        ...                            l2_norm_clip=1.0, rng_seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        *,
+        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+        compile: bool = False,
+    ):
+        self._model = model
+        self._trainable = list(model.trainable_variables)
+        self._non_trainable = list(model.non_trainable_variables)
+        seed_states = set()
+        layers = [model] + [layer for _, layer in iter_layers(model)]
+        for layer in layers:
+            for seed_generator in getattr(layer, "_seed_generators", ()):
+                seed_states.add(id(seed_generator.state))
+        self._is_seed_state = [id(v) in seed_states for v in self._non_trainable]
+        self._num_params = sum(int(v.value.numel()) for v in self._trainable)
+        self._max_chunk_elements = int(max_chunk_elements)
+        self._data_updated_variables: list[str] = []
+        grad_fn = torch.func.grad(self._unit_loss, argnums=0, has_aux=True)
+        self._eager_fn = grad_fn
+        self._compiled_fn = None
+        self._compile = compile
+        self._compile_failed = False
+
+    @property
+    def variable_key(self) -> tuple[int, ...]:
+        """Identity of the variable lists this engine was built for."""
+        return tuple(id(v) for v in self._trainable + self._non_trainable)
+
+    def units_per_chunk(self, num_units: int) -> int:
+        """How many units the engine differentiates at once (memory bound)."""
+        per_unit = max(1, self._num_params)
+        return max(1, min(num_units, self._max_chunk_elements // per_unit))
+
+    # -- the function differentiated for one unit ---------------------------
+    def _unit_loss(self, trainable_values, non_trainable_values, x, y, sample_weight, loss_scale):
+        model = self._model
+        mapping = list(zip(self._trainable, trainable_values)) + list(
+            zip(self._non_trainable, non_trainable_values)
+        )
+        with keras_backend.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            initial = [scope.get_current_value(v) for v in self._non_trainable]
+            if model._call_has_training_arg:
+                y_pred = model(x, training=True)
+            else:
+                y_pred = model(x)
+            terms = []
+            if model._compile_loss is not None:
+                compiled = model._compile_loss(y, y_pred, sample_weight)
+                if compiled is not None:
+                    terms.append(compiled)
+            for extra in scope.losses:
+                terms.append(model._aggregate_additional_loss(extra))
+            final = [scope.get_current_value(v) for v in self._non_trainable]
+        if not terms:
+            raise DPConfigError(
+                f"Model '{model.name}' produced no loss to clip: compile it with "
+                "a loss, e.g. model.compile(optimizer=..., loss=...)."
+            )
+        loss = terms[0]
+        for term in terms[1:]:
+            loss = loss + term
+        if loss.ndim > 0:
+            loss = loss.mean()
+        new_seed_states = []
+        for var, before, after, is_seed in zip(
+            self._non_trainable, initial, final, self._is_seed_state
+        ):
+            if is_seed:
+                new_seed_states.append(after)
+            elif after is not before and var.path not in self._data_updated_variables:
+                self._data_updated_variables.append(var.path)
+        y_pred = tree.map_structure(
+            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, y_pred
+        )
+        return loss * loss_scale, (loss.detach(), y_pred, new_seed_states)
+
+    def _vmapped(self, fn, x, y, sample_weight):
+        data_dims = tuple(_leading_dims(part) for part in (x, y, sample_weight))
+        in_dims = (None, None, *data_dims, None)
+        return torch.func.vmap(fn, in_dims=in_dims, randomness="different")
+
+    def _run_chunk(self, trainable_values, non_trainable_values, x, y, sw, loss_scale):
+        args = (trainable_values, non_trainable_values, x, y, sw, loss_scale)
+        if self._compile and not self._compile_failed:
+            if self._compiled_fn is None:
+                self._compiled_fn = torch.compile(self._vmapped(self._eager_fn, x, y, sw))
+            try:
+                return self._compiled_fn(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure
+                self._compile_failed = True
+                warnings.warn(
+                    "torchdp_keras: torch.compile could not compile the DP step "
+                    f"({type(error).__name__}: {error}); running it eagerly "
+                    "instead. The result is the same, only slower.",
+                    stacklevel=4,
+                )
+        return self._vmapped(self._eager_fn, x, y, sw)(*args)
+
+    def _iter_chunks(self, x, y, sample_weight, num_units, rng_seed, loss_scale):
+        """Yields `(grads, unit_losses, y_pred)` per chunk of units.
+
+        Gradients are unscaled (divided by `loss_scale`). The seed generators
+        of random layers are advanced once the last chunk has been produced.
+        """
+        to_tensor = keras.ops.convert_to_tensor
+        x, y, sample_weight = tree.map_structure(
+            lambda t: None if t is None else _to_units(to_tensor(t), num_units),
+            (x, y, sample_weight),
+        )
+        trainable_values = [v.value.detach() for v in self._trainable]
+        non_trainable_values = [v.value.detach() for v in self._non_trainable]
+        device = trainable_values[0].device
+        chunk = self.units_per_chunk(num_units)
+        with torch.no_grad(), per_example_call_context(device, rng_seed):
+            for start in range(0, num_units, chunk):
+                window = slice(start, start + chunk)
+                x_c, y_c, sw_c = tree.map_structure(
+                    lambda t, w=window: None if t is None else t[w], (x, y, sample_weight)
+                )
+                grads, (unit_losses, y_pred, seed_states) = self._run_chunk(
+                    trainable_values, non_trainable_values, x_c, y_c, sw_c, loss_scale
+                )
+                self._raise_if_data_updated_state()
+                if loss_scale != 1.0:
+                    grads = [g / loss_scale for g in grads]
+                seed_iter = iter(seed_states)
+                non_trainable_values = [
+                    next(seed_iter)[0] if is_seed else value
+                    for value, is_seed in zip(non_trainable_values, self._is_seed_state)
+                ]
+                yield grads, unit_losses, y_pred
+        for var, value, is_seed in zip(
+            self._non_trainable, non_trainable_values, self._is_seed_state
+        ):
+            if is_seed:
+                var.assign(value)
+
+    def per_unit_gradients(
+        self, x, y, sample_weight, *, num_units: int, rng_seed: int = 0
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Unclipped per-unit gradients, one tensor `(num_units, *shape)` per weight.
+
+        This materialises all of them at once; DP training never does (see
+        `clipped_batch`). Returns `(gradients, unit_losses)`.
+        """
+        grads, losses = [], []
+        for chunk_grads, unit_losses, _ in self._iter_chunks(
+            x, y, sample_weight, num_units, rng_seed, 1.0
+        ):
+            grads.append(chunk_grads)
+            losses.append(unit_losses)
+        return [torch.cat(parts) for parts in zip(*grads)], torch.cat(losses)
+
+    def clipped_batch(
+        self,
+        x,
+        y,
+        sample_weight,
+        *,
+        num_units: int,
+        l2_norm_clip: float,
+        rng_seed: int,
+        loss_scale: float = 1.0,
+    ) -> ClippedBatch:
+        """Clips every unit's gradient to `l2_norm_clip` and sums them.
+
+        Args:
+            x: Inputs of one batch, as Keras hands them to `train_step`; the
+                leading axis of every tensor is the batch axis.
+            y: Targets of the batch (or None).
+            sample_weight: Sample weights of the batch (or None).
+            num_units: Number of clipping units; the batch splits into
+                `num_units` contiguous groups of equal size.
+            l2_norm_clip: The clipping norm `C`.
+            rng_seed: Seed of the random layers (dropout) for this batch.
+            loss_scale: Mixed-precision loss scale; the gradients are unscaled
+                before their norms are taken.
+
+        Returns:
+            A `ClippedBatch`. The seed generators of random layers have
+            advanced; no other model state has changed.
+
+        Raises:
+            UnsupportedLayerError: a layer updates a non-trainable variable
+                from the data in its training pass.
+        """
+        summed = None
+        losses, norms, predictions = [], [], []
+        for grads, unit_losses, y_pred in self._iter_chunks(
+            x, y, sample_weight, num_units, rng_seed, loss_scale
+        ):
+            sq_norms = per_unit_squared_norms(grads)
+            part = clipped_sum(grads, clip_factors(sq_norms, l2_norm_clip))
+            summed = part if summed is None else [a + b for a, b in zip(summed, part)]
+            losses.append(unit_losses)
+            norms.append(torch.sqrt(sq_norms))
+            predictions.append(y_pred)
+        y_pred = tree.map_structure(
+            lambda *parts: _from_units(torch.cat(parts, dim=0)), *predictions
+        )
+        return ClippedBatch(
+            summed=summed,
+            unit_losses=torch.cat(losses),
+            unit_norms=torch.cat(norms),
+            y_pred=y_pred,
+        )
+
+    def _raise_if_data_updated_state(self):
+        if self._data_updated_variables:
+            listed = "\n".join(f"  - {p}" for p in self._data_updated_variables)
+            raise UnsupportedLayerError(
+                "These non-trainable variables are updated from the training "
+                "data during the forward pass:\n"
+                f"{listed}\n"
+                "DP-SGD only privatises the gradient step; state computed "
+                "directly from the data (such as moving statistics) would be "
+                "released without noise. Freeze the layers that own them "
+                "(`trainable=False`) or replace them.",
+                layer_paths=self._data_updated_variables,
+            )
