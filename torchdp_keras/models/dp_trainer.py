@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import torch
 from keras import tree
+from keras.src.saving import serialization_lib
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from torchdp_keras import _validation
@@ -147,6 +148,14 @@ class DPTrainerMixin:
             kwargs["jit_compile"] = True
         super().compile(optimizer, loss, *args, **kwargs)
         self._dp_engine = None
+
+    def compile_from_config(self, config):
+        # Keras skips compiling a loaded model whose class overrides compile();
+        # ours only adds checks, so the saved compile config applies as is.
+        config = serialization_lib.deserialize_keras_object(config)
+        self.compile(**config)
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def make_train_function(self, force=False):
         # The DP step compiles only its pure per-example part (see VmapEngine),

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import keras
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
+from keras.src.trainers.trainer import Trainer
 
+from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import (
     DPTrainerMixin,
@@ -47,6 +51,14 @@ class DPModel(DPTrainerMixin, keras.Model):
         >>> clf = Classifier(l2_norm_clip=1.0, noise_multiplier=1.1)
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Like keras.Model, which returns a Functional when called with
+        # inputs and outputs: DPModel(inputs=..., outputs=...) is a
+        # DPFunctional. (Keras's own route would rewrite DPModel's bases.)
+        if cls is DPModel and functional_init_arguments(args, kwargs):
+            return DPFunctional.__new__(DPFunctional, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
     def __init__(
         self,
         *args,
@@ -64,7 +76,19 @@ class DPModel(DPTrainerMixin, keras.Model):
             use_xla=use_xla,
             seed=seed,
         )
-        super().__init__(*args, **kwargs)
+        if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
+            raise DPConfigError(
+                f"{type(self).__name__} passes `inputs` and `outputs` to "
+                "DPModel.__init__: a DPModel subclass must define `call()`. For "
+                "a functional model, call DPModel(inputs=..., outputs=..., "
+                "l2_norm_clip=..., noise_multiplier=...) directly, or wrap a "
+                "keras.Model with torchdp_keras.make_private(model, ...)."
+            )
+        if isinstance(self, Functional):
+            Trainer.__init__(self)
+            Functional.__init__(self, *args, **kwargs)
+        else:
+            super().__init__(*args, **kwargs)
         self._init_dp(settings)
         check_per_example_privacy(self)
 
@@ -72,3 +96,14 @@ class DPModel(DPTrainerMixin, keras.Model):
     def from_config(cls, config, custom_objects=None):
         warn_if_seed_restored(config)
         return super().from_config(config, custom_objects=custom_objects)
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DPFunctional(DPModel, Functional):
+    """What `DPModel(inputs=..., outputs=...)` returns: a functional DP model.
+
+    Not constructed directly; it exists so that a functional DP model is a
+    `keras.Model` of the functional kind (like `keras.Model(inputs, outputs)`
+    is a `Functional`) while `DPModel` stays a plain base class for
+    subclassed models.
+    """
