@@ -1,0 +1,73 @@
+"""A DP step leaves Keras, torch and the global RNGs exactly as it found them."""
+
+import keras
+import numpy as np
+import pytest
+import torch
+from keras import layers
+from keras.src.backend.torch import nn as keras_torch_nn
+from keras.src.backend.torch import random as keras_torch_random
+
+import torchdp_keras as tdk
+from torchdp_keras.per_example.keras_patches import per_example_call_context
+
+
+def _conv_dp(**kwargs):
+    model = tdk.DPSequential(
+        [
+            keras.Input((6, 6, 1)),
+            layers.Conv2D(2, 3),
+            layers.Dropout(0.3, seed=1),
+            layers.Flatten(),
+            layers.Dense(2),
+        ],
+        l2_norm_clip=1.0,
+        noise_multiplier=1.0,
+        seed=0,
+        **kwargs,
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def _snapshot():
+    return (
+        keras_torch_nn._maybe_convert_to_channels_last,
+        keras_torch_random.torch_seed_generator,
+        torch.get_rng_state().clone(),
+    )
+
+
+def test_dp_step_restores_patches_and_global_rng():
+    model = _conv_dp()
+    x, y = np.ones((4, 6, 6, 1), "float32"), np.zeros((4, 2), "float32")
+    before = _snapshot()
+    model.train_on_batch(x, y)
+    after = _snapshot()
+    assert after[0] is before[0] and after[1] is before[1]
+    assert torch.equal(after[2], before[2]), "the global torch RNG must be untouched"
+
+
+def test_patches_are_restored_when_the_step_fails():
+    before = _snapshot()
+    with pytest.raises(RuntimeError, match="boom"):
+        with per_example_call_context(torch.device("cpu"), 5):
+            assert keras_torch_nn._maybe_convert_to_channels_last is not before[0]
+            raise RuntimeError("boom")
+    after = _snapshot()
+    assert after[0] is before[0] and after[1] is before[1]
+    assert torch.equal(after[2], before[2])
+
+
+def test_plain_keras_behaviour_is_unchanged_after_dp_training():
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 1)).astype("float32")
+    plain = keras.Sequential(
+        [keras.Input((6, 6, 1)), layers.Conv2D(2, 3), layers.Dropout(0.5, seed=3)]
+    )
+    keras.utils.set_random_seed(9)
+    reference = keras.ops.convert_to_numpy(plain(x, training=True))
+    _conv_dp().train_on_batch(x, np.zeros((4, 2), "float32"))
+    plain.layers[-1].seed_generator.state.assign(np.array([3, 0], "int32"))
+    keras.utils.set_random_seed(9)
+    again = keras.ops.convert_to_numpy(plain(x, training=True))
+    np.testing.assert_array_equal(reference, again)

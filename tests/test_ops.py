@@ -1,0 +1,58 @@
+"""Clip and noise building blocks against closed forms and numpy references."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import reference_clipped_sum
+
+from torchdp_keras.ops import (
+    CLIP_SAFETY_MARGIN,
+    add_gaussian_noise,
+    clip_factors,
+    clipped_sum,
+    per_unit_squared_norms,
+)
+
+
+def test_squared_norms_span_all_tensors():
+    grads = [torch.tensor([[3.0, 0.0], [1.0, 1.0]]), torch.tensor([[[4.0]], [[1.0]]])]
+    np.testing.assert_allclose(per_unit_squared_norms(grads).numpy(), [25.0, 3.0], rtol=1e-14)
+
+
+def test_clip_factors_closed_form_and_zero_gradient():
+    sq = torch.tensor([4.0, 0.25, 0.0, 1.0], dtype=torch.float64)
+    factors = clip_factors(sq, 1.0).numpy()
+    np.testing.assert_allclose(
+        factors, [0.5 / (1 + CLIP_SAFETY_MARGIN), 1.0, 1.0, 1 / (1 + CLIP_SAFETY_MARGIN)]
+    )
+
+
+@pytest.mark.parametrize("clip", [1e-4, 0.1, 1.0, 37.0])
+def test_clipped_sum_matches_reference_and_respects_the_bound(clip):
+    rng = np.random.default_rng(0)
+    grads_np = [
+        rng.normal(size=(64, 3, 5)).astype("float32") * 3,
+        rng.normal(size=(64, 7)).astype("float32"),
+    ]
+    grads = [torch.from_numpy(g) for g in grads_np]
+    factors = clip_factors(per_unit_squared_norms(grads), clip)
+    actual = clipped_sum(grads, factors)
+    for a, e in zip(actual, reference_clipped_sum(grads_np, clip)):
+        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-6 * clip)
+    clipped = [g * factors.view(-1, *[1] * (g.ndim - 1)).float() for g in grads]
+    norms = torch.sqrt(per_unit_squared_norms(clipped))
+    assert float(norms.max()) <= clip
+
+
+def test_noise_has_the_requested_std_and_uses_the_generator():
+    zeros = [torch.zeros(200, 100), torch.zeros(50)]
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    noisy_a = add_gaussian_noise(zeros, 2.5, gen_a)
+    noisy_b = add_gaussian_noise(zeros, 2.5, gen_b)
+    for a, b in zip(noisy_a, noisy_b):
+        assert torch.equal(a, b)
+    flat = torch.cat([t.flatten() for t in noisy_a])
+    assert abs(float(flat.std()) / 2.5 - 1) < 0.03
+    assert add_gaussian_noise(zeros, 0.0, gen_a)[0] is zeros[0]
+    with pytest.raises(ValueError, match="noise_std=-1"):
+        add_gaussian_noise(zeros, -1, gen_a)
