@@ -1,0 +1,36 @@
+"""The examples run end to end (their --smoke mode) and report what they claim."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(relative):
+    spec = importlib.util.spec_from_file_location(
+        relative.replace("/", "_")[:-3], os.path.join(ROOT, relative)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_main_job_smoke(capsys):
+    pytest.importorskip("sklearn")
+    accuracy = _load("examples/digits_dp.py").main(["--smoke", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("digits DP-SGD: test accuracy")
+    assert 0.0 <= accuracy <= 1.0
+
+
+def test_step_time_benchmark_runs(capsys):
+    bench = _load("benches/bench_step_time.py")
+    if not os.path.exists(bench.DEFAULT_DATA):
+        pytest.skip(f"MNIST not found at {bench.DEFAULT_DATA} (../shared/data)")
+    ratio = bench.main(
+        ["--steps", "2", "--warmup", "1", "--batch-size", "8"]
+    )
+    assert ratio > 0
+    assert "ratio DP / plain" in capsys.readouterr().out
