@@ -201,3 +201,42 @@ def test_any_keras_optimizer_and_schedule(optimizer):
     assert set(history.history) == {"loss", "mae"}
     assert np.all(np.isfinite(history.history["loss"]))
     assert not np.all(model.get_weights()[0] == 0)
+
+
+def test_mixed_precision_loss_scale_is_undone():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.normal(size=(16, 3)).astype("float32")
+
+    def one_step(policy, weights=None):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = tdk.DPSequential(
+                [
+                    keras.Input((6,)),
+                    layers.Dense(8, activation="relu"),
+                    layers.Dense(3, dtype="float32"),
+                ],
+                l2_norm_clip=1e6,  # no clipping: a scale error cannot hide
+                noise_multiplier=0.0,
+            )
+            optimizer = keras.optimizers.SGD(1.0)
+            if policy == "mixed_float16":  # a scale that does not overflow fp16
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=256.0)
+            model.compile(optimizer=optimizer, loss="mse")
+            if weights is not None:
+                model.set_weights(weights)
+            before = model.get_weights()
+            model.train_on_batch(x, y)
+            return model, before, model.get_weights()
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+
+    mixed, before, after_mixed = one_step("mixed_float16")
+    assert isinstance(mixed.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert float(mixed.optimizer.dynamic_scale) > 1  # the scale really is in play
+    _, _, after_full = one_step("float32", before)
+    for b, m, f in zip(before, after_mixed, after_full):
+        # A scale applied twice or not undone would be off by 256x; fp16
+        # rounding is a few parts per thousand.
+        np.testing.assert_allclose(b - m, b - f, rtol=1e-2, atol=1e-3)

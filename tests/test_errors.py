@@ -193,3 +193,17 @@ def test_other_backend_is_refused_before_keras_import(backend):
     assert "BackendError" in result.stderr
     assert f"Received: KERAS_BACKEND='{backend}'" in result.stderr
     assert "KERAS_BACKEND=torch" in result.stderr
+
+
+def test_unset_backend_gets_the_same_advice(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["KERAS_HOME"] = str(tmp_path)  # no keras.json naming a backend
+    result = subprocess.run(
+        [sys.executable, "-c", "import torchdp_keras"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "BackendError" in result.stderr
+    assert "KERAS_BACKEND=torch" in result.stderr

@@ -18,7 +18,6 @@ privacy accounting of the whole run composes these steps.
 
 from __future__ import annotations
 
-import logging
 import random
 import secrets
 import warnings
@@ -35,8 +34,6 @@ from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.ops import add_gaussian_noise
 from torchdp_keras.per_example import VmapEngine
-
-logger = logging.getLogger(__name__)
 
 DP_CONFIG_KEYS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "use_xla", "seed")
 

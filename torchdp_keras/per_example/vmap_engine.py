@@ -19,7 +19,6 @@ are not part of it: the DP model adds their gradient after noising.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from typing import Any
 
@@ -32,8 +31,6 @@ from torchdp_keras.errors import DPConfigError, UnsupportedLayerError
 from torchdp_keras.model_checks import iter_layers
 from torchdp_keras.ops import clip_factors, clipped_sum, per_unit_squared_norms
 from torchdp_keras.per_example.keras_patches import per_example_call_context
-
-logger = logging.getLogger(__name__)
 
 # Per-unit gradients held at once, in elements (256 MiB of float32).
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 26
