@@ -57,7 +57,8 @@ def _build(kind, **dp):
         (kind, bad, message)
         for kind in ("DPSequential", "DPModel", "make_private")
         for bad, message in BAD_ARGUMENTS
-        if not (kind == "make_private" and "use_xla" in bad)  # no such argument
+        # make_private has no use_xla; its None settings mean "take them from a config".
+        if not (kind == "make_private" and ("use_xla" in bad or None in bad.values()))
     ],
 )
 def test_bad_dp_arguments(kind, bad, message):
@@ -199,7 +200,7 @@ def test_unset_backend_gets_the_same_advice(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     env["KERAS_HOME"] = str(tmp_path)  # no keras.json naming a backend
     result = subprocess.run(
-        [sys.executable, "-c", "import torchdp_keras"],
+        [sys.executable, "-c", "import torchdp_keras; torchdp_keras.DPSequential"],
         env=env,
         capture_output=True,
         text=True,
@@ -207,3 +208,15 @@ def test_unset_backend_gets_the_same_advice(tmp_path):
     assert result.returncode != 0
     assert "BackendError" in result.stderr
     assert "KERAS_BACKEND=torch" in result.stderr
+
+
+def test_accounting_needs_neither_torch_nor_keras():
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    code = (
+        "import sys, torchdp_keras.accounting as a; "
+        "acc = a.RDPAccountant(); acc.compose(1.0, 0.01, 10); acc.get_epsilon(1e-5); "
+        "print(sorted(m for m in ('torch', 'keras') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -115,7 +115,7 @@ def test_keras_workflow(kind, tmp_path):
         callbacks=[keras.callbacks.LambdaCallback(on_batch_end=lambda b, logs: seen.append(b))],
         verbose=0,
     )
-    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "epsilon"}
     assert len(seen) == 8
     assert np.isfinite(model.evaluate(x, y, verbose=0)).all()
     assert model.predict(x, verbose=0).shape == (40, 3)

@@ -6,34 +6,82 @@ Set `KERAS_BACKEND=torch` before keras is imported, then:
     model = tdk.DPSequential([...], l2_norm_clip=1.0, noise_multiplier=1.1)
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=256)
+
+The package imports lazily: `torchdp_keras.accounting` and the privacy
+functions need neither torch nor keras; the model classes import keras (and
+check that it runs on torch) when first used.
 """
 
-from torchdp_keras._backend import check_torch_backend
+from __future__ import annotations
 
-check_torch_backend()
+import importlib
+from typing import TYPE_CHECKING
 
-from torchdp_keras.errors import (  # noqa: E402
+from torchdp_keras._backend import check_backend_before_import
+from torchdp_keras.errors import (
     BackendError,
     DPConfigError,
     DPError,
+    PrivacyBudgetExceededError,
     UnsupportedLayerError,
 )
-from torchdp_keras.models import (  # noqa: E402
-    DPModel,
-    DPSequential,
-    PrivateKerasModel,
-    make_private,
-)
+
+check_backend_before_import()
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "DPModel": "torchdp_keras.models",
+    "DPSequential": "torchdp_keras.models",
+    "PrivateKerasModel": "torchdp_keras.models",
+    "make_private": "torchdp_keras.models",
+    "DPKerasConfig": "torchdp_keras.config",
+    "RDPAccountant": "torchdp_keras.accounting",
+    "PRVAccountant": "torchdp_keras.accounting",
+    "calibrate_noise_multiplier": "torchdp_keras.accounting",
+    "compute_dp_sgd_privacy": "torchdp_keras.accounting",
+    "compute_dp_sgd_privacy_statement": "torchdp_keras.accounting",
+    "get_privacy_budget": "torchdp_keras.accounting",
+}
+_SUBMODULES = ("accounting", "callbacks", "config", "models", "ops", "per_example")
 
 __all__ = [
     "BackendError",
     "DPConfigError",
     "DPError",
-    "DPModel",
-    "DPSequential",
-    "PrivateKerasModel",
+    "PrivacyBudgetExceededError",
     "UnsupportedLayerError",
-    "make_private",
+    *sorted(_LAZY),
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"torchdp_keras.{name}")
+    raise AttributeError(f"module 'torchdp_keras' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from torchdp_keras.accounting import (  # noqa: F401
+        PRVAccountant,
+        RDPAccountant,
+        calibrate_noise_multiplier,
+        compute_dp_sgd_privacy,
+        compute_dp_sgd_privacy_statement,
+        get_privacy_budget,
+    )
+    from torchdp_keras.config import DPKerasConfig  # noqa: F401
+    from torchdp_keras.models import (  # noqa: F401
+        DPModel,
+        DPSequential,
+        PrivateKerasModel,
+        make_private,
+    )

@@ -1,4 +1,14 @@
-"""Checks, before anything else is imported, that Keras runs on PyTorch."""
+"""Checks that Keras runs (or will run) on the PyTorch backend.
+
+`torchdp_keras` itself imports lazily: the accounting tools need neither
+torch nor keras. The check runs twice:
+
+* `check_backend_before_import()` when `torchdp_keras` is imported: it fails
+  at once if Keras already runs on another backend, or if `KERAS_BACKEND`
+  names another one; it never imports keras itself;
+* `check_torch_backend()` before any module that needs keras is imported
+  (the model classes, the per-example engine).
+"""
 
 from __future__ import annotations
 
@@ -16,24 +26,34 @@ _HOW_TO_FIX = (
 )
 
 
-def check_torch_backend() -> None:
-    """Raises `BackendError` unless Keras is (or will be) on the torch backend.
+def check_backend_before_import() -> None:
+    """Raises `BackendError` if Keras runs, or is set to run, on another backend.
 
-    If keras has not been imported yet and `KERAS_BACKEND` names another
-    backend, the error is raised before keras is imported, so the user sees
-    this message instead of an import failure of a backend they never meant
-    to use.
+    Does not import keras.
+    """
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        backend = keras.backend.backend()
+        if backend != "torch":
+            raise BackendError(
+                f"Expected the Keras backend 'torch'. Received: backend={backend!r}. {_HOW_TO_FIX}"
+            )
+        return
+    requested = os.environ.get("KERAS_BACKEND")
+    if requested is not None and requested != "torch":
+        raise BackendError(
+            f"Expected KERAS_BACKEND='torch'. Received: KERAS_BACKEND={requested!r}. {_HOW_TO_FIX}"
+        )
+
+
+def check_torch_backend() -> None:
+    """Imports keras and raises `BackendError` unless it runs on torch.
 
     Raises:
-        BackendError: Keras is configured for another backend.
+        BackendError: Keras is configured for another backend, or cannot
+            start on its default backend.
     """
-    if "keras" not in sys.modules:
-        requested = os.environ.get("KERAS_BACKEND")
-        if requested is not None and requested != "torch":
-            raise BackendError(
-                f"Expected KERAS_BACKEND='torch'. Received: "
-                f"KERAS_BACKEND={requested!r}. {_HOW_TO_FIX}"
-            )
+    check_backend_before_import()
     try:
         import keras
     except ImportError as error:  # e.g. the default backend's package is missing

@@ -13,6 +13,7 @@ __all__ = [
     "BackendError",
     "DPConfigError",
     "DPError",
+    "PrivacyBudgetExceededError",
     "UnsupportedLayerError",
 ]
 
@@ -48,3 +49,11 @@ class UnsupportedLayerError(DPError, ValueError):
 
 class BackendError(DPError, ImportError):
     """Keras runs on a backend other than PyTorch."""
+
+
+class PrivacyBudgetExceededError(DPError, RuntimeError):
+    """Training would take more DP steps than the privacy budget allows.
+
+    Raised before the step that would overspend (for example past
+    `DPKerasConfig.train_steps`), counted across several `fit` calls.
+    """

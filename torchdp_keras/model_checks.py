@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import keras
+from torchdp_keras._backend import check_torch_backend
 
-from torchdp_keras.errors import UnsupportedLayerError
+check_torch_backend()
+
+import keras  # noqa: E402
+
+from torchdp_keras.errors import UnsupportedLayerError  # noqa: E402
 
 
 def iter_layers(

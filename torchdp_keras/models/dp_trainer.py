@@ -32,8 +32,11 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from torchdp_keras import _validation
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
+from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_gaussian_noise
 from torchdp_keras.per_example import VmapEngine
+
+__all__ = ["DP_CONFIG_KEYS", "PRIVACY_STATE_KEY", "DPTrainerMixin", "validate_dp_arguments"]
 
 DP_CONFIG_KEYS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "use_xla", "seed")
 
@@ -73,7 +76,7 @@ def _batch_size(x) -> int:
     raise DPConfigError("Expected a batch with at least one input tensor. Received: x=None")
 
 
-class DPTrainerMixin:
+class DPTrainerMixin(PrivacyTrackingMixin):
     """DP-SGD `train_step` for Keras models on the torch backend.
 
     Put it before the Keras class in the bases and call `_init_dp` after the
@@ -81,7 +84,12 @@ class DPTrainerMixin:
     `DPModel`, `PrivateKerasModel` or `make_private`.
     """
 
-    def _init_dp(self, settings: dict) -> None:
+    def _init_dp(self, settings: dict, dp_keras_config=None) -> None:
+        self._init_privacy_tracking(dp_keras_config=dp_keras_config)
+        self._rescale_to_unit_norm = bool(
+            dp_keras_config is not None and dp_keras_config.rescale_to_unit_norm
+        )
+        self._microbatch_size = dp_keras_config.microbatch_size if dp_keras_config else None
         self._l2_norm_clip = settings["l2_norm_clip"]
         self._noise_multiplier = settings["noise_multiplier"]
         self._num_microbatches = settings["num_microbatches"]
@@ -127,6 +135,7 @@ class DPTrainerMixin:
     def get_config(self):
         config = super().get_config()
         config.update(self._dp_config())
+        config[PRIVACY_STATE_KEY] = self._privacy_state()
         return config
 
     # -- Keras hooks ----------------------------------------------------------
@@ -175,7 +184,11 @@ class DPTrainerMixin:
         key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)
         if self._dp_engine is None or self._dp_engine.variable_key != key:
             check_per_example_privacy(self)
-            self._dp_engine = VmapEngine(self, compile=bool(self.jit_compile))
+            self._dp_engine = VmapEngine(
+                self,
+                compile=bool(self.jit_compile),
+                units_per_chunk=self._microbatch_size if self._num_microbatches is None else None,
+            )
         return self._dp_engine
 
     def _noise_generator_for(self, device: torch.device) -> torch.Generator:
@@ -208,6 +221,7 @@ class DPTrainerMixin:
                 "to train privately."
             )
         batch_size = _batch_size(x)
+        self._check_budget_before_step(batch_size)
         num_units = _validation.units_per_batch(batch_size, self._num_microbatches)
         optimizer = self.optimizer
         loss_scale = 1.0
@@ -226,7 +240,8 @@ class DPTrainerMixin:
         noise_std = self._noise_multiplier * self._l2_norm_clip
         generator = self._noise_generator_for(result.summed[0].device)
         grads = add_gaussian_noise(result.summed, noise_std, generator)
-        grads = [g / num_units for g in grads]
+        scale = num_units * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
+        grads = [g / scale for g in grads]
 
         loss = result.unit_losses.mean()
         reg_loss, reg_grads = self._weight_regularization(trainable_variables)
@@ -239,6 +254,7 @@ class DPTrainerMixin:
             grads = [g * loss_scale for g in grads]
         with torch.no_grad():
             optimizer.apply(grads, trainable_variables)
+        self._record_step()
 
         compile_loss = self._compile_loss
         if compile_loss is not None and compile_loss.metrics:

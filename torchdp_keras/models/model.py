@@ -10,6 +10,7 @@ from keras.src.trainers.trainer import Trainer
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import (
+    PRIVACY_STATE_KEY,
     DPTrainerMixin,
     validate_dp_arguments,
     warn_if_seed_restored,
@@ -94,8 +95,12 @@ class DPModel(DPTrainerMixin, keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        config = dict(config)
         warn_if_seed_restored(config)
-        return super().from_config(config, custom_objects=custom_objects)
+        privacy_state = config.pop(PRIVACY_STATE_KEY, None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        model._restore_privacy_state(privacy_state)
+        return model
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import keras
 
+from torchdp_keras.config import DPKerasConfig
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import (
     DP_CONFIG_KEYS,
+    PRIVACY_STATE_KEY,
     DPTrainerMixin,
     validate_dp_arguments,
     warn_if_seed_restored,
@@ -24,6 +26,9 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
 
     Args:
         model: The Keras model to train privately.
+        config: A `DPKerasConfig` (JAX Privacy's style: budget first, sigma
+            calibrated). Give either `config` or `l2_norm_clip` and
+            `noise_multiplier`.
         l2_norm_clip: Clipping norm `C` > 0.
         noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
         num_microbatches: None (clip every example) or the number of
@@ -42,9 +47,10 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
     def __init__(
         self,
         model,
+        config: DPKerasConfig | None = None,
         *,
-        l2_norm_clip,
-        noise_multiplier,
+        l2_norm_clip=None,
+        noise_multiplier=None,
         num_microbatches=None,
         use_xla=False,
         seed=None,
@@ -60,7 +66,8 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
                 f"Expected a non-private model. Received: model={model.name!r}, "
                 f"which is already a {type(model).__name__}."
             )
-        settings = validate_dp_arguments(
+        config, settings = _resolve_settings(
+            config,
             l2_norm_clip=l2_norm_clip,
             noise_multiplier=noise_multiplier,
             num_microbatches=num_microbatches,
@@ -70,7 +77,7 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         kwargs.setdefault("name", f"private_{model.name}")
         super().__init__(**kwargs)
         self.model = model
-        self._init_dp(settings)
+        self._init_dp(settings, dp_keras_config=config)
         check_per_example_privacy(self)
         if model.built:
             self.built = True
@@ -88,6 +95,9 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
             "model": keras.saving.serialize_keras_object(self.model),
         }
         config.update(self._dp_config())
+        if self._dp_keras_config is not None:
+            config["dp_keras_config"] = self._dp_keras_config.to_dict()
+        config[PRIVACY_STATE_KEY] = self._privacy_state()
         return config
 
     @classmethod
@@ -98,25 +108,89 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
             config.pop("model"), custom_objects=custom_objects
         )
         dp = {key: config.pop(key) for key in DP_CONFIG_KEYS if key in config}
-        return cls(model=model, **dp, **config)
+        privacy_state = config.pop(PRIVACY_STATE_KEY, None)
+        dp_keras_config = config.pop("dp_keras_config", None)
+        if dp_keras_config is not None:
+            dp = {"config": DPKerasConfig.from_dict(dp_keras_config), "use_xla": dp["use_xla"]}
+        private = cls(model=model, **dp, **config)
+        private._restore_privacy_state(privacy_state)
+        return private
+
+
+def _resolve_settings(config, *, l2_norm_clip, noise_multiplier, num_microbatches, use_xla, seed):
+    """Returns (config with a resolved sigma or None, validated DP settings)."""
+    if config is None:
+        if l2_norm_clip is None or noise_multiplier is None:
+            raise DPConfigError(
+                "Expected either a DPKerasConfig or both l2_norm_clip and noise_multiplier. "
+                f"Received: config=None, l2_norm_clip={l2_norm_clip!r}, "
+                f"noise_multiplier={noise_multiplier!r}"
+            )
+        settings = validate_dp_arguments(
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            num_microbatches=num_microbatches,
+            use_xla=use_xla,
+            seed=seed,
+        )
+        return None, settings
+    if not isinstance(config, DPKerasConfig):
+        raise DPConfigError(
+            f"Expected config to be a DPKerasConfig. Received: config={config!r} "
+            f"of type {type(config).__name__}"
+        )
+    given = {
+        "l2_norm_clip": l2_norm_clip,
+        "noise_multiplier": noise_multiplier,
+        "num_microbatches": num_microbatches,
+        "seed": seed,
+    }
+    clashing = {k: v for k, v in given.items() if v is not None}
+    if clashing:
+        raise DPConfigError(
+            "Expected the DP settings in the DPKerasConfig only. Received also: "
+            + ", ".join(f"{k}={v!r}" for k, v in clashing.items())
+        )
+    if config.gradient_accumulation_steps != 1 or config.poisson_sampling_in_fit:
+        raise DPConfigError(
+            "gradient_accumulation_steps > 1 and poisson_sampling_in_fit=True are not "
+            "supported by this version of torchdp_keras. Received: "
+            f"gradient_accumulation_steps={config.gradient_accumulation_steps}, "
+            f"poisson_sampling_in_fit={config.poisson_sampling_in_fit}"
+        )
+    config = config.update_with_calibrated_noise_multiplier()
+    settings = validate_dp_arguments(
+        l2_norm_clip=config.clipping_norm,
+        noise_multiplier=config.noise_multiplier,
+        use_xla=use_xla,
+        seed=config.seed,
+    )
+    return config, settings
 
 
 def make_private(
     model: keras.Model,
+    config: DPKerasConfig | None = None,
     *,
-    l2_norm_clip: float,
-    noise_multiplier: float,
+    l2_norm_clip: float | None = None,
+    noise_multiplier: float | None = None,
     num_microbatches: int | None = None,
     seed: int | None = None,
 ) -> PrivateKerasModel:
     """Returns a DP-SGD model that shares the layers and weights of `model`.
 
+    Give either a `DPKerasConfig` (JAX Privacy's `make_private(model, config)`:
+    the noise multiplier is calibrated from the budget, the reported epsilon
+    uses the config's delta and the training stops being allowed after
+    `train_steps` updates) or the DP settings directly.
+
     Args:
         model: Any Keras model (Sequential, functional or subclassed).
-        l2_norm_clip: Clipping norm `C` > 0.
-        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
+        config: A `DPKerasConfig`, or None.
+        l2_norm_clip: Clipping norm `C` > 0 (without a config).
+        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C` (without a config).
         num_microbatches: None (clip every example) or the number of
-            contiguous groups a batch is split into.
+            contiguous groups a batch is split into (without a config).
         seed: Seed of the noise and of the random layers; None: OS entropy.
 
     Returns:
@@ -130,6 +204,7 @@ def make_private(
     """
     return PrivateKerasModel(
         model,
+        config,
         l2_norm_clip=l2_norm_clip,
         noise_multiplier=noise_multiplier,
         num_microbatches=num_microbatches,

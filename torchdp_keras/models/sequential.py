@@ -8,6 +8,7 @@ from keras.src.saving import serialization_lib
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import (
     DP_CONFIG_KEYS,
+    PRIVACY_STATE_KEY,
     DPTrainerMixin,
     validate_dp_arguments,
     warn_if_seed_restored,
@@ -84,6 +85,7 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         config = dict(config)
         warn_if_seed_restored(config)
         dp = {key: config.pop(key) for key in DP_CONFIG_KEYS if key in config}
+        privacy_state = config.pop(PRIVACY_STATE_KEY, None)
         layers = []
         for layer_config in config.pop("layers"):
             layers.append(
@@ -101,4 +103,5 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
             and isinstance(build_input_shape, (tuple, list))
         ):
             model.build(build_input_shape)
+        model._restore_privacy_state(privacy_state)
         return model

@@ -79,6 +79,8 @@ class VmapEngine:
         model: A built Keras model on the torch backend, compiled with a loss.
         max_chunk_elements: Upper bound on `units_per_chunk * num_parameters`,
             the memory of the per-unit gradients held at once.
+        units_per_chunk: Fixed number of units per chunk (JAX Privacy's
+            `microbatch_size`); overrides the memory bound when given.
         compile: Wrap the per-unit gradient function in `torch.compile`; if
             that fails, warn once and run eagerly.
 
@@ -93,6 +95,7 @@ class VmapEngine:
         model: keras.Model,
         *,
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+        units_per_chunk: int | None = None,
         compile: bool = False,
     ):
         self._model = model
@@ -106,6 +109,7 @@ class VmapEngine:
         self._is_seed_state = [id(v) in seed_states for v in self._non_trainable]
         self._num_params = sum(int(v.value.numel()) for v in self._trainable)
         self._max_chunk_elements = int(max_chunk_elements)
+        self._fixed_units_per_chunk = units_per_chunk
         self._data_updated_variables: list[str] = []
         grad_fn = torch.func.grad(self._unit_loss, argnums=0, has_aux=True)
         self._eager_fn = grad_fn
@@ -120,6 +124,8 @@ class VmapEngine:
 
     def units_per_chunk(self, num_units: int) -> int:
         """How many units the engine differentiates at once (memory bound)."""
+        if self._fixed_units_per_chunk is not None:
+            return max(1, min(num_units, self._fixed_units_per_chunk))
         per_unit = max(1, self._num_params)
         return max(1, min(num_units, self._max_chunk_elements // per_unit))
 

@@ -1,0 +1,323 @@
+"""Planning and reporting functions: epsilon for a run, sigma for a target.
+
+All of them assume DP-SGD with Poisson sampling (each example in each batch
+independently with probability q = batch_size / n), Gaussian noise of std
+`noise_multiplier * l2_norm_clip`, and add-or-remove-one-example adjacency.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from torchdp_keras.accounting.base import Accountant, check_delta, check_event
+from torchdp_keras.accounting.rdp import RDPAccountant
+from torchdp_keras.errors import DPConfigError
+
+# The orders TF Privacy's compute_dp_sgd_privacy optimises over; used there so
+# that the optimal order it reports is the one TF Privacy users know.
+TF_PRIVACY_ORDERS: tuple[float, ...] = tuple(
+    [1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5] + list(range(5, 64)) + [128, 256, 512]
+)
+
+ACCOUNTANTS = ("prv", "rdp")
+
+
+def make_accountant(accountant: str = "prv") -> Accountant:
+    """Returns a fresh accountant by name: "prv" (default, tight) or "rdp"."""
+    if accountant == "prv":
+        from torchdp_keras.accounting.prv import PRVAccountant
+
+        return PRVAccountant()
+    if accountant == "rdp":
+        return RDPAccountant()
+    raise DPConfigError(
+        f"Expected accountant in {ACCOUNTANTS}. Received: accountant={accountant!r}"
+    )
+
+
+def default_delta(n: int) -> float:
+    """The delta used when none is given: 1 / n^1.1 (smaller than 1/n)."""
+    return 1.0 / float(n) ** 1.1
+
+
+def _check_positive_int(value, name: str) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise DPConfigError(f"Expected {name} to be an integer >= 1. Received: {name}={value!r}")
+    return int(value)
+
+
+def _check_positive(value, name: str) -> float:
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise DPConfigError(f"Expected {name} > 0 and finite. Received: {name}={value!r}")
+    return float(value)
+
+
+def _run_shape(n, batch_size, epochs) -> tuple[float, int]:
+    """(sampling_probability, steps) of `epochs` epochs of batches of `batch_size` of `n`."""
+    n = _check_positive_int(n, "n")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    epochs = _check_positive(epochs, "epochs")
+    if batch_size > n:
+        raise DPConfigError(f"Expected batch_size <= n. Received: batch_size={batch_size}, n={n}")
+    return batch_size / n, int(math.ceil(epochs * n / batch_size))
+
+
+def compute_dp_sgd_privacy(
+    n: int, batch_size: int, noise_multiplier: float, epochs: float, delta: float
+) -> tuple[float, float]:
+    """Epsilon of DP-SGD by RDP, as TF Privacy's `compute_dp_sgd_privacy` reports it.
+
+    Steps are `ceil(epochs * n / batch_size)` with sampling probability
+    `batch_size / n`; the RDP curve is converted with the improved conversion
+    (Balle et al. 2020) over TF Privacy's orders.
+
+    Args:
+        n: Number of training examples.
+        batch_size: (Expected) batch size.
+        noise_multiplier: sigma.
+        epochs: Number of epochs (may be fractional).
+        delta: Target delta.
+
+    Returns:
+        `(epsilon, optimal_order)`.
+
+    Example:
+        >>> eps, order = compute_dp_sgd_privacy(60000, 250, 1.3, 15, 1e-5)
+        >>> round(eps, 3), order
+        (0.942, 17.0)
+    """
+    q, steps = _run_shape(n, batch_size, epochs)
+    delta = check_delta(delta)
+    accountant = RDPAccountant(orders=TF_PRIVACY_ORDERS)
+    accountant.compose(noise_multiplier, q, steps)
+    return accountant.get_epsilon_and_order(delta)
+
+
+def get_privacy_budget(
+    sample_size: int,
+    batch_size: int,
+    num_epochs: float,
+    noise_multiplier: float,
+    target_delta: float,
+    accountant: str = "prv",
+) -> float:
+    """Epsilon a planned run would spend (the `op_tensorflow` helper's name).
+
+    Args:
+        sample_size: Number of training examples.
+        batch_size: Expected batch size (Poisson sampling, q = batch_size / n).
+        num_epochs: Number of epochs; steps = ceil(num_epochs * n / batch_size).
+        noise_multiplier: sigma.
+        target_delta: delta.
+        accountant: "prv" (default) or "rdp".
+
+    Returns:
+        The epsilon (an upper bound).
+
+    Example:
+        >>> round(get_privacy_budget(60000, 250, 15, 1.3, 1e-5, accountant="rdp"), 3)
+        0.942
+    """
+    q, steps = _run_shape(sample_size, batch_size, num_epochs)
+    acc = make_accountant(accountant)
+    acc.compose(noise_multiplier, q, steps)
+    return acc.get_epsilon(target_delta)
+
+
+def _epsilon_for(sigma, q, steps, delta, accountant) -> float:
+    acc = make_accountant(accountant)
+    acc.compose(sigma, q, steps)
+    return acc.get_epsilon(delta)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    target_delta: float,
+    sampling_probability: float,
+    steps: int,
+    accountant: str = "prv",
+    *,
+    tolerance: float = 0.01,
+) -> float:
+    """The smallest noise multiplier (within `tolerance`, relative) meeting a budget.
+
+    Guarantee: the returned sigma gives `epsilon <= target_epsilon` by the
+    chosen accountant (its upper bound), and sigma / (1 + tolerance) does not.
+
+    Args:
+        target_epsilon: The epsilon not to exceed (> 0).
+        target_delta: The delta of the guarantee.
+        sampling_probability: q of each step, in (0, 1].
+        steps: Number of steps (optimizer updates).
+        accountant: "prv" (default) or "rdp".
+        tolerance: Relative precision of the search (default 1%).
+
+    Returns:
+        sigma; 0.0 when the budget is infinite or nothing is spent (q or
+        steps zero).
+
+    Example:
+        >>> sigma = calibrate_noise_multiplier(1.0, 1e-5, 0.01, 1000, accountant="rdp")
+        >>> 0.9 < sigma < 1.3
+        True
+    """
+    if (
+        not isinstance(target_epsilon, numbers.Real)
+        or isinstance(target_epsilon, bool)
+        or math.isnan(target_epsilon)
+        or target_epsilon <= 0
+    ):
+        raise DPConfigError(
+            f"Expected target_epsilon > 0. Received: target_epsilon={target_epsilon!r}"
+        )
+    delta = check_delta(target_delta)
+    _, q, steps = check_event(1.0, sampling_probability, steps)
+    tolerance = _check_positive(tolerance, "tolerance")
+    if accountant not in ACCOUNTANTS:
+        raise DPConfigError(
+            f"Expected accountant in {ACCOUNTANTS}. Received: accountant={accountant!r}"
+        )
+    if math.isinf(target_epsilon) or q == 0 or steps == 0:
+        return 0.0
+
+    def fits(sigma):
+        return _epsilon_for(sigma, q, steps, delta, accountant) <= target_epsilon
+
+    high = 1.0
+    while not fits(high):
+        high *= 2.0
+        if high > 1e6:
+            raise DPConfigError(
+                "No noise_multiplier up to 1e6 reaches the budget. Received: "
+                f"target_epsilon={target_epsilon}, target_delta={delta}, "
+                f"sampling_probability={q}, steps={steps}"
+            )
+    low = high / 2.0
+    while low > 1e-6 and fits(low):
+        high, low = low, low / 2.0
+    # Invariant: fits(high) and not fits(low) (or low is negligible).
+    while high / low > 1.0 + tolerance:
+        mid = math.sqrt(high * low)
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def compute_dp_sgd_privacy_statement(
+    number_of_examples: int,
+    batch_size: int,
+    num_epochs: float,
+    noise_multiplier: float,
+    delta: float,
+    used_microbatching: bool = True,
+    max_examples_per_user: int | None = None,
+) -> str:
+    """A privacy statement for a DP-SGD run, ready to publish with the model.
+
+    It states example-level (epsilon, delta) with add-or-remove-one adjacency
+    by the PRV accountant (tight) and the RDP accountant (for comparison),
+    both under the Poisson-sampling assumption, and the weaker but
+    assumption-free bound for shuffled fixed-size batches (each example once
+    per epoch, no amplification by sampling). With `max_examples_per_user`,
+    it adds the user-level guarantee obtained by group privacy.
+
+    Args:
+        number_of_examples: Training set size n.
+        batch_size: (Expected) batch size.
+        num_epochs: Number of epochs.
+        noise_multiplier: sigma.
+        delta: Target delta.
+        used_microbatching: TF Privacy's meaning: with microbatches of several
+            examples and add-or-remove adjacency, one example can move across
+            microbatch boundaries and change two clipped terms, so the
+            sensitivity is doubled (sigma is halved for the accounting).
+            Set False when every microbatch holds one example.
+        max_examples_per_user: If set, also report user-level DP for users
+            contributing at most this many examples.
+
+    Returns:
+        The statement, several lines of text.
+    """
+    q, steps = _run_shape(number_of_examples, batch_size, num_epochs)
+    delta = check_delta(delta)
+    sigma = float(noise_multiplier)
+    check_event(sigma, q, steps)
+    effective_sigma = sigma / 2.0 if used_microbatching else sigma
+    epochs_rounded = int(math.ceil(num_epochs))
+
+    def eps(accountant, sampling_probability, n_steps, d=delta, s=effective_sigma):
+        acc = make_accountant(accountant)
+        acc.compose(s, sampling_probability, n_steps)
+        return acc.get_epsilon(d)
+
+    lines = [
+        "DP-SGD performed over "
+        f"{number_of_examples} examples with {batch_size} examples per iteration, "
+        f"noise multiplier {sigma} for {num_epochs} epochs "
+        f"({steps} steps, sampling probability {q:.4g}) "
+        + ("with microbatching" if used_microbatching else "without microbatching")
+        + (
+            f", and at most {max_examples_per_user} examples per user."
+            if max_examples_per_user
+            else ", and no bound on the number of examples per user."
+        ),
+        "",
+        "This privacy guarantee protects the release of all model checkpoints in "
+        "addition to the final model.",
+        "",
+        f"Example-level DP with add-or-remove-one adjacency at delta = {delta}:",
+    ]
+    if used_microbatching:
+        lines.append(
+            "    (microbatching doubles the sensitivity: accounted with noise "
+            f"multiplier {effective_sigma})"
+        )
+    lines += [
+        f"    Epsilon assuming Poisson sampling (*), PRV accountant: {eps('prv', q, steps):.3f}",
+        f"    Epsilon assuming Poisson sampling (*), RDP accountant: {eps('rdp', q, steps):.3f}",
+        "    Epsilon with each example occurring once per epoch (shuffled batches, "
+        f"no amplification): {eps('prv', 1.0, epochs_rounded):.3f}",
+    ]
+    if max_examples_per_user:
+        k = _check_positive_int(max_examples_per_user, "max_examples_per_user")
+        # A user's k examples are each sampled with probability q; their clipped
+        # sum has norm <= k*C. By joint convexity of the hockey-stick divergence
+        # this is dominated by one event of probability 1-(1-q)^k with
+        # sensitivity k*C, i.e. noise multiplier sigma/k.
+        user_q = 1.0 - (1.0 - q) ** k
+        user_sigma = effective_sigma / k
+        lines += [
+            "",
+            f"User-level DP with add-or-remove-one-user adjacency at delta = {delta}, "
+            f"users contributing at most {k} examples:",
+            "    Epsilon assuming Poisson sampling (*), PRV accountant: "
+            f"{eps('prv', user_q, steps, s=user_sigma):.3f}",
+            "    Epsilon assuming Poisson sampling (*), RDP accountant: "
+            f"{eps('rdp', user_q, steps, s=user_sigma):.3f}",
+        ]
+    else:
+        lines += [
+            "",
+            "User-level caveat: these guarantees protect one example. A person who "
+            "contributed several examples is protected only by group privacy, which "
+            "degrades with the number of examples; pass max_examples_per_user to "
+            "report a user-level guarantee.",
+        ]
+    lines += [
+        "",
+        "(*) Poisson sampling is not usually done in training pipelines, but "
+        "assuming that the data was randomly shuffled, it is believed that the "
+        "actual epsilon should be closer to this value than the conservative "
+        "assumption of an arbitrary data order. Chua et al. (2024) showed that "
+        "shuffled fixed-size batches can be noticeably less private than this "
+        "estimate; use torchdp_keras's Poisson sampling to make it exact.",
+    ]
+    return "\n".join(lines)

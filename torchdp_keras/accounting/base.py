@@ -1,0 +1,168 @@
+"""The interface every accountant implements (numpy/scipy only).
+
+An accountant records what a training run composed -- a history of
+`(noise_multiplier, sampling_probability, steps)` events of the
+Poisson-subsampled Gaussian mechanism -- and converts it to an
+(epsilon, delta) guarantee. Histories with several different events
+(sigma or q changing during training) are composed exactly.
+
+Edge cases every accountant honours:
+  * no steps, or only events with `sampling_probability == 0`: epsilon is 0;
+  * any event with `noise_multiplier == 0` and `sampling_probability > 0`:
+    epsilon is infinite (no noise, no privacy).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+from typing import Any
+
+from torchdp_keras.errors import DPConfigError
+
+STATE_VERSION = 1
+
+
+def check_delta(delta) -> float:
+    """Returns `delta` as a float in (0, 1) or raises `DPConfigError`."""
+    if (
+        not isinstance(delta, numbers.Real)
+        or isinstance(delta, bool)
+        or not math.isfinite(delta)
+        or not 0 < delta < 1
+    ):
+        raise DPConfigError(f"Expected 0 < delta < 1. Received: delta={delta!r}")
+    return float(delta)
+
+
+def check_event(noise_multiplier, sampling_probability, steps) -> tuple[float, float, int]:
+    """Validates one composition event and returns it normalised."""
+    if (
+        not isinstance(noise_multiplier, numbers.Real)
+        or isinstance(noise_multiplier, bool)
+        or not math.isfinite(noise_multiplier)
+        or noise_multiplier < 0
+    ):
+        raise DPConfigError(
+            "Expected noise_multiplier >= 0 and finite. "
+            f"Received: noise_multiplier={noise_multiplier!r}"
+        )
+    if (
+        not isinstance(sampling_probability, numbers.Real)
+        or isinstance(sampling_probability, bool)
+        or not 0 <= sampling_probability <= 1
+    ):
+        raise DPConfigError(
+            "Expected 0 <= sampling_probability <= 1. "
+            f"Received: sampling_probability={sampling_probability!r}"
+        )
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+        raise DPConfigError(f"Expected steps to be an integer >= 0. Received: steps={steps!r}")
+    return float(noise_multiplier), float(sampling_probability), int(steps)
+
+
+class Accountant(abc.ABC):
+    """Records composed DP-SGD steps and reports their (epsilon, delta) guarantee.
+
+    Subclasses set `name` and implement `_epsilon(delta)` for a non-trivial
+    history (at least one event with steps > 0, q > 0 and sigma > 0).
+
+    Example:
+        >>> acc = RDPAccountant()
+        >>> acc.compose(noise_multiplier=1.1, sampling_probability=0.01, steps=1000)
+        >>> acc.steps
+        1000
+    """
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self._history: list[tuple[float, float, int]] = []
+
+    # -- history -------------------------------------------------------------
+    def compose(self, noise_multiplier: float, sampling_probability: float, steps: int = 1) -> None:
+        """Adds `steps` steps of the Poisson-subsampled Gaussian mechanism.
+
+        Args:
+            noise_multiplier: sigma, the noise std divided by the clipping norm.
+            sampling_probability: q, the probability that an example is in a batch.
+            steps: How many such steps (optimizer updates) were taken.
+        """
+        event = check_event(noise_multiplier, sampling_probability, steps)
+        if event[2] == 0:
+            return
+        if self._history and self._history[-1][:2] == event[:2]:
+            sigma, q, n = self._history[-1]
+            self._history[-1] = (sigma, q, n + event[2])
+        else:
+            self._history.append(event)
+
+    @property
+    def steps(self) -> int:
+        """Total number of composed steps."""
+        return sum(n for _, _, n in self._history)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The composed events `(noise_multiplier, sampling_probability, steps)`, in order."""
+        return list(self._history)
+
+    def _grouped_history(self) -> list[tuple[float, float, int]]:
+        """Events merged by (sigma, q), dropping the ones that cost nothing."""
+        grouped: dict[tuple[float, float], int] = {}
+        for sigma, q, n in self._history:
+            if q > 0 and n > 0:
+                grouped[(sigma, q)] = grouped.get((sigma, q), 0) + n
+        return [(sigma, q, n) for (sigma, q), n in grouped.items()]
+
+    # -- epsilon ---------------------------------------------------------------
+    def get_epsilon(self, delta: float) -> float:
+        """The epsilon of everything composed so far, at `delta`.
+
+        Returns 0.0 for an empty history, inf when some step had no noise.
+        """
+        delta = check_delta(delta)
+        events = self._grouped_history()
+        if not events:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in events):
+            return math.inf
+        return float(self._epsilon(events, delta))
+
+    @abc.abstractmethod
+    def _epsilon(self, events: list[tuple[float, float, int]], delta: float) -> float:
+        """Epsilon of a non-trivial grouped history (sigma > 0, q > 0, steps > 0)."""
+
+    # -- state -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of the history."""
+        return {
+            "accountant": self.name,
+            "version": STATE_VERSION,
+            "history": [[sigma, q, n] for sigma, q, n in self._history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a history saved by `state_dict` of the same accountant kind.
+
+        Raises:
+            DPConfigError: the state belongs to another accountant or is malformed.
+        """
+        if not isinstance(state, dict) or "history" not in state:
+            raise DPConfigError(f"Expected an accountant state dict. Received: state={state!r}")
+        if state.get("accountant") != self.name:
+            raise DPConfigError(
+                f"Expected the state of a {self.name!r} accountant. "
+                f"Received: accountant={state.get('accountant')!r}"
+            )
+        if state.get("version") != STATE_VERSION:
+            raise DPConfigError(
+                f"Expected accountant state version {STATE_VERSION}. "
+                f"Received: version={state.get('version')!r}"
+            )
+        history = [check_event(*event) for event in state["history"]]
+        self._history = history
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.steps}, events={len(self._history)})"

@@ -1,0 +1,245 @@
+"""What a DP model knows about the privacy it has spent.
+
+Every DP model keeps its own accountant history: one composition event per
+DP update it actually performed, with the noise multiplier and the sampling
+probability of that update. From it come `model.get_epsilon()`, the
+`epsilon` entry of `fit` logs, and the enforcement of a step budget.
+
+The sampling probability of an update is q = batch_size / n, where n is the
+number of training examples: from the `DPKerasConfig`, or, without one, from
+the arrays given to `fit` (after `validation_split`). Updates whose q cannot
+be known (a generator without a config, `train_on_batch` outside `fit`) are
+counted as unaccounted, and `get_epsilon` then reports infinity rather than
+a value that could be below the truth.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from torchdp_keras.accounting import PRVAccountant, default_delta
+from torchdp_keras.accounting.base import check_delta
+from torchdp_keras.errors import DPConfigError, PrivacyBudgetExceededError
+
+PRIVACY_STATE_KEY = "privacy_state"
+
+
+def num_examples(x) -> int | None:
+    """Number of examples in array-like training inputs; None for datasets/generators.
+
+    Arrays are anything with a `shape` and a length (numpy, torch, pandas),
+    alone or as the first entry of a list, tuple or dict of inputs.
+    """
+    if isinstance(x, dict):
+        x = next(iter(x.values()), None)
+    elif isinstance(x, (list, tuple)):
+        x = x[0] if x else None
+    if x is not None and hasattr(x, "shape") and hasattr(x, "__len__"):
+        return len(x)
+    return None
+
+
+class PrivacyTrackingMixin:
+    """Accountant history, epsilon reporting and step budget of a DP model."""
+
+    def _init_privacy_tracking(self, *, dp_keras_config=None) -> None:
+        self._accountant = PRVAccountant()
+        self._dp_steps_taken = 0
+        self._unaccounted_steps = 0
+        self._dp_keras_config = dp_keras_config
+        self._train_size = dp_keras_config.train_size if dp_keras_config else None
+        self._target_delta = dp_keras_config.delta if dp_keras_config else None
+        self._sampling_probability = (
+            dp_keras_config.sampling_probability if dp_keras_config else None
+        )
+        self._warned_once = frozenset()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned_once:
+            self._warned_once = self._warned_once | {key}
+            warnings.warn(f"torchdp_keras: {message}", stacklevel=4)
+
+    # -- what the model has spent ------------------------------------------------
+    @property
+    def accountant(self) -> PRVAccountant:
+        """The accountant holding every DP update this model performed."""
+        return self._accountant
+
+    @property
+    def dp_steps(self) -> int:
+        """Number of DP updates (optimizer steps) this model has taken."""
+        return self._dp_steps_taken
+
+    @property
+    def privacy_delta(self) -> float | None:
+        """The delta `get_epsilon()` uses: given to `fit`, from the config, or 1/n^1.1."""
+        if self._target_delta is not None:
+            return self._target_delta
+        if self._train_size:
+            return default_delta(self._train_size)
+        return None
+
+    def get_epsilon(self, delta: float | None = None) -> float:
+        """Epsilon (PRV upper bound) of all DP updates so far, at `delta`.
+
+        Args:
+            delta: Defaults to `privacy_delta` (the delta given to `fit`, the
+                config's, or 1/n^1.1 for n training examples).
+
+        Returns:
+            The epsilon; 0.0 before training; inf if some updates could not be
+            accounted (unknown sampling probability).
+
+        Raises:
+            DPConfigError: no delta is given and none is known.
+        """
+        if delta is None:
+            delta = self.privacy_delta
+        if delta is None:
+            raise DPConfigError(
+                "Expected a delta: pass get_epsilon(delta=...), fit(..., target_delta=...), "
+                "or train with a DPKerasConfig. Received: delta=None"
+            )
+        delta = check_delta(delta)
+        if self._unaccounted_steps:
+            self._warn_once(
+                "unaccounted",
+                f"{self._unaccounted_steps} DP updates ran with an unknown sampling "
+                "probability (no DPKerasConfig and no array inputs to fit()); their "
+                "privacy cannot be accounted, so the reported epsilon is inf.",
+            )
+            return math.inf
+        return self._accountant.get_epsilon(delta)
+
+    # -- hooks of the DP step ------------------------------------------------------
+    def _check_budget_before_step(self, batch_size: int) -> None:
+        config = self._dp_keras_config
+        if config is None:
+            return
+        if self._dp_steps_taken >= config.train_steps:
+            raise PrivacyBudgetExceededError(
+                f"The privacy budget covers train_steps={config.train_steps} updates "
+                f"(epsilon={config.epsilon}, delta={config.delta}) and this model has "
+                f"taken {self._dp_steps_taken}; one more would overspend it. Stop "
+                "training, or plan a larger train_steps (with more noise) from the start."
+            )
+        if not config.poisson_sampling_in_fit and batch_size > config.batch_size:
+            raise DPConfigError(
+                f"Expected batches of at most batch_size={config.batch_size} examples "
+                f"(DPKerasConfig). Received: a batch of {batch_size}"
+            )
+
+    def _record_step(self) -> None:
+        self._dp_steps_taken += 1
+        if self._sampling_probability is None:
+            self._unaccounted_steps += 1
+        else:
+            self._accountant.compose(self._noise_multiplier, self._sampling_probability, 1)
+
+    # -- fit -----------------------------------------------------------------------
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        *,
+        target_delta=None,
+        **kwargs,
+    ):
+        """Trains with DP-SGD; see `keras.Model.fit`. Logs `epsilon` at each epoch end.
+
+        Args:
+            target_delta: The delta of the reported epsilon (default: the
+                config's, or 1/n^1.1 for n training examples).
+            Other arguments: as `keras.Model.fit`.
+        """
+        from torchdp_keras.callbacks import DPAccountant
+
+        config = self._dp_keras_config
+        n = num_examples(x)
+        if n is not None and validation_split:
+            n = int(math.floor(n * (1.0 - validation_split)))
+        if config is not None:
+            if batch_size is not None and batch_size != config.batch_size:
+                raise DPConfigError(
+                    f"Expected fit(batch_size=...) to match DPKerasConfig.batch_size="
+                    f"{config.batch_size}. Received: batch_size={batch_size}"
+                )
+            if n is not None:
+                batch_size = config.batch_size
+            train_size = config.train_size
+        else:
+            train_size = n
+            if n is not None:
+                effective = batch_size if batch_size is not None else 32
+                self._sampling_probability = min(1.0, effective / n)
+            else:
+                self._sampling_probability = None
+        if train_size:
+            self._train_size = train_size
+        if target_delta is not None:
+            self._target_delta = check_delta(target_delta)
+        delta = self.privacy_delta
+        if delta is not None and train_size and delta >= 1.0 / train_size:
+            self._warn_once(
+                f"delta>={delta}",
+                f"delta={delta} is not smaller than 1/n = {1.0 / train_size:.3g}: a "
+                "mechanism that publishes one random example outright satisfies such "
+                "a guarantee. Use a delta well below 1/n.",
+            )
+        if n is not None and not (config is not None and config.poisson_sampling_in_fit):
+            self._warn_once(
+                "not-poisson",
+                "fit() on arrays trains on shuffled batches of fixed size, while the "
+                "reported epsilon assumes Poisson sampling (each example in each batch "
+                "independently with probability q = batch_size / n). The two are not "
+                "the same; shuffling can be noticeably less private (Chua et al. 2024).",
+            )
+        elif n is None and config is None:
+            self._warn_once(
+                "unknown-n",
+                "the number of training examples is unknown for this input (not "
+                "arrays) and there is no DPKerasConfig: the privacy spent cannot be "
+                "accounted and get_epsilon() will report inf.",
+            )
+        callbacks = list(callbacks or [])
+        if self.privacy_delta is not None and not any(
+            isinstance(cb, DPAccountant) for cb in callbacks
+        ):
+            callbacks.insert(0, DPAccountant(log_fn=None))
+        return super().fit(
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_split=validation_split,
+            **kwargs,
+        )
+
+    # -- persistence -----------------------------------------------------------------
+    def _privacy_state(self) -> dict:
+        return {
+            "accountant": self._accountant.state_dict(),
+            "dp_steps_taken": self._dp_steps_taken,
+            "unaccounted_steps": self._unaccounted_steps,
+            "train_size": self._train_size,
+            "target_delta": self._target_delta,
+            "sampling_probability": self._sampling_probability,
+        }
+
+    def _restore_privacy_state(self, state: dict | None) -> None:
+        if not state:
+            return
+        self._accountant.load_state_dict(state["accountant"])
+        self._dp_steps_taken = int(state["dp_steps_taken"])
+        self._unaccounted_steps = int(state["unaccounted_steps"])
+        self._train_size = state.get("train_size")
+        self._target_delta = state.get("target_delta")
+        self._sampling_probability = state.get("sampling_probability")
