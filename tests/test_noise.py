@@ -7,6 +7,8 @@ of 1/sqrt(2n) ~= 0.7%: the 5% tolerance used here rejects a noise scale off
 by 2/3x or 3/2x with overwhelming power (the tests check that too).
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -108,3 +110,40 @@ def test_seeded_training_with_dropout_is_reproducible():
 
     for a, b in zip(run(), run()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("poisson", [False, True], ids=["arrays", "poisson-loader"])
+def test_noise_is_added_once_per_accumulated_update(poisson):
+    from torchdp_keras.config import DPKerasConfig
+
+    batch, steps, sigma, clip = 10, 4, 1.3, 1.5
+    config = DPKerasConfig(
+        epsilon=float("inf"),
+        delta=1e-5,
+        clipping_norm=clip,
+        batch_size=batch,
+        gradient_accumulation_steps=steps,
+        train_steps=1,
+        train_size=batch * steps,
+        noise_multiplier=sigma,
+        rescale_to_unit_norm=False,
+        seed=7,
+        poisson_sampling_in_fit=poisson,
+    )
+    base = keras.Sequential(
+        [
+            keras.Input((WIDTH,)),
+            layers.Dense(WIDTH, kernel_initializer="zeros", bias_initializer="zeros"),
+        ]
+    )
+    model = tdk.make_private(base, config)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    x = np.random.default_rng(0).normal(size=(batch * steps, WIDTH)).astype("float32")
+    y = np.zeros((batch * steps, WIDTH), dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # arrays: the "not Poisson" warning
+        model.fit(x, y, epochs=1, shuffle=False, verbose=0)
+    assert model.dp_steps == 1
+    update = -np.concatenate([w.ravel() for w in base.get_weights()])
+    expected_std = sigma * clip / (batch * steps)  # once, over the effective batch
+    assert abs(update.std() / expected_std - 1) < 0.05

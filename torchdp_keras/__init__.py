@@ -36,6 +36,7 @@ _LAZY = {
     "PrivateKerasModel": "torchdp_keras.models",
     "make_private": "torchdp_keras.models",
     "DPKerasConfig": "torchdp_keras.config",
+    "PrivateDataLoader": "torchdp_keras.data",
     "RDPAccountant": "torchdp_keras.accounting",
     "PRVAccountant": "torchdp_keras.accounting",
     "calibrate_noise_multiplier": "torchdp_keras.accounting",
@@ -43,7 +44,7 @@ _LAZY = {
     "compute_dp_sgd_privacy_statement": "torchdp_keras.accounting",
     "get_privacy_budget": "torchdp_keras.accounting",
 }
-_SUBMODULES = ("accounting", "callbacks", "config", "models", "ops", "per_example")
+_SUBMODULES = ("accounting", "callbacks", "config", "data", "models", "ops", "per_example")
 
 __all__ = [
     "BackendError",
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         get_privacy_budget,
     )
     from torchdp_keras.config import DPKerasConfig  # noqa: F401
+    from torchdp_keras.data import PrivateDataLoader  # noqa: F401
     from torchdp_keras.models import (  # noqa: F401
         DPModel,
         DPSequential,

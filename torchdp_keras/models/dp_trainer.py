@@ -30,6 +30,7 @@ from keras.src.saving import serialization_lib
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from torchdp_keras import _validation
+from torchdp_keras.data import unpack_poisson_batch
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
@@ -101,6 +102,9 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         self._noise_generator = None
         self._layer_rng = random.Random(int(layer_seed))
         self._dp_engine = None
+        self._poisson_expected_batch_size = None
+        self._accumulation_steps = 1
+        self._reset_accumulation()
 
     # -- read-only DP settings ----------------------------------------------
     @property
@@ -212,8 +216,31 @@ class DPTrainerMixin(PrivacyTrackingMixin):
             )
         return total.detach(), grads
 
-    def train_step(self, data):
+    def _unpack(self, data):
+        """`(x, y, sample_weight, mask)`; mask is None unless a Poisson batch."""
+        poisson = unpack_poisson_batch(data)
+        if poisson is not None:
+            return poisson
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        return x, y, sample_weight, None
+
+    def _accumulate(self, summed, units: int) -> bool:
+        """Adds one physical batch; True when an update is due."""
+        if self._accum_grads is None:
+            self._accum_grads = list(summed)
+        else:
+            self._accum_grads = [a + b for a, b in zip(self._accum_grads, summed)]
+        self._accum_batches += 1
+        self._accum_units += units
+        return self._accum_batches >= self._accumulation_steps
+
+    def _reset_accumulation(self) -> None:
+        self._accum_grads = None
+        self._accum_batches = 0
+        self._accum_units = 0
+
+    def train_step(self, data):
+        x, y, sample_weight, mask = self._unpack(data)
         trainable_variables = list(self.trainable_variables)
         if not trainable_variables:
             raise DPConfigError(
@@ -221,7 +248,22 @@ class DPTrainerMixin(PrivacyTrackingMixin):
                 "to train privately."
             )
         batch_size = _batch_size(x)
-        self._check_budget_before_step(batch_size)
+        if mask is not None:
+            if self._poisson_expected_batch_size is None:
+                raise DPConfigError(
+                    "Received a PrivateDataLoader batch outside fit(): pass the loader "
+                    "itself to fit(), which reads its sampling probability."
+                )
+            if self._num_microbatches is not None:
+                raise DPConfigError(
+                    "Expected num_microbatches=None with Poisson-sampled batches (each "
+                    f"example is its own clipping unit). Received: "
+                    f"num_microbatches={self._num_microbatches}"
+                )
+            real_examples = int(mask.sum().item())
+        else:
+            real_examples = batch_size
+        self._check_budget_before_step(batch_size, poisson=mask is not None)
         num_units = _validation.units_per_batch(batch_size, self._num_microbatches)
         optimizer = self.optimizer
         loss_scale = 1.0
@@ -236,30 +278,126 @@ class DPTrainerMixin(PrivacyTrackingMixin):
             l2_norm_clip=self._l2_norm_clip,
             rng_seed=self._layer_rng.getrandbits(63),
             loss_scale=loss_scale,
+            unit_mask=mask,
         )
-        noise_std = self._noise_multiplier * self._l2_norm_clip
-        generator = self._noise_generator_for(result.summed[0].device)
-        grads = add_gaussian_noise(result.summed, noise_std, generator)
-        scale = num_units * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
-        grads = [g / scale for g in grads]
-
-        loss = result.unit_losses.mean()
+        update_due = self._accumulate(result.summed, num_units)
         reg_loss, reg_grads = self._weight_regularization(trainable_variables)
+        if update_due:
+            noise_std = self._noise_multiplier * self._l2_norm_clip
+            generator = self._noise_generator_for(result.summed[0].device)
+            grads = add_gaussian_noise(self._accum_grads, noise_std, generator)
+            # Normalise by the expected batch of the update under Poisson
+            # sampling (never the realised one, which depends on the data),
+            # else by the number of clipping units accumulated.
+            normaliser = self._poisson_expected_batch_size if mask is not None else None
+            normaliser = normaliser or self._accum_units
+            scale = normaliser * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
+            grads = [g / scale for g in grads]
+            if reg_grads is not None:
+                grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
+            if loss_scale != 1.0:
+                grads = [g * loss_scale for g in grads]
+            with torch.no_grad():
+                optimizer.apply(grads, trainable_variables)
+            self._reset_accumulation()
+            self._record_step()
+
+        loss = result.unit_losses.sum() / max(1, num_units if mask is None else real_examples)
         if reg_loss is not None:
             loss = loss + reg_loss
-            grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
-        self._loss_tracker.update_state(loss, sample_weight=batch_size)
+        self._loss_tracker.update_state(loss, sample_weight=real_examples)
 
-        if loss_scale != 1.0:
-            grads = [g * loss_scale for g in grads]
-        with torch.no_grad():
-            optimizer.apply(grads, trainable_variables)
-        self._record_step()
-
+        y_pred = result.y_pred
+        if mask is not None:
+            if real_examples == 0:
+                return self.get_metrics_result()
+            keep = keras.ops.convert_to_tensor(mask) > 0
+            x, y, sample_weight, y_pred = tree.map_structure(
+                lambda t: None if t is None else t[keep], (x, y, sample_weight, y_pred)
+            )
         compile_loss = self._compile_loss
         if compile_loss is not None and compile_loss.metrics:
             # Per-output loss trackers of multi-output models: the per-unit
             # calls ran in a stateless scope, so update them on the batch.
             with torch.no_grad():
-                compile_loss(y, result.y_pred, sample_weight)
-        return self.compute_metrics(x, y, result.y_pred, sample_weight=sample_weight)
+                compile_loss(y, y_pred, sample_weight)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def predict(
+        self, x, batch_size=None, verbose="auto", steps=None, callbacks=None, *, label_columns=None
+    ):
+        """Predicts as `keras.Model.predict`; DataFrames in, DataFrames out.
+
+        With a pandas DataFrame (or a `PrivateDataLoader`, whose features are
+        used in order, without sampling) as `x`, or with `label_columns`, the
+        result is a `pandas.DataFrame` indexed like `x`, its columns named by
+        `label_columns` (default 0, 1, ...).
+        """
+        from torchdp_keras.data import PrivateDataLoader
+        from torchdp_keras.data.loader import is_pandas, to_numpy_tree
+
+        index = None
+        if isinstance(x, PrivateDataLoader):
+            index, x = x.index, x.features
+        elif is_pandas(x):
+            index, x = x.index, to_numpy_tree(x, "x")
+        elif label_columns is None:
+            return super().predict(
+                x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks
+            )
+        out = super().predict(
+            x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks
+        )
+        if not isinstance(out, np.ndarray):
+            raise DPConfigError(
+                "Expected a model with a single output for DataFrame predictions. "
+                f"Received outputs of type {type(out).__name__}"
+            )
+        import pandas as pd
+
+        values = out.reshape(len(out), -1)
+        columns = list(label_columns) if label_columns is not None else list(range(values.shape[1]))
+        if len(columns) != values.shape[1]:
+            raise DPConfigError(
+                f"Expected {values.shape[1]} label_columns for the model's output. "
+                f"Received: label_columns={label_columns!r}"
+            )
+        return pd.DataFrame(values, index=index, columns=columns)
+
+    def test_step(self, data):
+        x, y, sample_weight, mask = self._unpack(data)
+        if mask is None:
+            return super().test_step(data)
+        keep = keras.ops.convert_to_tensor(mask) > 0
+        if not bool(keep.any()):
+            return self.get_metrics_result()
+        x, y, sample_weight = tree.map_structure(
+            lambda t: None if t is None else t[keep], (x, y, sample_weight)
+        )
+        return super().test_step((x, y, sample_weight))
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Keras peeks at the first batch to build metrics; a Poisson batch is
+        # unwrapped to the (x, y, sample_weight) Keras expects.
+        if data_batch is None and iterator is not None and self._needs_symbolic_build():
+            for _, _, data_or_iterator in iterator:
+                if isinstance(data_or_iterator, (list, tuple)):
+                    data_batch = data_or_iterator[0]
+                else:
+                    data_batch = next(data_or_iterator)
+                break
+        if data_batch is None:
+            return super()._symbolic_build(iterator=iterator)
+        x, y, sample_weight, _ = self._unpack(data_batch)
+        parts = [x, y, sample_weight]
+        while parts[-1] is None:
+            parts.pop()
+        return super()._symbolic_build(data_batch=tuple(parts))
+
+    def _needs_symbolic_build(self) -> bool:
+        """Keras's condition for building from a peeked batch."""
+        return (
+            not all(layer.built for layer in self._flatten_layers())
+            or (self._compile_metrics is not None and not self._compile_metrics.built)
+            or (self._compile_loss is not None and not self._compile_loss.built)
+        )

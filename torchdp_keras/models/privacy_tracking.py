@@ -113,7 +113,7 @@ class PrivacyTrackingMixin:
         return self._accountant.get_epsilon(delta)
 
     # -- hooks of the DP step ------------------------------------------------------
-    def _check_budget_before_step(self, batch_size: int) -> None:
+    def _check_budget_before_step(self, batch_size: int, poisson: bool = False) -> None:
         config = self._dp_keras_config
         if config is None:
             return
@@ -124,7 +124,7 @@ class PrivacyTrackingMixin:
                 f"taken {self._dp_steps_taken}; one more would overspend it. Stop "
                 "training, or plan a larger train_steps (with more noise) from the start."
             )
-        if not config.poisson_sampling_in_fit and batch_size > config.batch_size:
+        if not poisson and batch_size > config.batch_size:
             raise DPConfigError(
                 f"Expected batches of at most batch_size={config.batch_size} examples "
                 f"(DPKerasConfig). Received: a batch of {batch_size}"
@@ -159,27 +159,56 @@ class PrivacyTrackingMixin:
             Other arguments: as `keras.Model.fit`.
         """
         from torchdp_keras.callbacks import DPAccountant
+        from torchdp_keras.data import PrivateDataLoader
 
         config = self._dp_keras_config
-        n = num_examples(x)
-        if n is not None and validation_split:
-            n = int(math.floor(n * (1.0 - validation_split)))
-        if config is not None:
+        if config is not None and config.poisson_sampling_in_fit and num_examples(x) is not None:
+            if validation_split:
+                raise DPConfigError(
+                    "Expected validation_data instead of validation_split with "
+                    "poisson_sampling_in_fit=True. Received: "
+                    f"validation_split={validation_split}"
+                )
             if batch_size is not None and batch_size != config.batch_size:
                 raise DPConfigError(
                     f"Expected fit(batch_size=...) to match DPKerasConfig.batch_size="
                     f"{config.batch_size}. Received: batch_size={batch_size}"
                 )
-            if n is not None:
-                batch_size = config.batch_size
-            train_size = config.train_size
+            x = PrivateDataLoader(
+                x,
+                y,
+                config.batch_size,
+                sample_weight=kwargs.pop("sample_weight", None),
+                seed=None if config.seed is None else config.seed + 1,
+                gradient_accumulation_steps=config.gradient_accumulation_steps,
+            )
+            y, batch_size = None, None
+        self._reset_accumulation()
+        self._poisson_expected_batch_size = None
+        if isinstance(x, PrivateDataLoader):
+            self._use_loader(x, y, batch_size, config)
+            n = train_size = x.num_examples
         else:
-            train_size = n
-            if n is not None:
-                effective = batch_size if batch_size is not None else 32
-                self._sampling_probability = min(1.0, effective / n)
+            n = num_examples(x)
+            if n is not None and validation_split:
+                n = int(math.floor(n * (1.0 - validation_split)))
+            self._accumulation_steps = config.gradient_accumulation_steps if config else 1
+            if config is not None:
+                if batch_size is not None and batch_size != config.batch_size:
+                    raise DPConfigError(
+                        f"Expected fit(batch_size=...) to match DPKerasConfig.batch_size="
+                        f"{config.batch_size}. Received: batch_size={batch_size}"
+                    )
+                if n is not None:
+                    batch_size = config.batch_size
+                train_size = config.train_size
             else:
-                self._sampling_probability = None
+                train_size = n
+                if n is not None:
+                    effective = batch_size if batch_size is not None else 32
+                    self._sampling_probability = min(1.0, effective / n)
+                else:
+                    self._sampling_probability = None
         if train_size:
             self._train_size = train_size
         if target_delta is not None:
@@ -192,15 +221,28 @@ class PrivacyTrackingMixin:
                 "mechanism that publishes one random example outright satisfies such "
                 "a guarantee. Use a delta well below 1/n.",
             )
-        if n is not None and not (config is not None and config.poisson_sampling_in_fit):
+        if isinstance(x, PrivateDataLoader):
+            pass
+        elif n is not None:
             self._warn_once(
                 "not-poisson",
                 "fit() on arrays trains on shuffled batches of fixed size, while the "
                 "reported epsilon assumes Poisson sampling (each example in each batch "
                 "independently with probability q = batch_size / n). The two are not "
-                "the same; shuffling can be noticeably less private (Chua et al. 2024).",
+                "the same; shuffling can be noticeably less private (Chua et al. 2024). "
+                "Pass a torchdp_keras.PrivateDataLoader (or use DPKerasConfig("
+                "poisson_sampling_in_fit=True)) for the guarantee as stated.",
             )
-        elif n is None and config is None:
+        elif config is not None:
+            self._warn_once(
+                "user-sampled",
+                "this input is used as it is, without resampling: the reported epsilon "
+                f"assumes that every update's batch is a Poisson sample with q = "
+                f"{config.sampling_probability:.4g} of the {config.train_size} examples. "
+                "If your pipeline shuffles or batches differently, the guarantee does "
+                "not hold as stated.",
+            )
+        else:
             self._warn_once(
                 "unknown-n",
                 "the number of training examples is unknown for this input (not "
@@ -222,6 +264,33 @@ class PrivacyTrackingMixin:
             validation_split=validation_split,
             **kwargs,
         )
+
+    def _use_loader(self, loader, y, batch_size, config) -> None:
+        """Takes q, the expected batch and the accumulation from a PrivateDataLoader."""
+        if y is not None or batch_size is not None:
+            raise DPConfigError(
+                "Expected y=None and batch_size=None with a PrivateDataLoader, which "
+                f"holds the labels and the batch size. Received: y={type(y).__name__}, "
+                f"batch_size={batch_size}"
+            )
+        if config is not None:
+            mismatched = {
+                name: (getattr(loader, name), expected)
+                for name, expected in (
+                    ("batch_size", config.batch_size),
+                    ("gradient_accumulation_steps", config.gradient_accumulation_steps),
+                    ("num_examples", config.train_size),
+                )
+                if getattr(loader, name) != expected
+            }
+            if mismatched:
+                raise DPConfigError(
+                    "Expected the PrivateDataLoader to match the DPKerasConfig. Received "
+                    "(loader, config): " + ", ".join(f"{k}={v}" for k, v in mismatched.items())
+                )
+        self._sampling_probability = loader.sampling_probability
+        self._poisson_expected_batch_size = loader.expected_batch_size
+        self._accumulation_steps = loader.gradient_accumulation_steps
 
     # -- persistence -----------------------------------------------------------------
     def _privacy_state(self) -> dict:

@@ -151,13 +151,6 @@ def _resolve_settings(config, *, l2_norm_clip, noise_multiplier, num_microbatche
             "Expected the DP settings in the DPKerasConfig only. Received also: "
             + ", ".join(f"{k}={v!r}" for k, v in clashing.items())
         )
-    if config.gradient_accumulation_steps != 1 or config.poisson_sampling_in_fit:
-        raise DPConfigError(
-            "gradient_accumulation_steps > 1 and poisson_sampling_in_fit=True are not "
-            "supported by this version of torchdp_keras. Received: "
-            f"gradient_accumulation_steps={config.gradient_accumulation_steps}, "
-            f"poisson_sampling_in_fit={config.poisson_sampling_in_fit}"
-        )
     config = config.update_with_calibrated_noise_multiplier()
     settings = validate_dp_arguments(
         l2_norm_clip=config.clipping_norm,

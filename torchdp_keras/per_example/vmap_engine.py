@@ -194,12 +194,16 @@ class VmapEngine:
                 )
         return self._vmapped(self._eager_fn, x, y, sw)(*args)
 
-    def _iter_chunks(self, x, y, sample_weight, num_units, rng_seed, loss_scale):
+    def _iter_chunks(self, x, y, sample_weight, num_units, rng_seed, loss_scale, unit_mask=None):
         """Yields `(grads, unit_losses, y_pred)` per chunk of units.
 
-        Gradients are unscaled (divided by `loss_scale`). The seed generators
-        of random layers are advanced once the last chunk has been produced.
+        Gradients are unscaled (divided by `loss_scale`). Units whose
+        `unit_mask` is 0 (padding) get exactly zero gradients and losses, even
+        if their loss is not finite. The seed generators of random layers are
+        advanced once the last chunk has been produced.
         """
+        if unit_mask is not None:
+            unit_mask = keras.ops.convert_to_tensor(unit_mask) > 0
         to_tensor = keras.ops.convert_to_tensor
         x, y, sample_weight = tree.map_structure(
             lambda t: None if t is None else _to_units(to_tensor(t), num_units),
@@ -221,6 +225,13 @@ class VmapEngine:
                 self._raise_if_data_updated_state()
                 if loss_scale != 1.0:
                     grads = [g / loss_scale for g in grads]
+                if unit_mask is not None:
+                    keep = unit_mask[window]
+                    grads = [
+                        torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
+                        for g in grads
+                    ]
+                    unit_losses = torch.where(keep, unit_losses, torch.zeros_like(unit_losses))
                 seed_iter = iter(seed_states)
                 non_trainable_values = [
                     next(seed_iter)[0] if is_seed else value
@@ -259,6 +270,7 @@ class VmapEngine:
         l2_norm_clip: float,
         rng_seed: int,
         loss_scale: float = 1.0,
+        unit_mask=None,
     ) -> ClippedBatch:
         """Clips every unit's gradient to `l2_norm_clip` and sums them.
 
@@ -273,6 +285,8 @@ class VmapEngine:
             rng_seed: Seed of the random layers (dropout) for this batch.
             loss_scale: Mixed-precision loss scale; the gradients are unscaled
                 before their norms are taken.
+            unit_mask: Optional `(num_units,)` 0/1 mask; units with 0 (padding
+                rows) contribute exactly nothing.
 
         Returns:
             A `ClippedBatch`. The seed generators of random layers have
@@ -285,7 +299,7 @@ class VmapEngine:
         summed = None
         losses, norms, predictions = [], [], []
         for grads, unit_losses, y_pred in self._iter_chunks(
-            x, y, sample_weight, num_units, rng_seed, loss_scale
+            x, y, sample_weight, num_units, rng_seed, loss_scale, unit_mask
         ):
             sq_norms = per_unit_squared_norms(grads)
             part = clipped_sum(grads, clip_factors(sq_norms, l2_norm_clip))

@@ -1,0 +1,213 @@
+"""`PrivateDataLoader`: Poisson-sampled, padded batches for DP models.
+
+A `keras.utils.PyDataset` that draws every model update's batch by Poisson
+sampling (each example independently with probability
+q = batch_size * gradient_accumulation_steps / n), splits it into
+`gradient_accumulation_steps` physical batches, and pads each to a bucket
+size with a padding mask. DP models read q, the expected batch size and the
+accumulation from the loader, so the accountant composes exactly what the
+sampler did.
+
+Batches are yielded as ``{POISSON_BATCH_KEY: {"x", "y", "sample_weight",
+"mask"}}``; only torchdp_keras's DP models understand them. Padded rows repeat
+the dataset's first example (valid inputs for any model) and are removed
+exactly: they contribute zero to gradients, loss and metrics.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+import numpy as np
+
+from torchdp_keras.data.sampling import PoissonSampler, padded_size
+from torchdp_keras.errors import DPConfigError
+
+POISSON_BATCH_KEY = "__torchdp_keras_poisson_batch__"
+
+
+def is_pandas(value) -> bool:
+    """True for pandas DataFrames and Series (without importing pandas)."""
+    return type(value).__module__.split(".")[0] == "pandas" and hasattr(value, "to_numpy")
+
+
+def _to_numpy(value, name: str) -> np.ndarray:
+    if is_pandas(value):
+        array = value.to_numpy()
+        if array.dtype == object:
+            try:
+                array = array.astype("float32")
+            except (TypeError, ValueError) as error:
+                raise DPConfigError(
+                    f"Expected numeric columns in {name}. Received columns of dtype object."
+                ) from error
+        return array
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor
+        return value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.ndim == 0:
+        raise DPConfigError(f"Expected {name} to have a batch axis. Received: a scalar")
+    return array
+
+
+def to_numpy_tree(value, name: str):
+    """Arrays, DataFrames, Series, tensors (or a dict/list/tuple of them) as numpy."""
+    if isinstance(value, dict):
+        return {k: _to_numpy(v, f"{name}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_numpy(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return _to_numpy(value, name)
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return list(tree.values())
+    if isinstance(tree, list):
+        return tree
+    return [tree]
+
+
+def _take(tree, indices):
+    if isinstance(tree, dict):
+        return {k: v[indices] for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [v[indices] for v in tree]
+    return tree[indices]
+
+
+class PrivateDataLoader(keras.utils.PyDataset):
+    """Poisson-sampled batches for DP training (the `op_tensorflow` loader's API).
+
+    Args:
+        feature_df: Features: a numpy array, pandas DataFrame, torch tensor,
+            or a dict (or list) of them for multi-input models.
+        label_df: Labels, in the same forms (or None).
+        batch_size: The expected physical batch size b.
+        sample_weight: Optional per-example weights.
+        seed: Seed of the sampler (int >= 0); None draws OS entropy.
+        gradient_accumulation_steps: k; each update's batch is one Poisson
+            draw with q = k * b / n, split into k physical batches.
+        steps_per_epoch: Updates per epoch; default n // (k * b) (so an epoch
+            is n / b physical steps).
+
+    Guarantee: every update's examples are an independent Poisson sample of
+    the whole dataset with rate `sampling_probability`, as the DP-SGD
+    analysis assumes.
+
+    Example:
+        >>> loader = PrivateDataLoader(feature_df=x, label_df=y, batch_size=64)  # doctest: +SKIP
+        >>> dp_model.fit(loader, epochs=5, target_delta=1e-5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        feature_df,
+        label_df=None,
+        batch_size: int = 32,
+        *,
+        sample_weight=None,
+        seed: int | None = None,
+        gradient_accumulation_steps: int = 1,
+        steps_per_epoch: int | None = None,
+    ):
+        super().__init__()
+        for name, value in (
+            ("batch_size", batch_size),
+            ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise DPConfigError(
+                    f"Expected {name} to be an integer >= 1. Received: {name}={value!r}"
+                )
+        self.index = feature_df.index if is_pandas(feature_df) else None
+        self.features = to_numpy_tree(feature_df, "feature_df")
+        self.labels = None if label_df is None else to_numpy_tree(label_df, "label_df")
+        self.sample_weight = (
+            None if sample_weight is None else to_numpy_tree(sample_weight, "sample_weight")
+        )
+        sizes = {
+            name: len(leaf)
+            for name, tree in (
+                ("feature_df", self.features),
+                ("label_df", self.labels),
+                ("sample_weight", self.sample_weight),
+            )
+            if tree is not None
+            for leaf in _leaves(tree)
+        }
+        if len(set(sizes.values())) != 1:
+            raise DPConfigError(f"Expected the same number of rows everywhere. Received: {sizes}")
+        self.num_examples = next(iter(sizes.values()))
+        self.batch_size = int(batch_size)
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
+        effective = self.batch_size * self.gradient_accumulation_steps
+        self._sampler = PoissonSampler(self.num_examples, effective, seed=seed)
+        if steps_per_epoch is None:
+            steps_per_epoch = max(1, self.num_examples // effective)
+        elif (
+            not isinstance(steps_per_epoch, numbers.Integral)
+            or isinstance(steps_per_epoch, bool)
+            or steps_per_epoch < 1
+        ):
+            raise DPConfigError(
+                "Expected steps_per_epoch to be an integer >= 1. "
+                f"Received: steps_per_epoch={steps_per_epoch!r}"
+            )
+        self.updates_per_epoch = int(steps_per_epoch)
+        self.epoch = 0
+        self._last_draw = (None, None)
+
+    # -- what the accountant needs -----------------------------------------------
+    @property
+    def expected_batch_size(self) -> int:
+        """Expected examples per model update: batch_size * gradient_accumulation_steps."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+    @property
+    def sampling_probability(self) -> float:
+        """q = expected_batch_size / num_examples."""
+        return self._sampler.sampling_probability
+
+    # -- PyDataset -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.updates_per_epoch * self.gradient_accumulation_steps
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+
+    def _draw(self, update: int) -> np.ndarray:
+        key = (self.epoch, update)
+        if self._last_draw[0] != key:
+            self._last_draw = (key, self._sampler.sample(self.epoch, update))
+        return self._last_draw[1]
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"Expected 0 <= index < {len(self)}. Received: index={index}")
+        update, part = divmod(index, self.gradient_accumulation_steps)
+        chunk = np.array_split(self._draw(update), self.gradient_accumulation_steps)[part]
+        size = padded_size(len(chunk), self.batch_size, self.num_examples)
+        rows = np.concatenate([chunk, np.zeros(size - len(chunk), dtype=chunk.dtype)])
+        mask = np.zeros(size, dtype="float32")
+        mask[: len(chunk)] = 1.0
+        batch = {"x": _take(self.features, rows), "mask": mask}
+        if self.labels is not None:
+            batch["y"] = _take(self.labels, rows)
+        if self.sample_weight is not None:
+            batch["sample_weight"] = _take(self.sample_weight, rows)
+        return {POISSON_BATCH_KEY: batch}
+
+
+def unpack_poisson_batch(data):
+    """`(x, y, sample_weight, mask)` of a loader batch, or None for other data.
+
+    Accepts the batch itself or a Keras `(batch, None, None)` tuple (as
+    `train_on_batch` wraps it).
+    """
+    if isinstance(data, (list, tuple)) and data and all(part is None for part in data[1:]):
+        data = data[0]
+    if isinstance(data, dict) and POISSON_BATCH_KEY in data:
+        batch = data[POISSON_BATCH_KEY]
+        return batch["x"], batch.get("y"), batch.get("sample_weight"), batch["mask"]
+    return None
