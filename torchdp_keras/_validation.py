@@ -21,6 +21,22 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_positive(value, name: str) -> float:
+    """Returns `value` as a float; it must be a finite number > 0."""
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise DPConfigError(f"Expected {name} > 0 and finite. Received: {name}={value!r}")
+    return float(value)
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """Returns `value` as an int; it must be an integer >= `minimum`."""
+    if not _is_int(value) or value < minimum:
+        raise DPConfigError(
+            f"Expected {name} to be an integer >= {minimum}. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
 def check_l2_norm_clip(value, name: str = "l2_norm_clip") -> float:
     """Returns `value` as a float; it must be a finite number > 0."""
     if not _is_real(value):

@@ -12,6 +12,7 @@ import math
 import numbers
 from typing import Any
 
+from torchdp_keras._validation import check_int, check_positive
 from torchdp_keras.accounting.analysis import calibrate_noise_multiplier, make_accountant
 from torchdp_keras.errors import DPConfigError
 
@@ -86,21 +87,9 @@ class DPKerasConfig:
             raise DPConfigError(f"Expected epsilon > 0. Received: epsilon={self.epsilon!r}")
         if not _is_real(self.delta) or not 0 < self.delta < 1:
             raise DPConfigError(f"Expected 0 < delta < 1. Received: delta={self.delta!r}")
-        if (
-            not _is_real(self.clipping_norm)
-            or not math.isfinite(self.clipping_norm)
-            or self.clipping_norm <= 0
-        ):
-            raise DPConfigError(
-                "Expected clipping_norm > 0 and finite. "
-                f"Received: clipping_norm={self.clipping_norm!r}"
-            )
+        check_positive(self.clipping_norm, "clipping_norm")
         for name in ("batch_size", "gradient_accumulation_steps", "train_steps", "train_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise DPConfigError(
-                    f"Expected {name} to be an integer >= 1. Received: {name}={value!r}"
-                )
+            check_int(getattr(self, name), name)
         if self.effective_batch_size > self.train_size:
             raise DPConfigError(
                 "Expected effective_batch_size (batch_size * gradient_accumulation_steps) "

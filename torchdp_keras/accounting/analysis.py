@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 
+from torchdp_keras._validation import check_int, check_positive
 from torchdp_keras.accounting.base import Accountant, check_delta, check_event
 from torchdp_keras.accounting.rdp import RDPAccountant
 from torchdp_keras.errors import DPConfigError
@@ -41,28 +42,11 @@ def default_delta(n: int) -> float:
     return 1.0 / float(n) ** 1.1
 
 
-def _check_positive_int(value, name: str) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise DPConfigError(f"Expected {name} to be an integer >= 1. Received: {name}={value!r}")
-    return int(value)
-
-
-def _check_positive(value, name: str) -> float:
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise DPConfigError(f"Expected {name} > 0 and finite. Received: {name}={value!r}")
-    return float(value)
-
-
 def _run_shape(n, batch_size, epochs) -> tuple[float, int]:
     """(sampling_probability, steps) of `epochs` epochs of batches of `batch_size` of `n`."""
-    n = _check_positive_int(n, "n")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    epochs = _check_positive(epochs, "epochs")
+    n = check_int(n, "n")
+    batch_size = check_int(batch_size, "batch_size")
+    epochs = check_positive(epochs, "epochs")
     if batch_size > n:
         raise DPConfigError(f"Expected batch_size <= n. Received: batch_size={batch_size}, n={n}")
     return batch_size / n, int(math.ceil(epochs * n / batch_size))
@@ -99,6 +83,12 @@ def compute_dp_sgd_privacy(
     return accountant.get_epsilon_and_order(delta)
 
 
+def _epsilon_for(sigma, q, steps, delta, accountant) -> float:
+    acc = make_accountant(accountant)
+    acc.compose(sigma, q, steps)
+    return acc.get_epsilon(delta)
+
+
 def get_privacy_budget(
     sample_size: int,
     batch_size: int,
@@ -125,15 +115,7 @@ def get_privacy_budget(
         0.942
     """
     q, steps = _run_shape(sample_size, batch_size, num_epochs)
-    acc = make_accountant(accountant)
-    acc.compose(noise_multiplier, q, steps)
-    return acc.get_epsilon(target_delta)
-
-
-def _epsilon_for(sigma, q, steps, delta, accountant) -> float:
-    acc = make_accountant(accountant)
-    acc.compose(sigma, q, steps)
-    return acc.get_epsilon(delta)
+    return _epsilon_for(noise_multiplier, q, steps, target_delta, accountant)
 
 
 def calibrate_noise_multiplier(
@@ -178,7 +160,7 @@ def calibrate_noise_multiplier(
         )
     delta = check_delta(target_delta)
     _, q, steps = check_event(1.0, sampling_probability, steps)
-    tolerance = _check_positive(tolerance, "tolerance")
+    tolerance = check_positive(tolerance, "tolerance")
     if accountant not in ACCOUNTANTS:
         raise DPConfigError(
             f"Expected accountant in {ACCOUNTANTS}. Received: accountant={accountant!r}"
@@ -253,10 +235,8 @@ def compute_dp_sgd_privacy_statement(
     effective_sigma = sigma / 2.0 if used_microbatching else sigma
     epochs_rounded = int(math.ceil(num_epochs))
 
-    def eps(accountant, sampling_probability, n_steps, d=delta, s=effective_sigma):
-        acc = make_accountant(accountant)
-        acc.compose(s, sampling_probability, n_steps)
-        return acc.get_epsilon(d)
+    def eps(accountant, sampling_probability, n_steps, s=effective_sigma):
+        return _epsilon_for(s, sampling_probability, n_steps, delta, accountant)
 
     lines = [
         "DP-SGD performed over "
@@ -287,7 +267,7 @@ def compute_dp_sgd_privacy_statement(
         f"no amplification): {eps('prv', 1.0, epochs_rounded):.3f}",
     ]
     if max_examples_per_user:
-        k = _check_positive_int(max_examples_per_user, "max_examples_per_user")
+        k = check_int(max_examples_per_user, "max_examples_per_user")
         # A user's k examples are each sampled with probability q; their clipped
         # sum has norm <= k*C. By joint convexity of the hockey-stick divergence
         # this is dominated by one event of probability 1-(1-q)^k with

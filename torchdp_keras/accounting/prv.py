@@ -61,13 +61,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import warnings
 
 import numpy as np
 from scipy import fft as sp_fft
 from scipy import integrate, optimize, special
 
+from torchdp_keras._validation import check_positive
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.errors import DPConfigError
 
@@ -569,17 +569,6 @@ def _compute_bounds(
 
 
 # -- the accountant --------------------------------------------------------------------------
-def _check_positive(value, name: str) -> float:
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise DPConfigError(f"Expected {name} > 0. Received: {name}={value!r}")
-    return float(value)
-
-
 class PRVAccountant(Accountant):
     """Tight DP-SGD accountant: numerical composition of privacy random variables.
 
@@ -625,9 +614,9 @@ class PRVAccountant(Accountant):
 
     def __init__(self, eps_error: float = 0.01, delta_error: float | None = None) -> None:
         super().__init__()
-        self.eps_error = _check_positive(eps_error, "eps_error")
+        self.eps_error = check_positive(eps_error, "eps_error")
         if delta_error is not None:
-            delta_error = _check_positive(delta_error, "delta_error")
+            delta_error = check_positive(delta_error, "delta_error")
             if delta_error >= 1:
                 raise DPConfigError(
                     f"Expected 0 < delta_error < 1. Received: delta_error={delta_error!r}"

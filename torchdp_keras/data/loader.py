@@ -16,11 +16,10 @@ exactly: they contribute zero to gradients, loss and metrics.
 
 from __future__ import annotations
 
-import numbers
-
 import keras
 import numpy as np
 
+from torchdp_keras._validation import check_int
 from torchdp_keras.data.sampling import PoissonSampler, padded_size
 from torchdp_keras.errors import DPConfigError
 
@@ -112,14 +111,10 @@ class PrivateDataLoader(keras.utils.PyDataset):
         steps_per_epoch: int | None = None,
     ):
         super().__init__()
-        for name, value in (
-            ("batch_size", batch_size),
-            ("gradient_accumulation_steps", gradient_accumulation_steps),
-        ):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise DPConfigError(
-                    f"Expected {name} to be an integer >= 1. Received: {name}={value!r}"
-                )
+        batch_size = check_int(batch_size, "batch_size")
+        gradient_accumulation_steps = check_int(
+            gradient_accumulation_steps, "gradient_accumulation_steps"
+        )
         self.index = feature_df.index if is_pandas(feature_df) else None
         self.features = to_numpy_tree(feature_df, "feature_df")
         self.labels = None if label_df is None else to_numpy_tree(label_df, "label_df")
@@ -145,16 +140,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
         self._sampler = PoissonSampler(self.num_examples, effective, seed=seed)
         if steps_per_epoch is None:
             steps_per_epoch = max(1, self.num_examples // effective)
-        elif (
-            not isinstance(steps_per_epoch, numbers.Integral)
-            or isinstance(steps_per_epoch, bool)
-            or steps_per_epoch < 1
-        ):
-            raise DPConfigError(
-                "Expected steps_per_epoch to be an integer >= 1. "
-                f"Received: steps_per_epoch={steps_per_epoch!r}"
-            )
-        self.updates_per_epoch = int(steps_per_epoch)
+        self.updates_per_epoch = check_int(steps_per_epoch, "steps_per_epoch")
         self.epoch = 0
         self._last_draw = (None, None)
 

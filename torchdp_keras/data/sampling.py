@@ -14,20 +14,12 @@ independent streams (numpy's SeedSequence spawning).
 from __future__ import annotations
 
 import math
-import numbers
 import secrets
 
 import numpy as np
 
+from torchdp_keras._validation import check_int
 from torchdp_keras.errors import DPConfigError
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise DPConfigError(
-            f"Expected {name} to be an integer >= {minimum}. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 class PoissonSampler:
@@ -47,15 +39,15 @@ class PoissonSampler:
     """
 
     def __init__(self, num_examples: int, expected_batch_size: int, *, seed: int | None = None):
-        self.num_examples = _check_int(num_examples, "num_examples", 1)
-        self.expected_batch_size = _check_int(expected_batch_size, "expected_batch_size", 1)
+        self.num_examples = check_int(num_examples, "num_examples", 1)
+        self.expected_batch_size = check_int(expected_batch_size, "expected_batch_size", 1)
         if self.expected_batch_size > self.num_examples:
             raise DPConfigError(
                 "Expected expected_batch_size <= num_examples. Received: "
                 f"expected_batch_size={expected_batch_size}, num_examples={num_examples}"
             )
         if seed is not None:
-            seed = _check_int(seed, "seed", 0)
+            seed = check_int(seed, "seed", 0)
         self.seed = seed
         self._entropy = seed if seed is not None else secrets.randbits(128)
 

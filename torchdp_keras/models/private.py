@@ -126,14 +126,13 @@ def _resolve_settings(config, *, l2_norm_clip, noise_multiplier, num_microbatche
                 f"Received: config=None, l2_norm_clip={l2_norm_clip!r}, "
                 f"noise_multiplier={noise_multiplier!r}"
             )
-        settings = validate_dp_arguments(
+        return None, validate_dp_arguments(
             l2_norm_clip=l2_norm_clip,
             noise_multiplier=noise_multiplier,
             num_microbatches=num_microbatches,
             use_xla=use_xla,
             seed=seed,
         )
-        return None, settings
     if not isinstance(config, DPKerasConfig):
         raise DPConfigError(
             f"Expected config to be a DPKerasConfig. Received: config={config!r} "
