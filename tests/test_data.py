@@ -322,6 +322,7 @@ def test_microbatch_size_bounds_the_chunk_the_engine_differentiates(monkeypatch)
     model = tdk.make_private(
         keras.Sequential([keras.Input((4,)), layers.Dense(1)]),
         _config(gradient_accumulation_steps=1, batch_size=64, microbatch_size=8),
+        clipping_mode="vmap",
     )
     model.compile(optimizer="sgd", loss="mse")
     engine = model._get_dp_engine()

@@ -44,6 +44,7 @@ def test_clipped_norms_never_exceed_clip():
         [keras.Input((20,)), layers.Dense(8, activation="tanh"), layers.Dense(1)],
         l2_norm_clip=0.01,
         noise_multiplier=0.0,
+        clipping_mode="vmap",
     )
     model.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)

@@ -214,8 +214,10 @@ def test_multi_input_multi_output_functional_model():
 
 def test_jit_compile_gives_the_same_step_as_eager():
     x, y = _data(16)
-    eager = _compile(_sequential(noise_multiplier=0.0, seed=0))
-    compiled = tdk.DPSequential(_stack(), l2_norm_clip=1.0, noise_multiplier=0.0, use_xla=True)
+    eager = _compile(_sequential(noise_multiplier=0.0, seed=0, clipping_mode="vmap"))
+    compiled = tdk.DPSequential(
+        _stack(), l2_norm_clip=1.0, noise_multiplier=0.0, use_xla=True, clipping_mode="vmap"
+    )
     compiled.set_weights(eager.get_weights())
     _compile(compiled)
     assert compiled.jit_compile is True
@@ -233,7 +235,7 @@ def test_jit_compile_failure_warns_once_and_runs_eagerly(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    model = _compile(_sequential(seed=0))
+    model = _compile(_sequential(seed=0, clipping_mode="vmap"))
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", jit_compile=True)
     with pytest.warns(UserWarning, match="running it eagerly") as caught:
         model.fit(*_data(), batch_size=10, epochs=1, verbose=0)

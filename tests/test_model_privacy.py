@@ -182,7 +182,7 @@ def test_microbatch_size_does_not_change_the_result():
         )
         base.set_weights(weights.get("init") or base.get_weights())
         weights.setdefault("init", base.get_weights())
-        model = tdk.make_private(base, config)
+        model = tdk.make_private(base, config, clipping_mode="vmap")
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         if size is not None:
             assert model._get_dp_engine().units_per_chunk(20) == size

@@ -209,7 +209,9 @@ def test_bad_delta_error(value):
 
 
 def test_eps_error_message():
-    with pytest.raises(DPConfigError, match=r"Expected eps_error > 0 and finite. Received: eps_error=-1"):
+    with pytest.raises(
+        DPConfigError, match=r"Expected eps_error > 0 and finite. Received: eps_error=-1"
+    ):
         PRVAccountant(eps_error=-1)
 
 

@@ -36,6 +36,9 @@ _LAZY = {
     "PrivateKerasModel": "torchdp_keras.models",
     "make_private": "torchdp_keras.models",
     "DPKerasConfig": "torchdp_keras.config",
+    "LayerRegistry": "torchdp_keras.per_example",
+    "LayerRule": "torchdp_keras.per_example",
+    "make_default_layer_registry": "torchdp_keras.per_example",
     "PrivateDataLoader": "torchdp_keras.data",
     "RDPAccountant": "torchdp_keras.accounting",
     "PRVAccountant": "torchdp_keras.accounting",
@@ -86,4 +89,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         DPSequential,
         PrivateKerasModel,
         make_private,
+    )
+    from torchdp_keras.per_example import (  # noqa: F401
+        LayerRegistry,
+        LayerRule,
+        make_default_layer_registry,
     )

@@ -18,6 +18,7 @@ privacy accounting of the whole run composes these steps.
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import warnings
@@ -35,18 +36,56 @@ from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_gaussian_noise
-from torchdp_keras.per_example import VmapEngine
+from torchdp_keras.per_example import (
+    FastEngine,
+    FastPathUnsupported,
+    LayerRegistry,
+    PerExampleGradientRule,
+    VmapEngine,
+    describe_slow_layers,
+    make_default_layer_registry,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DP_CONFIG_KEYS", "PRIVACY_STATE_KEY", "DPTrainerMixin", "validate_dp_arguments"]
 
-DP_CONFIG_KEYS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "use_xla", "seed")
+DP_CONFIG_KEYS = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "num_microbatches",
+    "use_xla",
+    "seed",
+    "clipping_mode",
+)
+CLIPPING_MODES = ("auto", "fast", "vmap")
 
 
 def validate_dp_arguments(
-    *, l2_norm_clip, noise_multiplier, num_microbatches=None, use_xla=False, seed=None
+    *,
+    l2_norm_clip,
+    noise_multiplier,
+    num_microbatches=None,
+    use_xla=False,
+    seed=None,
+    clipping_mode="auto",
+    layer_registry=None,
 ) -> dict:
     """Checks the DP keyword arguments and returns them normalised."""
+    if clipping_mode not in CLIPPING_MODES:
+        raise DPConfigError(
+            f"Expected clipping_mode in {CLIPPING_MODES}. Received: clipping_mode={clipping_mode!r}"
+        )
+    if layer_registry is None:
+        layer_registry = make_default_layer_registry()
+    elif not isinstance(layer_registry, LayerRegistry):
+        raise DPConfigError(
+            "Expected layer_registry to be a torchdp_keras.LayerRegistry. "
+            f"Received: layer_registry={layer_registry!r}"
+        )
     return {
+        "clipping_mode": clipping_mode,
+        "layer_registry": layer_registry,
         "l2_norm_clip": _validation.check_l2_norm_clip(l2_norm_clip),
         "noise_multiplier": _validation.check_noise_multiplier(noise_multiplier),
         "num_microbatches": _validation.check_optional_positive_int(
@@ -96,6 +135,8 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         self._num_microbatches = settings["num_microbatches"]
         self._use_xla = settings["use_xla"]
         self._dp_seed = settings["seed"]
+        self._clipping_mode = settings["clipping_mode"]
+        self._layer_registry = settings["layer_registry"]
         entropy = self._dp_seed if self._dp_seed is not None else secrets.randbits(128)
         noise_seed, layer_seed = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
         self._noise_seed = int(noise_seed)
@@ -123,6 +164,16 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         return self._num_microbatches
 
     @property
+    def clipping_mode(self) -> str:
+        """ "auto" (fast clipping where possible), "fast" (only) or "vmap"."""
+        return self._clipping_mode
+
+    @property
+    def layer_registry(self) -> LayerRegistry:
+        """The rules the fast clipping path uses."""
+        return self._layer_registry
+
+    @property
     def use_xla(self) -> bool:
         """Whether the DP step is compiled with torch.compile (TF Privacy's name)."""
         return self._use_xla
@@ -134,6 +185,7 @@ class DPTrainerMixin(PrivacyTrackingMixin):
             "num_microbatches": self._num_microbatches,
             "use_xla": self._use_xla,
             "seed": self._dp_seed,
+            "clipping_mode": self._clipping_mode,
         }
 
     def get_config(self):
@@ -184,16 +236,71 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         self.train_function = one_step_on_data
         return self.train_function
 
-    def _get_dp_engine(self) -> VmapEngine:
+    def _get_dp_engine(self):
         key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)
         if self._dp_engine is None or self._dp_engine.variable_key != key:
             check_per_example_privacy(self)
-            self._dp_engine = VmapEngine(
-                self,
-                compile=bool(self.jit_compile),
-                units_per_chunk=self._microbatch_size if self._num_microbatches is None else None,
-            )
+            self._dp_engine = self._build_engine()
         return self._dp_engine
+
+    def _vmap_engine(self) -> VmapEngine:
+        return VmapEngine(
+            self,
+            compile=bool(self.jit_compile),
+            units_per_chunk=self._microbatch_size if self._num_microbatches is None else None,
+        )
+
+    def _build_engine(self):
+        """The engine of `clipping_mode`; "auto" says (once) what it could not make fast."""
+        mode = self._clipping_mode
+        if mode == "vmap":
+            return self._vmap_engine()
+        try:
+            if self._num_microbatches is not None:
+                raise FastPathUnsupported(
+                    "num_microbatches clips groups of examples, which needs per-unit gradients.",
+                    layer_paths=[],
+                )
+            fallback = PerExampleGradientRule() if mode == "auto" else None
+            engine = FastEngine(self, self._layer_registry, fallback=fallback)
+        except FastPathUnsupported as error:
+            if mode == "fast":
+                raise
+            self._log_once(
+                "vmap-fallback",
+                f"model '{self.name}' uses per-example gradients (clipping_mode='auto'): {error}",
+            )
+            return self._vmap_engine()
+        slow = describe_slow_layers(engine)
+        if slow:
+            self._log_once("slow-layers", slow)
+        if self.jit_compile and "jit-fast" not in self._warned_once:
+            self._warned_once = self._warned_once | {"jit-fast"}
+            warnings.warn(
+                "torchdp_keras: jit_compile=True compiles the per-example engine "
+                "(clipping_mode='vmap'); the fast clipping path runs eagerly.",
+                stacklevel=3,
+            )
+        return engine
+
+    def _log_once(self, key: str, message: str) -> None:
+        if key not in self._warned_once:
+            self._warned_once = self._warned_once | {key}
+            logger.warning("torchdp_keras: %s", message)
+
+    def _clipped_batch(self, **kwargs):
+        engine = self._get_dp_engine()
+        try:
+            return engine.clipped_batch(**kwargs)
+        except FastPathUnsupported as error:
+            if self._clipping_mode == "fast":
+                raise
+            self._log_once(
+                "vmap-fallback",
+                f"model '{self.name}' uses per-example gradients (clipping_mode='auto'): {error}",
+            )
+            self._dp_engine = self._vmap_engine()
+            return self._dp_engine.clipped_batch(**kwargs)
 
     def _noise_generator_for(self, device: torch.device) -> torch.Generator:
         if self._noise_generator is None or self._noise_generator.device != device:
@@ -270,10 +377,10 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             loss_scale = float(optimizer.dynamic_scale)
 
-        result = self._get_dp_engine().clipped_batch(
-            x,
-            y,
-            sample_weight,
+        result = self._clipped_batch(
+            x=x,
+            y=y,
+            sample_weight=sample_weight,
             num_units=num_units,
             l2_norm_clip=self._l2_norm_clip,
             rng_seed=self._layer_rng.getrandbits(63),
@@ -302,7 +409,7 @@ class DPTrainerMixin(PrivacyTrackingMixin):
             self._reset_accumulation()
             self._record_step()
 
-        loss = result.unit_losses.sum() / max(1, num_units if mask is None else real_examples)
+        loss = result.loss_sum / max(1, num_units if mask is None else real_examples)
         if reg_loss is not None:
             loss = loss + reg_loss
         self._loss_tracker.update_state(loss, sample_weight=real_examples)

@@ -32,6 +32,8 @@ class DPModel(DPTrainerMixin, keras.Model):
             contiguous groups a batch is split into.
         use_xla: Compile the DP step with `torch.compile`.
         seed: Seed of the noise and of the random layers; None: OS entropy.
+        clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
+        layer_registry: The `LayerRegistry` of fast-clipping rules.
         **kwargs: Passed to `keras.Model`.
 
     Example:
@@ -68,6 +70,8 @@ class DPModel(DPTrainerMixin, keras.Model):
         num_microbatches=None,
         use_xla=False,
         seed=None,
+        clipping_mode="auto",
+        layer_registry=None,
         **kwargs,
     ):
         settings = validate_dp_arguments(
@@ -76,6 +80,8 @@ class DPModel(DPTrainerMixin, keras.Model):
             num_microbatches=num_microbatches,
             use_xla=use_xla,
             seed=seed,
+            clipping_mode=clipping_mode,
+            layer_registry=layer_registry,
         )
         if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
             raise DPConfigError(

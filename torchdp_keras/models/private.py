@@ -35,6 +35,8 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
             contiguous groups a batch is split into.
         use_xla: Compile the DP step with `torch.compile`.
         seed: Seed of the noise and of the random layers; None: OS entropy.
+        clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
+        layer_registry: The `LayerRegistry` of fast-clipping rules.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`).
 
     Example:
@@ -43,6 +45,8 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         ...                              noise_multiplier=1.2)
         >>> dp_model.compile(optimizer="sgd", loss="mse")
     """
+
+    _dp_wraps_model = True  # its output is exactly model.model's (see fast clipping)
 
     def __init__(
         self,
@@ -54,6 +58,8 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         num_microbatches=None,
         use_xla=False,
         seed=None,
+        clipping_mode="auto",
+        layer_registry=None,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -73,6 +79,8 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
             num_microbatches=num_microbatches,
             use_xla=use_xla,
             seed=seed,
+            clipping_mode=clipping_mode,
+            layer_registry=layer_registry,
         )
         kwargs.setdefault("name", f"private_{model.name}")
         super().__init__(**kwargs)
@@ -111,13 +119,27 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         privacy_state = config.pop(PRIVACY_STATE_KEY, None)
         dp_keras_config = config.pop("dp_keras_config", None)
         if dp_keras_config is not None:
-            dp = {"config": DPKerasConfig.from_dict(dp_keras_config), "use_xla": dp["use_xla"]}
+            dp = {
+                "config": DPKerasConfig.from_dict(dp_keras_config),
+                "use_xla": dp["use_xla"],
+                "clipping_mode": dp.get("clipping_mode", "auto"),
+            }
         private = cls(model=model, **dp, **config)
         private._restore_privacy_state(privacy_state)
         return private
 
 
-def _resolve_settings(config, *, l2_norm_clip, noise_multiplier, num_microbatches, use_xla, seed):
+def _resolve_settings(
+    config,
+    *,
+    l2_norm_clip,
+    noise_multiplier,
+    num_microbatches,
+    use_xla,
+    seed,
+    clipping_mode,
+    layer_registry,
+):
     """Returns (config with a resolved sigma or None, validated DP settings)."""
     if config is None:
         if l2_norm_clip is None or noise_multiplier is None:
@@ -156,6 +178,8 @@ def _resolve_settings(config, *, l2_norm_clip, noise_multiplier, num_microbatche
         noise_multiplier=config.noise_multiplier,
         use_xla=use_xla,
         seed=config.seed,
+        clipping_mode=clipping_mode,
+        layer_registry=layer_registry,
     )
     return config, settings
 
@@ -168,6 +192,8 @@ def make_private(
     noise_multiplier: float | None = None,
     num_microbatches: int | None = None,
     seed: int | None = None,
+    clipping_mode: str = "auto",
+    layer_registry=None,
 ) -> PrivateKerasModel:
     """Returns a DP-SGD model that shares the layers and weights of `model`.
 
@@ -184,6 +210,8 @@ def make_private(
         num_microbatches: None (clip every example) or the number of
             contiguous groups a batch is split into (without a config).
         seed: Seed of the noise and of the random layers; None: OS entropy.
+        clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
+        layer_registry: The `LayerRegistry` of fast-clipping rules.
 
     Returns:
         A `PrivateKerasModel` wrapping `model`.
@@ -201,4 +229,6 @@ def make_private(
         noise_multiplier=noise_multiplier,
         num_microbatches=num_microbatches,
         seed=seed,
+        clipping_mode=clipping_mode,
+        layer_registry=layer_registry,
     )

@@ -36,6 +36,14 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
             `compile(jit_compile=True)`); falls back to eager with a warning.
         seed: Seed of the noise and of the random layers, for reproducible
             runs; None draws OS entropy.
+        clipping_mode: "auto" (default: fast clipping for every layer the
+            registry covers, explicit per-layer per-example gradients for the
+            others, per-example gradients of the whole model when the model
+            is outside the fast path's scope), "fast" (fast clipping only;
+            anything else is an `UnsupportedLayerError`) or "vmap"
+            (per-example gradients of the whole model).
+        layer_registry: The `LayerRegistry` of fast-clipping rules; default
+            `make_default_layer_registry()`.
         **kwargs: Passed to `keras.Sequential` (`name`, `trainable`).
 
     Example:
@@ -54,6 +62,8 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         num_microbatches=None,
         use_xla=False,
         seed=None,
+        clipping_mode="auto",
+        layer_registry=None,
         **kwargs,
     ):
         settings = validate_dp_arguments(
@@ -62,6 +72,8 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
             num_microbatches=num_microbatches,
             use_xla=use_xla,
             seed=seed,
+            clipping_mode=clipping_mode,
+            layer_registry=layer_registry,
         )
         self._dp_checks_on_add = False
         super().__init__(layers=layers, **kwargs)

@@ -4,6 +4,27 @@ from torchdp_keras._backend import check_torch_backend
 
 check_torch_backend()
 
+from torchdp_keras.per_example.fast_engine import (  # noqa: E402
+    FastEngine,
+    FastPathUnsupported,
+    describe_slow_layers,
+)
+from torchdp_keras.per_example.registry import (  # noqa: E402
+    LayerRegistry,
+    make_default_layer_registry,
+)
+from torchdp_keras.per_example.rules.base import LayerRule  # noqa: E402
+from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule  # noqa: E402
 from torchdp_keras.per_example.vmap_engine import ClippedBatch, VmapEngine  # noqa: E402
 
-__all__ = ["ClippedBatch", "VmapEngine"]
+__all__ = [
+    "ClippedBatch",
+    "FastEngine",
+    "FastPathUnsupported",
+    "LayerRegistry",
+    "LayerRule",
+    "PerExampleGradientRule",
+    "VmapEngine",
+    "describe_slow_layers",
+    "make_default_layer_registry",
+]

@@ -43,15 +43,18 @@ class ClippedBatch:
     Attributes:
         summed: Sum over units of the clipped unit gradients, one tensor per
             trainable variable (in `model.trainable_variables` order).
-        unit_losses: The loss of every unit, shape `(num_units,)`.
+        unit_losses: The loss of every unit, shape `(num_units,)` (None
+            where the engine only computes their sum).
         unit_norms: The unclipped gradient norm of every unit (float64).
         y_pred: The model's training-mode predictions for the whole batch.
+        loss_sum: The sum of the units' losses (padding excluded).
     """
 
     summed: list[torch.Tensor]
-    unit_losses: torch.Tensor
+    unit_losses: torch.Tensor | None
     unit_norms: torch.Tensor
     y_pred: Any
+    loss_sum: torch.Tensor
 
 
 def _leading_dims(tree_):
@@ -310,11 +313,13 @@ class VmapEngine:
         y_pred = tree.map_structure(
             lambda *parts: _from_units(torch.cat(parts, dim=0)), *predictions
         )
+        unit_losses = torch.cat(losses)
         return ClippedBatch(
             summed=summed,
-            unit_losses=torch.cat(losses),
+            unit_losses=unit_losses,
             unit_norms=torch.cat(norms),
             y_pred=y_pred,
+            loss_sum=unit_losses.sum(),
         )
 
     def _raise_if_data_updated_state(self):

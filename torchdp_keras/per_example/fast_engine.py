@@ -1,0 +1,350 @@
+"""Fast gradient clipping: one forward, one backward, no per-model vmap.
+
+The engine runs the model's functional graph itself. Every layer with
+trainable weights is called through its `LayerRule`, which exposes the
+layer's pre-activation output `z`; one backward pass of the sum of the
+per-example losses gives `dL/dz` for every such layer at once. From each
+layer's input and `dL/dz` its rule computes per-example squared gradient
+norms (ghost norms where a formula exists, per-layer per-example gradients
+otherwise); the norms are summed over layers, turned into clip factors, and
+each rule forms its clipped-sum gradients directly (book-keeping). There is
+no second backward pass and no B x P tensor for the model.
+
+Scope (anything else raises `FastPathUnsupported`, and `clipping_mode="auto"`
+then uses the per-example engine):
+* functional and Sequential models (and `PrivateKerasModel` around them);
+  nested functional models are walked;
+* every layer with trainable weights called once per forward pass (shared
+  layers would need cross terms between their uses: refused, never
+  undercounted);
+* one clipping unit per example (no `num_microbatches`);
+* losses that are sums of per-example terms: every compiled loss reduced with
+  "sum_over_batch_size" (the Keras default) or "sum", and no `add_loss`
+  terms (activity regularizers) in the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import torch
+from keras import tree
+from keras.src import backend as keras_backend
+from keras.src.models.functional import Functional
+
+from torchdp_keras.errors import UnsupportedLayerError
+from torchdp_keras.model_checks import iter_layers
+from torchdp_keras.ops import clip_factors
+from torchdp_keras.per_example.keras_patches import per_example_call_context
+from torchdp_keras.per_example.registry import LayerRegistry
+from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
+from torchdp_keras.per_example.vmap_engine import ClippedBatch
+
+logger = logging.getLogger(__name__)
+
+_SEPARABLE_REDUCTIONS = {"sum_over_batch_size": True, "sum": False}  # value: scale by B
+
+
+class FastPathUnsupported(UnsupportedLayerError):
+    """The model (or this batch) is outside the fast path's scope."""
+
+
+def graph_of(model) -> Functional | None:
+    """The functional graph that computes `model`'s output, or None."""
+    if isinstance(model, keras.Sequential):
+        return model._functional
+    if isinstance(model, Functional):
+        return model
+    if getattr(model, "_dp_wraps_model", False):  # PrivateKerasModel calls model.model
+        return graph_of(model.model)
+    return None
+
+
+def _graph_layers(graph: Functional):
+    """(layer, uses) for every operation of a graph, nested graphs flattened."""
+    counts: dict[int, list] = {}
+    for depth_nodes in graph._nodes_by_depth.values():
+        for node in depth_nodes:
+            op = node.operation
+            if op is None or node.is_input:
+                continue
+            inner = graph_of(op) if isinstance(op, keras.Model) else None
+            if inner is not None:
+                for layer, uses in _graph_layers(inner):
+                    entry = counts.setdefault(id(layer), [layer, 0])
+                    entry[1] += uses
+                continue
+            entry = counts.setdefault(id(op), [op, 0])
+            entry[1] += 1
+    return [(layer, uses) for layer, uses in counts.values()]
+
+
+class FastEngine:
+    """Clipped per-example gradient sums without per-example model gradients.
+
+    Args:
+        model: A built DP model whose computation is a functional graph.
+        registry: The `LayerRegistry` of rules.
+        fallback: In "auto" mode, the rule for weighted layers the registry
+            does not cover (explicit per-layer per-example gradients); None
+            in "fast" mode, where such layers are an error.
+
+    Raises:
+        FastPathUnsupported: the model is outside the fast path's scope; the
+            message lists the layers by path.
+    """
+
+    def __init__(self, model: keras.Model, registry: LayerRegistry, *, fallback=None):
+        self._model = model
+        graph = graph_of(model)
+        if graph is None:
+            raise FastPathUnsupported(
+                f"Model '{model.name}' is not a functional or Sequential model: the "
+                "fast clipping path runs the layer graph itself. Use "
+                "clipping_mode='vmap' (per-example gradients) for subclassed models.",
+                layer_paths=[model.name],
+            )
+        self._graph = graph
+        paths = {id(layer): path for path, layer in iter_layers(model)}
+        self._rules: dict[int, object] = {}
+        self.slow_layers: list[str] = []
+        problems = []
+        covered = set()
+        for layer, uses in _graph_layers(graph):
+            weights = layer.trainable_weights
+            if not weights:
+                continue
+            path = paths.get(id(layer), layer.name)
+            rule = registry.lookup(layer)
+            if uses > 1:
+                problems.append(f"{path} (called {uses} times: shared weights)")
+                continue
+            if rule is None:
+                if fallback is None:
+                    problems.append(f"{path} ({type(layer).__name__}: no rule in the registry)")
+                    continue
+                rule = fallback
+                self.slow_layers.append(f"{path} ({type(layer).__name__})")
+            self._rules[id(layer)] = rule
+            covered.update(id(w) for w in weights)
+        missing = [v.path for v in model.trainable_variables if id(v) not in covered]
+        if missing and not problems:
+            problems.append("weights not owned by any layer of the graph: " + ", ".join(missing))
+        if problems:
+            raise FastPathUnsupported(
+                "These layers cannot take the fast clipping path:\n"
+                + "\n".join(f"  - {p}" for p in problems),
+                layer_paths=[p.split(" ")[0] for p in problems],
+            )
+        self._trainable = list(model.trainable_variables)
+        self._non_trainable = list(model.non_trainable_variables)
+        seed_states = set()
+        for layer in [model] + [layer for _, layer in iter_layers(model)]:
+            for seed_generator in getattr(layer, "_seed_generators", ()):
+                seed_states.add(id(seed_generator.state))
+        self._seed_states = seed_states
+
+    @property
+    def variable_key(self) -> tuple[int, ...]:
+        return tuple(id(v) for v in self._trainable + self._non_trainable)
+
+    # -- forward through the graph -----------------------------------------------
+    def _run_graph(self, graph: Functional, inputs, taps: list):
+        inputs = graph._standardize_inputs(inputs)
+
+        def operation_fn(op):
+            def call(*args, **kwargs):
+                if getattr(op, "_call_has_training_arg", False):
+                    kwargs["training"] = True  # as Functional.call propagates it
+                inner = graph_of(op) if isinstance(op, keras.Model) else None
+                if inner is not None:
+                    kwargs.pop("training", None)
+                    kwargs.pop("mask", None)
+                    return self._run_graph(inner, args[0], taps)
+                rule = self._rules.get(id(op))
+                if rule is None:
+                    return op(*args, **kwargs)
+                return self._tapped_call(op, rule, args, kwargs, taps)
+
+            return call
+
+        return graph._run_through_graph(inputs, operation_fn=operation_fn)
+
+    @staticmethod
+    def _tapped_call(layer, rule, args, kwargs, taps):
+        z, finish = rule.forward(layer, args, kwargs)
+        out = finish(z)
+        mask = keras_backend.get_keras_mask(args[0]) if isinstance(args[0], torch.Tensor) else None
+        if hasattr(layer, "compute_mask") and isinstance(args[0], torch.Tensor):
+            try:
+                out_mask = layer.compute_mask(args[0], mask)
+            except (TypeError, ValueError):
+                out_mask = None
+            if out_mask is not None:
+                keras_backend.set_keras_mask(out, out_mask)
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise FastPathUnsupported(
+                f"Layer '{layer.name}' has an activity regularizer (an add_loss term).",
+                layer_paths=[layer.name],
+            )
+        taps.append((layer, rule, args, kwargs, z))
+        return out
+
+    def _loss_sum(self, y, y_pred, sample_weight, batch_size):
+        compile_loss = self._model._compile_loss
+        if compile_loss is None:
+            raise FastPathUnsupported("The model has no compiled loss.", layer_paths=[])
+        total = compile_loss(y, y_pred, sample_weight)
+        scales = {
+            _SEPARABLE_REDUCTIONS.get(getattr(fn, "reduction", None))
+            for _, fn, _, _ in compile_loss._flat_losses
+        }
+        if None in scales or len(scales) != 1:
+            raise FastPathUnsupported(
+                "The fast path needs losses that sum over examples: every compiled loss "
+                "reduced with 'sum_over_batch_size' or 'sum' (all the same).",
+                layer_paths=[],
+            )
+        return total * batch_size if scales.pop() else total
+
+    # -- the step ----------------------------------------------------------------
+    def clipped_batch(
+        self,
+        x,
+        y,
+        sample_weight,
+        *,
+        num_units: int,
+        l2_norm_clip: float,
+        rng_seed: int,
+        loss_scale: float = 1.0,
+        unit_mask=None,
+    ) -> ClippedBatch:
+        """Same contract as `VmapEngine.clipped_batch`, computed by fast clipping."""
+        to_tensor = keras.ops.convert_to_tensor
+        x, y, sample_weight = tree.map_structure(
+            lambda t: None if t is None else to_tensor(t), (x, y, sample_weight)
+        )
+        batch_size = int(tree.flatten(x)[0].shape[0])
+        if num_units != batch_size:
+            raise FastPathUnsupported(
+                "The fast path clips every example on its own (num_microbatches=None).",
+                layer_paths=[],
+            )
+        keep = None
+        if unit_mask is not None:
+            keep = to_tensor(unit_mask) > 0
+            # Padding rows take the first real row's inputs, so that no padding
+            # value (even a non-finite one) reaches the forward pass; they are
+            # then removed exactly by zero weights and masked gradients.
+            real = torch.nonzero(keep).flatten()
+            if real.numel():
+                x, y = tree.map_structure(
+                    lambda t: (
+                        None
+                        if t is None
+                        else torch.where(keep.view(-1, *[1] * (t.ndim - 1)), t, t[real[0]])
+                    ),
+                    (x, y),
+                )
+            weights = keep.to(torch.float32)
+            if sample_weight is not None:
+                weights = to_tensor(sample_weight) * weights.view(
+                    -1, *[1] * (to_tensor(sample_weight).ndim - 1)
+                )
+            sample_weight = weights
+        device = self._trainable[0].value.device
+        with per_example_call_context(device, rng_seed):
+            return self._clipped_batch(
+                x, y, sample_weight, batch_size, keep, l2_norm_clip, loss_scale
+            )
+
+    def _clipped_batch(self, x, y, sample_weight, batch_size, keep, l2_norm_clip, loss_scale):
+        taps: list = []
+        with torch.enable_grad():
+            with keras_backend.StatelessScope(collect_losses=True) as scope:
+                y_pred = self._run_graph(self._graph, x, taps)
+                loss = self._loss_sum(y, y_pred, sample_weight, batch_size)
+            if scope.losses:
+                raise FastPathUnsupported(
+                    "The forward pass adds losses with add_loss (activity regularizers).",
+                    layer_paths=[],
+                )
+            self._check_state_updates(scope)
+            zs = [tap[4] for tap in taps]
+            grads = torch.autograd.grad(loss * loss_scale, zs, allow_unused=True)
+        with torch.no_grad():
+            grads = [
+                torch.zeros_like(z) if g is None else g / loss_scale for g, z in zip(grads, zs)
+            ]
+            if keep is not None:
+                grads = [
+                    torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
+                    for g in grads
+                ]
+            caches = [{} for _ in taps]
+            sq_norms = None
+            for (layer, rule, args, kwargs, _), g, cache in zip(taps, grads, caches):
+                part = rule.squared_norms(layer, args, kwargs, g, cache)
+                sq_norms = part if sq_norms is None else sq_norms + part
+            factors = clip_factors(sq_norms, l2_norm_clip)
+            sums: dict[int, torch.Tensor] = {}
+            for (layer, rule, args, kwargs, _), g, cache in zip(taps, grads, caches):
+                for weight, total in zip(
+                    layer.trainable_weights,
+                    rule.clipped_sums(layer, args, kwargs, g, factors, cache),
+                ):
+                    sums[id(weight)] = total.to(weight.value.dtype)
+            summed = [
+                sums[id(v)] if id(v) in sums else torch.zeros_like(v.value) for v in self._trainable
+            ]
+            self._advance_seed_states(scope)
+        y_pred = tree.map_structure(
+            lambda t: t.detach() if isinstance(t, torch.Tensor) else t, y_pred
+        )
+        return ClippedBatch(
+            summed=summed,
+            unit_losses=None,
+            unit_norms=torch.sqrt(sq_norms),
+            y_pred=y_pred,
+            loss_sum=loss.detach() if keep is None or bool(keep.any()) else loss.new_zeros(()),
+        )
+
+    def _check_state_updates(self, scope):
+        updated = [
+            v.path
+            for v in self._non_trainable
+            if id(v) not in self._seed_states and scope.get_current_value(v) is not None
+        ]
+        if updated:
+            raise UnsupportedLayerError(
+                "These non-trainable variables are updated from the training data during "
+                "the forward pass:\n"
+                + "\n".join(f"  - {p}" for p in updated)
+                + "\nDP-SGD only privatises the gradient step; state computed directly "
+                "from the data would be released without noise.",
+                layer_paths=updated,
+            )
+
+    def _advance_seed_states(self, scope):
+        for var in self._non_trainable:
+            if id(var) in self._seed_states:
+                value = scope.get_current_value(var)
+                if value is not None:
+                    var.assign(value)
+
+
+def describe_slow_layers(engine: FastEngine) -> str | None:
+    """One log line naming the layers "auto" left on per-layer per-example gradients."""
+    if not engine.slow_layers:
+        return None
+    return (
+        "clipping_mode='auto': these layers have no fast-clipping rule and use explicit "
+        "per-example gradients of the layer (memory B x its parameters): "
+        + ", ".join(engine.slow_layers)
+        + ". Register a LayerRule for them to avoid it."
+    )
+
+
+__all__ = ["FastEngine", "FastPathUnsupported", "PerExampleGradientRule", "graph_of"]

@@ -1,0 +1,84 @@
+"""`LayerRegistry`: which layers the fast clipping path handles, and how.
+
+TF Privacy's `layer_registry` for Keras 3 on torch: a map from layer
+classes to `LayerRule`s. A rule is looked up by the exact class of a layer
+(a subclass may change `call`, so it must be registered on its own).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from torchdp_keras.errors import DPConfigError
+from torchdp_keras.per_example.rules.base import LayerRule
+from torchdp_keras.per_example.rules.dense import DenseRule
+from torchdp_keras.per_example.rules.embedding import EmbeddingRule
+from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
+
+
+class LayerRegistry:
+    """Maps layer classes to the rules that clip them without per-model vmap.
+
+    Example:
+        >>> registry = make_default_layer_registry()
+        >>> registry.insert(MyLayer, MyLayerRule())  # doctest: +SKIP
+        >>> registry.is_elem(keras.layers.Dense(3))
+        True
+    """
+
+    def __init__(self) -> None:
+        self._rules: dict[type, LayerRule] = {}
+
+    def insert(self, layer_class: type, rule: LayerRule) -> None:
+        """Registers `rule` for layers whose class is exactly `layer_class`."""
+        if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+            raise DPConfigError(
+                f"Expected layer_class to be a keras.layers.Layer subclass. "
+                f"Received: layer_class={layer_class!r}"
+            )
+        if not isinstance(rule, LayerRule):
+            raise DPConfigError(
+                f"Expected rule to be a torchdp_keras LayerRule. Received: rule={rule!r}"
+            )
+        self._rules[layer_class] = rule
+
+    def lookup(self, layer: keras.layers.Layer) -> LayerRule | None:
+        """The rule for this layer, or None if its class is not registered or
+        the rule cannot handle this instance (e.g. a LoRA-enabled Dense)."""
+        rule = self._rules.get(type(layer))
+        if rule is None or not rule.supports(layer):
+            return None
+        return rule
+
+    def is_elem(self, layer: keras.layers.Layer) -> bool:
+        """Whether `lookup(layer)` finds a rule."""
+        return self.lookup(layer) is not None
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+
+def make_default_layer_registry() -> LayerRegistry:
+    """A registry with the built-in rules.
+
+    Ghost norms and book-keeping: Dense, Embedding. Explicit per-layer
+    per-example gradients (small weights): Conv1D, Conv2D, Conv3D,
+    DepthwiseConv2D, EinsumDense, LayerNormalization, GroupNormalization,
+    MultiHeadAttention (its inner EinsumDense projections).
+    """
+    registry = LayerRegistry()
+    registry.insert(keras.layers.Dense, DenseRule())
+    registry.insert(keras.layers.Embedding, EmbeddingRule())
+    per_example = PerExampleGradientRule()
+    for layer_class in (
+        keras.layers.Conv1D,
+        keras.layers.Conv2D,
+        keras.layers.Conv3D,
+        keras.layers.DepthwiseConv2D,
+        keras.layers.EinsumDense,
+        keras.layers.LayerNormalization,
+        keras.layers.GroupNormalization,
+        keras.layers.MultiHeadAttention,
+    ):
+        registry.insert(layer_class, per_example)
+    return registry

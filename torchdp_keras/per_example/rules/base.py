@@ -1,0 +1,86 @@
+"""The interface of a fast-clipping rule, and helpers shared by the rules.
+
+A rule knows one Keras layer type well enough to compute, from the layer's
+input `a` and the gradient `g` of the per-example loss sum at the layer's
+output (pre-activation where the layer has a fused activation), for every
+example `i`:
+
+* the squared norm of example i's gradient for the layer's trainable weights
+  (summed over them), without materialising per-example gradients when a
+  cheaper formula exists ("ghost norms");
+* given per-example clip factors `c_i`, the clipped sums
+  `sum_i c_i * grad_i(W)` for each weight, formed directly from `a` and `g`
+  ("book-keeping"), with no second backward pass.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import torch
+
+Finish = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LayerRule(abc.ABC):
+    """Fast per-example clipping for one layer type.
+
+    Subclass it and register an instance with `LayerRegistry.insert` to make
+    a custom layer eligible for the fast path. `args` and `kwargs` are the
+    arguments of the layer's call in the model (the first positional
+    argument is the layer's input), with the batch on axis 0. `cache` is a
+    dict private to one call of the layer in one step, which a rule can use to
+    share work between `squared_norms` and `clipped_sums`.
+    """
+
+    def supports(self, layer) -> bool:
+        """Whether this rule can handle this particular layer instance."""
+        return True
+
+    @abc.abstractmethod
+    def forward(self, layer, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Finish]:
+        """Computes the layer's pre-activation output `z` and the rest of the layer.
+
+        Returns:
+            `(z, finish)`: the layer's output is `finish(z)`; the engine takes
+            the gradient of the loss with respect to `z`.
+        """
+
+    @abc.abstractmethod
+    def squared_norms(
+        self, layer, args: tuple, kwargs: dict, grad: torch.Tensor, cache: dict
+    ) -> torch.Tensor:
+        """Per-example squared gradient norms over `layer.trainable_weights`, (B,) float64."""
+
+    @abc.abstractmethod
+    def clipped_sums(
+        self,
+        layer,
+        args: tuple,
+        kwargs: dict,
+        grad: torch.Tensor,
+        factors: torch.Tensor,
+        cache: dict,
+    ) -> list[torch.Tensor]:
+        """`sum_i factors[i] * grad_i(w)` for each `w` in `layer.trainable_weights`."""
+
+
+def identity(t):
+    return t
+
+
+def as_sequence(t: torch.Tensor) -> torch.Tensor:
+    """Reshapes `(B, ..., F)` into `(B, T, F)` (T = 1 for 2-D inputs)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def sq_norm_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per-row squared L2 norms of a `(B, ...)` tensor, in float64."""
+    n = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float64)
+    return n * n
+
+
+def weighted(t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """`t` with row i scaled by `factors[i]`."""
+    return t * factors.to(t.dtype).view(-1, *[1] * (t.ndim - 1))

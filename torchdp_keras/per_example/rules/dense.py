@@ -1,0 +1,71 @@
+"""Fast clipping rule for `keras.layers.Dense` (with or without fused activation).
+
+With input `a` of shape (B, T, d_in) and pre-activation gradient `g` of shape
+(B, T, d_out) (T = 1 for 2-D inputs), example i's kernel gradient is
+`a_i^T g_i` and its bias gradient `sum_t g_it`:
+
+* T = 1: `||a_i^T g_i||^2 = ||a_i||^2 ||g_i||^2` (ghost norm, O(d_in + d_out));
+* T > 1: either the ghost form `sum_{t,s} (a_it . a_is)(g_it . g_is)`,
+  O(T^2 (d_in + d_out)), or the explicit per-example gradient,
+  O(T d_in d_out); the cheaper one is chosen per call (mixed ghost clipping).
+
+Clipped sums are `einsum(c_i a_i, g_i)` (book-keeping).
+"""
+
+from __future__ import annotations
+
+import torch
+from keras import ops
+
+from torchdp_keras.per_example.rules.base import (
+    LayerRule,
+    as_sequence,
+    identity,
+    sq_norm_rows,
+    weighted,
+)
+
+
+def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example `||a_i^T g_i||_F^2` for a (B, T, d_in) and g (B, T, d_out), float64."""
+    batch, steps, d_in = a.shape
+    d_out = g.shape[-1]
+    if steps == 1:
+        return sq_norm_rows(a) * sq_norm_rows(g)
+    if steps * (d_in + d_out) <= d_in * d_out:
+        aa = torch.bmm(a, a.transpose(1, 2)).double()
+        gg = torch.bmm(g, g.transpose(1, 2)).double()
+        return (aa * gg).sum(dim=(1, 2))
+    return sq_norm_rows(torch.bmm(a.transpose(1, 2), g))
+
+
+class DenseRule(LayerRule):
+    """Kernel and bias of `Dense`; the activation is applied after the tap."""
+
+    def supports(self, layer) -> bool:
+        expected = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+        return (
+            not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None
+            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
+        )
+
+    def forward(self, layer, args, kwargs):
+        z = ops.matmul(args[0], layer.kernel)
+        if layer.bias is not None:
+            z = ops.add(z, layer.bias)
+        return z, (layer.activation or identity)
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        a, g = as_sequence(args[0]), as_sequence(grad)
+        norms = matmul_squared_norms(a.to(g.dtype), g)
+        if layer.bias is not None:
+            norms = norms + sq_norm_rows(g.sum(dim=1))
+        return norms
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        a, g = as_sequence(args[0]).to(grad.dtype), as_sequence(grad)
+        out = [torch.einsum("btd,bte->de", weighted(a, factors), g)]
+        if layer.bias is not None:
+            out.append(torch.einsum("b,be->e", factors.to(g.dtype), g.sum(dim=1)))
+        return out

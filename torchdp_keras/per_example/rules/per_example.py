@@ -1,0 +1,59 @@
+"""Explicit per-example gradients of one layer (the mixed-clipping fallback).
+
+For layers whose weights are small (convolution kernels, normalisation
+scales, attention projections) or that have no ghost formula, the rule
+materialises the per-example gradients of that layer only: `vmap` over the
+examples of the `vjp` of the layer's stateless call on one example, with the
+output gradient the engine captured as cotangent. Memory is B x (the layer's
+parameters), not B x (the model's). The layer's forward runs once more per
+step, so layers with internal randomness (dropout inside the layer) are not
+supported by this rule.
+"""
+
+from __future__ import annotations
+
+import torch
+from keras.src import backend as keras_backend
+
+from torchdp_keras.per_example.rules.base import LayerRule, identity, sq_norm_rows
+
+
+class PerExampleGradientRule(LayerRule):
+    """Per-example gradients of one layer through `torch.func` (any layer type)."""
+
+    def forward(self, layer, args, kwargs):
+        return layer(*args, **kwargs), identity
+
+    def _gradients(self, layer, args, kwargs, grad, cache):
+        if "grads" in cache:
+            return cache["grads"]
+        weights = list(layer.trainable_variables)
+        others = list(layer.non_trainable_variables)
+        weight_values = [w.value.detach() for w in weights]
+        other_values = [v.value.detach() for v in others]
+        batch = grad.shape[0]
+        batched = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == batch for a in args]
+        tensors = [a for a, b in zip(args, batched) if b]
+
+        def call_one(values, example_tensors):
+            parts = iter(example_tensors)
+            call_args = [next(parts).unsqueeze(0) if b else a for a, b in zip(args, batched)]
+            mapping = list(zip(weights, values)) + list(zip(others, other_values))
+            with keras_backend.StatelessScope(state_mapping=mapping):
+                return layer(*call_args, **kwargs)
+
+        def one(example_tensors, g):
+            _, vjp_fn = torch.func.vjp(lambda v: call_one(v, example_tensors), weight_values)
+            return vjp_fn(g.unsqueeze(0))[0]
+
+        grads = torch.func.vmap(one)(tensors, grad)
+        cache["grads"] = grads
+        return grads
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        grads = self._gradients(layer, args, kwargs, grad, cache)
+        return sum(sq_norm_rows(g) for g in grads)
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        grads = self._gradients(layer, args, kwargs, grad, cache)
+        return [torch.tensordot(factors.to(g.dtype), g, dims=1) for g in grads]
