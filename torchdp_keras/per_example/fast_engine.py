@@ -112,7 +112,7 @@ class FastEngine:
         problems = []
         covered = set()
         for layer, uses in _graph_layers(graph):
-            weights = layer.trainable_weights
+            weights = getattr(layer, "trainable_weights", None)  # keras ops have none
             if not weights:
                 continue
             path = paths.get(id(layer), layer.name)

@@ -32,15 +32,24 @@ class PerExampleGradientRule(LayerRule):
         weight_values = [w.value.detach() for w in weights]
         other_values = [v.value.detach() for v in others]
         batch = grad.shape[0]
-        batched = [isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == batch for a in args]
-        tensors = [a for a, b in zip(args, batched) if b]
 
-        def call_one(values, example_tensors):
+        def is_batched(a):
+            return isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == batch
+
+        # Positional and keyword tensors with the batch axis (inputs, masks)
+        # are sliced per example; everything else is passed as it is.
+        names = list(kwargs)
+        values = list(args) + [kwargs[k] for k in names]
+        batched = [is_batched(v) for v in values]
+        tensors = [v for v, b in zip(values, batched) if b]
+
+        def call_one(weight_values, example_tensors):
             parts = iter(example_tensors)
-            call_args = [next(parts).unsqueeze(0) if b else a for a, b in zip(args, batched)]
-            mapping = list(zip(weights, values)) + list(zip(others, other_values))
+            filled = [next(parts).unsqueeze(0) if b else v for v, b in zip(values, batched)]
+            call_kwargs = dict(zip(names, filled[len(args) :]))
+            mapping = list(zip(weights, weight_values)) + list(zip(others, other_values))
             with keras_backend.StatelessScope(state_mapping=mapping):
-                return layer(*call_args, **kwargs)
+                return layer(*filled[: len(args)], **call_kwargs)
 
         def one(example_tensors, g):
             _, vjp_fn = torch.func.vjp(lambda v: call_one(v, example_tensors), weight_values)

@@ -1,0 +1,366 @@
+"""The fast clipping path against the per-example engine, layer by layer and end to end."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+import torchdp_keras as tdk
+from torchdp_keras.errors import UnsupportedLayerError
+from torchdp_keras.per_example import (
+    FastEngine,
+    LayerRule,
+    VmapEngine,
+    make_default_layer_registry,
+)
+from torchdp_keras.per_example.rules.base import identity, sq_norm_rows, weighted
+
+BATCH = 6
+
+
+def _layers_case(name):
+    cases = {
+        "dense": ((7,), lambda: [layers.Dense(5, activation="tanh"), layers.Dense(3)]),
+        "dense_sequence_ghost": (
+            (12, 3),
+            lambda: [layers.Dense(40), layers.Flatten(), layers.Dense(3)],
+        ),
+        "dense_sequence_explicit": (
+            (3, 40),
+            lambda: [layers.Dense(40), layers.Flatten(), layers.Dense(3)],
+        ),
+        "conv1d": (
+            (10, 2),
+            lambda: [layers.Conv1D(4, 3, activation="relu"), layers.Flatten(), layers.Dense(3)],
+        ),
+        "conv2d": (
+            (9, 9, 2),
+            lambda: [
+                layers.Conv2D(4, 3, strides=2, activation="relu"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "conv3d": ((5, 5, 5, 1), lambda: [layers.Conv3D(2, 2), layers.Flatten(), layers.Dense(3)]),
+        "depthwise": (
+            (8, 8, 3),
+            lambda: [
+                layers.DepthwiseConv2D(3, depth_multiplier=2),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "layer_norm": (
+            (5,),
+            lambda: [layers.Dense(6), layers.LayerNormalization(), layers.Dense(3)],
+        ),
+        "group_norm": (
+            (5, 2),
+            lambda: [
+                layers.Conv1D(6, 2),
+                layers.GroupNormalization(3),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "einsum_dense": (
+            (4, 5),
+            lambda: [
+                layers.EinsumDense("abc,cd->abd", (4, 6), bias_axes="d"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+    }
+    return cases[name]
+
+
+def _engines(model):
+    return FastEngine(model, make_default_layer_registry()), VmapEngine(model)
+
+
+def _compare(model, x, y, sample_weight=None, clip=0.05, tol=1e-4):
+    fast, vmap = _engines(model)
+    kwargs = dict(num_units=BATCH, l2_norm_clip=clip, rng_seed=0)
+    a = fast.clipped_batch(x, y, sample_weight, **kwargs)
+    b = vmap.clipped_batch(x, y, sample_weight, **kwargs)
+    np.testing.assert_allclose(a.unit_norms.numpy(), b.unit_norms.numpy(), rtol=tol)
+    for s, t in zip(a.summed, b.summed):
+        np.testing.assert_allclose(s.numpy(), t.numpy(), rtol=tol, atol=tol * clip)
+    np.testing.assert_allclose(float(a.loss_sum), float(b.loss_sum), rtol=tol)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dense",
+        "dense_sequence_ghost",
+        "dense_sequence_explicit",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "depthwise",
+        "layer_norm",
+        "group_norm",
+        "einsum_dense",
+    ],
+)
+def test_rule_norms_and_clipped_sums_match_per_example_engine(case, precision, request):
+    if precision == "float64":
+        request.getfixturevalue("float64")
+    input_shape, stack = _layers_case(case)
+    model = tdk.DPSequential(
+        [keras.Input(input_shape), *stack()], l2_norm_clip=1.0, noise_multiplier=0.0
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(BATCH, *input_shape)).astype(precision)
+    y = rng.normal(size=(BATCH, 3)).astype(precision)
+    _compare(model, x, y, tol=1e-5 if precision == "float64" else 1e-4)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_embedding_and_attention_match(precision, request):
+    if precision == "float64":
+        request.getfixturevalue("float64")
+    tokens = keras.Input((5,), dtype="int32")
+    embedded = layers.Embedding(11, 8)(tokens)
+    attended = layers.MultiHeadAttention(num_heads=2, key_dim=4)(embedded, embedded)
+    outputs = layers.Dense(3)(layers.GlobalAveragePooling1D()(attended))
+    model = tdk.DPModel(inputs=tokens, outputs=outputs, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 11, size=(BATCH, 5)).astype("int32")  # repeated ids: sparse collisions
+    y = rng.normal(size=(BATCH, 3)).astype(precision)
+    _compare(model, x, y, tol=1e-5 if precision == "float64" else 1e-4)
+
+
+def test_sample_weights_and_classification_loss_match():
+    model = tdk.DPSequential(
+        [keras.Input((5,)), layers.Dense(8, activation="relu"), layers.Dense(4)],
+        l2_norm_clip=1.0,
+        noise_multiplier=0.0,
+    )
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(BATCH, 5)).astype("float32")
+    y = rng.integers(0, 4, size=(BATCH,)).astype("int32")
+    w = rng.uniform(0.1, 3.0, size=(BATCH,)).astype("float32")
+    _compare(model, x, y, w)
+
+
+def _mixed_model(mode, seed_weights=None):
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = layers.LayerNormalization()(h)
+    h = layers.Flatten()(h)
+    h = layers.Dense(16, activation="relu")(h)
+    h = layers.Dropout(0.0)(h)
+    outputs = layers.Dense(3)(h)
+    model = tdk.DPModel(
+        inputs=inputs, outputs=outputs, l2_norm_clip=0.1, noise_multiplier=0.0, clipping_mode=mode
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    if seed_weights is not None:
+        model.set_weights(seed_weights)
+    return model
+
+
+def test_updates_are_identical_across_modes():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, size=(16,)).astype("int32")
+    init = _mixed_model("vmap").get_weights()
+    results = {}
+    for mode in ("fast", "auto", "vmap"):
+        model = _mixed_model(mode, init)
+        for _ in range(2):
+            model.train_on_batch(x, y)
+        results[mode] = model.get_weights()
+    for mode in ("fast", "auto"):
+        for a, b in zip(results[mode], results["vmap"]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _shared_model(mode):
+    inputs = keras.Input((4,))
+    shared = layers.Dense(4, name="shared")
+    outputs = layers.Dense(1)(shared(shared(inputs)))
+    model = tdk.DPModel(
+        inputs=inputs,
+        outputs=outputs,
+        l2_norm_clip=0.1,
+        noise_multiplier=0.0,
+        clipping_mode=mode,
+        name="twice",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    return model
+
+
+def test_shared_layers_are_refused_by_fast_and_routed_to_vmap_by_auto(caplog):
+    with pytest.raises(UnsupportedLayerError, match=r"twice/shared \(called 2 times"):
+        _shared_model("fast").train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 1)))
+    auto, vmap = _shared_model("auto"), _shared_model("vmap")
+    vmap.set_weights(auto.get_weights())
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.ones((8, 1), "float32")
+    with caplog.at_level(logging.WARNING):
+        auto.train_on_batch(x, y)
+    assert "uses per-example gradients" in caplog.text
+    assert isinstance(auto._dp_engine, VmapEngine)
+    vmap.train_on_batch(x, y)
+    for a, b in zip(auto.get_weights(), vmap.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_padding_and_sample_weights_on_the_fast_path():
+    from torchdp_keras.data import POISSON_BATCH_KEY
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.normal(size=(8, 1)).astype("float32")
+    w = rng.uniform(0.5, 2.0, size=(8,)).astype("float32")
+    mask = np.r_[np.ones(5), np.zeros(3)].astype("float32")
+    loader = tdk.PrivateDataLoader(x, y, batch_size=5)
+    results = {}
+    init = None
+    for mode in ("fast", "vmap"):
+        model = tdk.DPSequential(
+            [keras.Input((4,)), layers.Dense(3, activation="tanh"), layers.Dense(1)],
+            l2_norm_clip=0.2,
+            noise_multiplier=0.0,
+            clipping_mode=mode,
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        init = init or model.get_weights()
+        model.set_weights(init)
+        model._use_loader(loader, None, None, None)
+        batch = {"x": x, "y": y, "sample_weight": w, "mask": mask}
+        logs = model.train_on_batch({POISSON_BATCH_KEY: batch}, return_dict=True)
+        results[mode] = (model.get_weights(), logs["loss"])
+    for a, b in zip(results["fast"][0], results["vmap"][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert results["fast"][1] == pytest.approx(results["vmap"][1], rel=1e-5)
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Scale(layers.Layer):
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="w")
+
+    def call(self, x):
+        return x * self.w
+
+
+class ScaleRule(LayerRule):
+    def forward(self, layer, args, kwargs):
+        return args[0] * layer.w, identity
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        return sq_norm_rows(args[0] * grad)
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        return [weighted(args[0] * grad, factors).sum(0)]
+
+
+def _scale_model(mode, registry=None):
+    model = tdk.DPSequential(
+        [keras.Input((4,)), Scale(name="scale"), layers.Dense(1)],
+        l2_norm_clip=0.3,
+        noise_multiplier=0.0,
+        clipping_mode=mode,
+        layer_registry=registry,
+        name="custom",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+    return model
+
+
+def test_user_registered_custom_layer(caplog):
+    with pytest.raises(UnsupportedLayerError, match=r"custom/scale \(Scale: no rule"):
+        _scale_model("fast").train_on_batch(np.ones((2, 4), "float32"), np.ones((2, 1)))
+    registry = make_default_layer_registry()
+    registry.insert(Scale, ScaleRule())
+    assert registry.is_elem(Scale()) and not registry.is_elem(layers.Dropout(0.1))
+    fast, vmap = _scale_model("fast", registry), _scale_model("vmap")
+    vmap.set_weights(fast.get_weights())
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.normal(size=(8, 1)).astype("float32")
+    fast.train_on_batch(x, y)
+    vmap.train_on_batch(x, y)
+    for a, b in zip(fast.get_weights(), vmap.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    auto = _scale_model("auto")
+    with caplog.at_level(logging.WARNING):
+        auto.train_on_batch(x, y)
+    assert "custom/scale (Scale)" in caplog.text  # the slow path is named, once
+
+
+def test_subclassed_models_use_vmap_in_auto_and_are_refused_in_fast():
+    class Sub(tdk.DPModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+    fast = Sub(l2_norm_clip=1.0, noise_multiplier=0.0, clipping_mode="fast", name="sub")
+    fast.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(UnsupportedLayerError, match="not a functional or Sequential"):
+        fast.train_on_batch(np.ones((2, 4), "float32"), np.ones((2, 1)))
+    auto = Sub(l2_norm_clip=1.0, noise_multiplier=0.0)
+    auto.compile(optimizer="sgd", loss="mse")
+    auto.train_on_batch(np.ones((2, 4), "float32"), np.ones((2, 1)))
+    assert isinstance(auto._dp_engine, VmapEngine)
+
+
+def test_masked_sequences_through_embedding_and_lstm():
+    tokens = keras.Input((6,), dtype="int32")
+    h = layers.Embedding(10, 4, mask_zero=True)(tokens)
+    h = layers.LSTM(3)(h)
+    outputs = layers.Dense(1)(h)
+    results = {}
+    init = None
+    x = np.array([[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0], [7, 8, 9, 1, 2, 0]] * 2, "int32")
+    y = np.ones((6, 1), "float32")
+    for mode in ("auto", "vmap"):
+        model = tdk.DPModel(
+            inputs=tokens,
+            outputs=outputs,
+            l2_norm_clip=0.1,
+            noise_multiplier=0.0,
+            clipping_mode=mode,
+        )
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        init = init or model.get_weights()
+        model.set_weights(init)
+        model.train_on_batch(x, y)
+        results[mode] = model.get_weights()
+    for a, b in zip(results["auto"], results["vmap"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_registry_arguments():
+    registry = make_default_layer_registry()
+    with pytest.raises(ValueError, match="layer_class"):
+        registry.insert(int, ScaleRule())
+    with pytest.raises(ValueError, match="rule"):
+        registry.insert(Scale, object())
+    with pytest.raises(ValueError, match="clipping_mode='ghost'"):
+        tdk.DPSequential(
+            [keras.Input((2,)), layers.Dense(1)],
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            clipping_mode="ghost",
+        )
