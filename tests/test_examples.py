@@ -31,4 +31,4 @@ def test_step_time_benchmark_runs(capsys):
         pytest.skip(f"MNIST not found at {bench.DEFAULT_DATA} (../shared/data)")
     ratio = bench.main(["--steps", "2", "--warmup", "1", "--batch-size", "8"])
     assert ratio > 0
-    assert "ratio DP / plain" in capsys.readouterr().out
+    assert "DPSequential (vmap)" in capsys.readouterr().out
