@@ -99,3 +99,30 @@ def check_per_example_privacy(
             "statistics.",
             layer_paths=paths,
         )
+
+
+def seed_state_ids(model: keras.layers.Layer) -> set[int]:
+    """`id`s of the state variables of every SeedGenerator in `model`.
+
+    These non-trainable variables change every step without depending on
+    data (random layers draw fresh masks); any other non-trainable variable
+    updated in the training pass is state computed from the data.
+    """
+    ids = set()
+    for layer in [model] + [layer for _, layer in iter_layers(model)]:
+        for seed_generator in getattr(layer, "_seed_generators", ()):
+            ids.add(id(seed_generator.state))
+    return ids
+
+
+def data_updated_state_error(paths: list[str]) -> UnsupportedLayerError:
+    """The error for non-trainable variables updated from the training data."""
+    listed = "\n".join(f"  - {p}" for p in paths)
+    return UnsupportedLayerError(
+        "These non-trainable variables are updated from the training data during the "
+        f"forward pass:\n{listed}\n"
+        "DP-SGD only privatises the gradient step; state computed directly from the "
+        "data (such as moving statistics) would be released without noise. Freeze the "
+        "layers that own them (`trainable=False`) or replace them.",
+        layer_paths=paths,
+    )

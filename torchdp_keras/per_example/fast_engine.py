@@ -34,7 +34,7 @@ from keras.src import backend as keras_backend
 from keras.src.models.functional import Functional
 
 from torchdp_keras.errors import UnsupportedLayerError
-from torchdp_keras.model_checks import iter_layers
+from torchdp_keras.model_checks import data_updated_state_error, iter_layers, seed_state_ids
 from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.registry import LayerRegistry
@@ -139,11 +139,7 @@ class FastEngine:
             )
         self._trainable = list(model.trainable_variables)
         self._non_trainable = list(model.non_trainable_variables)
-        seed_states = set()
-        for layer in [model] + [layer for _, layer in iter_layers(model)]:
-            for seed_generator in getattr(layer, "_seed_generators", ()):
-                seed_states.add(id(seed_generator.state))
-        self._seed_states = seed_states
+        self._seed_states = seed_state_ids(model)
 
     @property
     def variable_key(self) -> tuple[int, ...]:
@@ -318,14 +314,7 @@ class FastEngine:
             if id(v) not in self._seed_states and scope.get_current_value(v) is not None
         ]
         if updated:
-            raise UnsupportedLayerError(
-                "These non-trainable variables are updated from the training data during "
-                "the forward pass:\n"
-                + "\n".join(f"  - {p}" for p in updated)
-                + "\nDP-SGD only privatises the gradient step; state computed directly "
-                "from the data would be released without noise.",
-                layer_paths=updated,
-            )
+            raise data_updated_state_error(updated)
 
     def _advance_seed_states(self, scope):
         for var in self._non_trainable:

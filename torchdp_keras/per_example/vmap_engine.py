@@ -27,8 +27,8 @@ import torch
 from keras import tree
 from keras.src import backend as keras_backend
 
-from torchdp_keras.errors import DPConfigError, UnsupportedLayerError
-from torchdp_keras.model_checks import iter_layers
+from torchdp_keras.errors import DPConfigError
+from torchdp_keras.model_checks import data_updated_state_error, seed_state_ids
 from torchdp_keras.ops import clip_factors, clipped_sum, per_unit_squared_norms
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 
@@ -104,11 +104,7 @@ class VmapEngine:
         self._model = model
         self._trainable = list(model.trainable_variables)
         self._non_trainable = list(model.non_trainable_variables)
-        seed_states = set()
-        layers = [model] + [layer for _, layer in iter_layers(model)]
-        for layer in layers:
-            for seed_generator in getattr(layer, "_seed_generators", ()):
-                seed_states.add(id(seed_generator.state))
+        seed_states = seed_state_ids(model)
         self._is_seed_state = [id(v) in seed_states for v in self._non_trainable]
         self._num_params = sum(int(v.value.numel()) for v in self._trainable)
         self._max_chunk_elements = int(max_chunk_elements)
@@ -324,14 +320,4 @@ class VmapEngine:
 
     def _raise_if_data_updated_state(self):
         if self._data_updated_variables:
-            listed = "\n".join(f"  - {p}" for p in self._data_updated_variables)
-            raise UnsupportedLayerError(
-                "These non-trainable variables are updated from the training "
-                "data during the forward pass:\n"
-                f"{listed}\n"
-                "DP-SGD only privatises the gradient step; state computed "
-                "directly from the data (such as moving statistics) would be "
-                "released without noise. Freeze the layers that own them "
-                "(`trainable=False`) or replace them.",
-                layer_paths=self._data_updated_variables,
-            )
+            raise data_updated_state_error(list(self._data_updated_variables))
