@@ -16,14 +16,17 @@ def _deterministic():
     keras.utils.set_random_seed(1234)
     yield
     keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
 
 
 @pytest.fixture
 def float64():
     """Runs a test with Keras floatx float64 (exact per-example comparisons)."""
     keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")  # the global policy is cached separately
     yield
     keras.config.set_floatx("float32")
+    keras.config.set_dtype_policy("float32")
 
 
 def pytest_report_header(config):

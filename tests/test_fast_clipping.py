@@ -43,6 +43,18 @@ def _layers_case(name):
                 layers.Dense(3),
             ],
         ),
+        "conv2d_same_dilated": (
+            (9, 9, 2),
+            lambda: [
+                layers.Conv2D(3, 3, padding="same", dilation_rate=2),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "conv2d_valid_dilated": (
+            (9, 9, 2),
+            lambda: [layers.Conv2D(3, 2, dilation_rate=2), layers.Flatten(), layers.Dense(3)],
+        ),
         "conv3d": ((5, 5, 5, 1), lambda: [layers.Conv3D(2, 2), layers.Flatten(), layers.Dense(3)]),
         "depthwise": (
             (8, 8, 3),
@@ -101,6 +113,8 @@ def _compare(model, x, y, sample_weight=None, clip=0.05, tol=1e-4):
         "dense_sequence_explicit",
         "conv1d",
         "conv2d",
+        "conv2d_same_dilated",
+        "conv2d_valid_dilated",
         "conv3d",
         "depthwise",
         "layer_norm",

@@ -11,6 +11,7 @@ import keras
 
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.per_example.rules.base import LayerRule
+from torchdp_keras.per_example.rules.conv import ConvRule
 from torchdp_keras.per_example.rules.dense import DenseRule
 from torchdp_keras.per_example.rules.embedding import EmbeddingRule
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
@@ -61,19 +62,22 @@ class LayerRegistry:
 def make_default_layer_registry() -> LayerRegistry:
     """A registry with the built-in rules.
 
-    Ghost norms and book-keeping: Dense, Embedding. Explicit per-layer
-    per-example gradients (small weights): Conv1D, Conv2D, Conv3D,
-    DepthwiseConv2D, EinsumDense, LayerNormalization, GroupNormalization,
-    MultiHeadAttention (its inner EinsumDense projections).
+    Ghost norms or explicit per-example products, whichever is cheaper, and
+    book-keeping: Dense, Embedding, Conv1D, Conv2D, Conv3D (through patches).
+    Explicit per-layer per-example gradients (small weights): DepthwiseConv2D,
+    EinsumDense, LayerNormalization, GroupNormalization, MultiHeadAttention
+    (its inner EinsumDense projections). A rule that cannot handle an
+    instance (grouped or channels_first convolutions, LoRA) leaves it to the
+    per-layer per-example fallback of clipping_mode="auto".
     """
     registry = LayerRegistry()
     registry.insert(keras.layers.Dense, DenseRule())
     registry.insert(keras.layers.Embedding, EmbeddingRule())
+    conv = ConvRule()
+    for layer_class in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
+        registry.insert(layer_class, conv)
     per_example = PerExampleGradientRule()
     for layer_class in (
-        keras.layers.Conv1D,
-        keras.layers.Conv2D,
-        keras.layers.Conv3D,
         keras.layers.DepthwiseConv2D,
         keras.layers.EinsumDense,
         keras.layers.LayerNormalization,

@@ -39,6 +39,13 @@ def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return sq_norm_rows(torch.bmm(a.transpose(1, 2), g))
 
 
+def scaled_product_sum(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """`sum_i factors[i] * a_i^T g_i` (book-keeping), scaling the smaller operand."""
+    if a.numel() <= g.numel():
+        return torch.einsum("btd,bte->de", weighted(a, factors), g)
+    return torch.einsum("btd,bte->de", a, weighted(g, factors))
+
+
 class DenseRule(LayerRule):
     """Kernel and bias of `Dense`; the activation is applied after the tap."""
 
@@ -65,7 +72,7 @@ class DenseRule(LayerRule):
 
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
         a, g = as_sequence(args[0]).to(grad.dtype), as_sequence(grad)
-        out = [torch.einsum("btd,bte->de", weighted(a, factors), g)]
+        out = [scaled_product_sum(a, g, factors)]
         if layer.bias is not None:
             out.append(torch.einsum("b,be->e", factors.to(g.dtype), g.sum(dim=1)))
         return out
