@@ -51,6 +51,14 @@ def _layers_case(name):
                 layers.Dense(3),
             ],
         ),
+        "conv2d_same_strided": (
+            (11, 11, 1),
+            lambda: [
+                layers.Conv2D(4, 4, strides=2, padding="same", activation="relu"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
         "conv2d_valid_dilated": (
             (9, 9, 2),
             lambda: [layers.Conv2D(3, 2, dilation_rate=2), layers.Flatten(), layers.Dense(3)],
@@ -114,6 +122,7 @@ def _compare(model, x, y, sample_weight=None, clip=0.05, tol=1e-4):
         "conv1d",
         "conv2d",
         "conv2d_same_dilated",
+        "conv2d_same_strided",
         "conv2d_valid_dilated",
         "conv3d",
         "depthwise",

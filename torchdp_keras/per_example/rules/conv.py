@@ -8,8 +8,9 @@ gradient `g_i` (one row per output position), the kernel gradient is
 the layer's own convolution (same strides, padding, dilation) with a one-hot
 kernel, so padding semantics match Keras exactly; norms and clipped sums
 then use the Dense formulas (ghost or explicit, whichever is cheaper).
-Layers whose patches would be too wide (K above `max_patch_size`) are left
-to the per-layer per-example rule.
+For 2-D convolutions the patches come from `unfold` (im2col), after the
+same TensorFlow-style padding for "same". Layers whose patches would be too
+wide (K above `max_patch_size`) are left to the per-layer per-example rule.
 """
 
 from __future__ import annotations
@@ -20,7 +21,24 @@ import torch
 from keras import ops
 
 from torchdp_keras.per_example.rules.base import LayerRule, sq_norm_rows
-from torchdp_keras.per_example.rules.dense import matmul_squared_norms, scaled_product_sum
+from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
+
+
+def _same_padding_2d(inputs, kernel_size, strides, dilation):
+    """Pads NHWC `inputs` as Keras's "same" does: out = ceil(in / stride), the
+    extra row or column going after (TensorFlow's convention)."""
+    pads = []
+    for axis in (2, 1):  # torch.nn.functional.pad wants the last axis first: W, then H
+        size, k, s, d = (
+            inputs.shape[axis],
+            kernel_size[axis - 1],
+            strides[axis - 1],
+            dilation[axis - 1],
+        )
+        effective = (k - 1) * d + 1
+        total = max((math.ceil(size / s) - 1) * s + effective - size, 0)
+        pads += [total // 2, total - total // 2]
+    return torch.nn.functional.pad(inputs, (0, 0, *pads))
 
 
 class ConvRule(LayerRule):
@@ -59,7 +77,11 @@ class ConvRule(LayerRule):
         width = math.prod(kernel_shape[:-1])
         batch = grad.shape[0]
         inputs = inputs.to(grad.dtype)
-        if layer.rank == 2 and layer.padding == "valid":
+        if layer.rank == 2:
+            if layer.padding == "same":
+                inputs = _same_padding_2d(
+                    inputs, kernel_shape[:2], layer.strides, layer.dilation_rate
+                )
             # im2col: (B, C*kh*kw, L) in (C, kh, kw) order -> (B, L, kh*kw*C).
             unfolded = torch.nn.functional.unfold(
                 inputs.permute(0, 3, 1, 2),
@@ -84,7 +106,7 @@ class ConvRule(LayerRule):
     def squared_norms(self, layer, args, kwargs, grad, cache):
         patches, g = self._patches(layer, args[0], grad)
         cache["patches"] = patches
-        norms = matmul_squared_norms(patches, g)
+        norms = matmul_squared_norms(patches, g, cache)
         if layer.use_bias:
             norms = norms + sq_norm_rows(g.sum(dim=1))
         return norms
@@ -94,7 +116,7 @@ class ConvRule(LayerRule):
         if patches is None:
             patches, _ = self._patches(layer, args[0], grad)
         g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
-        kernel = scaled_product_sum(patches, g, factors)
+        kernel = clipped_product_sum(patches, g, factors, cache)
         out = [kernel.reshape(tuple(layer.kernel.shape))]
         if layer.use_bias:
             out.append(torch.einsum("b,bo->o", factors.to(g.dtype), g.sum(dim=1)))

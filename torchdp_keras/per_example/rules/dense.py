@@ -26,8 +26,12 @@ from torchdp_keras.per_example.rules.base import (
 )
 
 
-def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example `||a_i^T g_i||_F^2` for a (B, T, d_in) and g (B, T, d_out), float64."""
+def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor, cache: dict | None = None):
+    """Per-example `||a_i^T g_i||_F^2` for a (B, T, d_in) and g (B, T, d_out), float64.
+
+    When the explicit per-example products are the cheaper route they are
+    stored in `cache["per_example"]` (B, d_in, d_out) for the clipped sum.
+    """
     batch, steps, d_in = a.shape
     d_out = g.shape[-1]
     if steps == 1:
@@ -36,7 +40,18 @@ def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         aa = torch.bmm(a, a.transpose(1, 2)).double()
         gg = torch.bmm(g, g.transpose(1, 2)).double()
         return (aa * gg).sum(dim=(1, 2))
-    return sq_norm_rows(torch.bmm(a.transpose(1, 2), g))
+    per_example = torch.bmm(a.transpose(1, 2), g)
+    if cache is not None:
+        cache["per_example"] = per_example
+    return sq_norm_rows(per_example)
+
+
+def clipped_product_sum(a, g, factors, cache: dict | None = None) -> torch.Tensor:
+    """`sum_i factors[i] * a_i^T g_i`, from cached per-example products if any."""
+    per_example = None if cache is None else cache.get("per_example")
+    if per_example is not None:
+        return torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
+    return scaled_product_sum(a, g, factors)
 
 
 def scaled_product_sum(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -65,14 +80,14 @@ class DenseRule(LayerRule):
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
         a, g = as_sequence(args[0]), as_sequence(grad)
-        norms = matmul_squared_norms(a.to(g.dtype), g)
+        norms = matmul_squared_norms(a.to(g.dtype), g, cache)
         if layer.bias is not None:
             norms = norms + sq_norm_rows(g.sum(dim=1))
         return norms
 
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
         a, g = as_sequence(args[0]).to(grad.dtype), as_sequence(grad)
-        out = [scaled_product_sum(a, g, factors)]
+        out = [clipped_product_sum(a, g, factors, cache)]
         if layer.bias is not None:
             out.append(torch.einsum("b,be->e", factors.to(g.dtype), g.sum(dim=1)))
         return out
