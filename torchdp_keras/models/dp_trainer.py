@@ -266,11 +266,7 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         except FastPathUnsupported as error:
             if mode == "fast":
                 raise
-            self._log_once(
-                "vmap-fallback",
-                f"model '{self.name}' uses per-example gradients (clipping_mode='auto'): {error}",
-            )
-            return self._vmap_engine()
+            return self._fall_back_to_vmap(error)
         slow = describe_slow_layers(engine)
         if slow:
             self._log_once("slow-layers", slow)
@@ -282,6 +278,14 @@ class DPTrainerMixin(PrivacyTrackingMixin):
                 stacklevel=3,
             )
         return engine
+
+    def _fall_back_to_vmap(self, error) -> VmapEngine:
+        """The per-example engine for "auto", saying once why the fast path was left."""
+        self._log_once(
+            "vmap-fallback",
+            f"model '{self.name}' uses per-example gradients (clipping_mode='auto'): {error}",
+        )
+        return self._vmap_engine()
 
     def _log_once(self, key: str, message: str) -> None:
         if key not in self._warned_once:
@@ -295,11 +299,7 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         except FastPathUnsupported as error:
             if self._clipping_mode == "fast":
                 raise
-            self._log_once(
-                "vmap-fallback",
-                f"model '{self.name}' uses per-example gradients (clipping_mode='auto'): {error}",
-            )
-            self._dp_engine = self._vmap_engine()
+            self._dp_engine = self._fall_back_to_vmap(error)
             return self._dp_engine.clipped_batch(**kwargs)
 
     def _noise_generator_for(self, device: torch.device) -> torch.Generator:

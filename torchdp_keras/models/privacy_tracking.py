@@ -162,17 +162,17 @@ class PrivacyTrackingMixin:
         from torchdp_keras.data import PrivateDataLoader
 
         config = self._dp_keras_config
+        if config is not None and batch_size is not None and batch_size != config.batch_size:
+            raise DPConfigError(
+                f"Expected fit(batch_size=...) to match DPKerasConfig.batch_size="
+                f"{config.batch_size}. Received: batch_size={batch_size}"
+            )
         if config is not None and config.poisson_sampling_in_fit and num_examples(x) is not None:
             if validation_split:
                 raise DPConfigError(
                     "Expected validation_data instead of validation_split with "
                     "poisson_sampling_in_fit=True. Received: "
                     f"validation_split={validation_split}"
-                )
-            if batch_size is not None and batch_size != config.batch_size:
-                raise DPConfigError(
-                    f"Expected fit(batch_size=...) to match DPKerasConfig.batch_size="
-                    f"{config.batch_size}. Received: batch_size={batch_size}"
                 )
             x = PrivateDataLoader(
                 x,
@@ -194,11 +194,6 @@ class PrivacyTrackingMixin:
                 n = int(math.floor(n * (1.0 - validation_split)))
             self._accumulation_steps = config.gradient_accumulation_steps if config else 1
             if config is not None:
-                if batch_size is not None and batch_size != config.batch_size:
-                    raise DPConfigError(
-                        f"Expected fit(batch_size=...) to match DPKerasConfig.batch_size="
-                        f"{config.batch_size}. Received: batch_size={batch_size}"
-                    )
                 if n is not None:
                     batch_size = config.batch_size
                 train_size = config.train_size
