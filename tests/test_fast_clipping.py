@@ -63,11 +63,59 @@ def _layers_case(name):
             (9, 9, 2),
             lambda: [layers.Conv2D(3, 2, dilation_rate=2), layers.Flatten(), layers.Dense(3)],
         ),
+        "conv1d_causal_dilated": (
+            (10, 2),
+            lambda: [
+                layers.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="relu"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "conv1d_same_strided": (
+            (11, 3),
+            lambda: [
+                layers.Conv1D(4, 4, strides=3, padding="same"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
         "conv3d": ((5, 5, 5, 1), lambda: [layers.Conv3D(2, 2), layers.Flatten(), layers.Dense(3)]),
+        "conv3d_same_strided": (
+            (5, 4, 5, 2),
+            lambda: [
+                layers.Conv3D(3, 2, strides=2, padding="same"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
         "depthwise": (
             (8, 8, 3),
             lambda: [
                 layers.DepthwiseConv2D(3, depth_multiplier=2),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "depthwise_same_strided": (
+            (7, 7, 3),
+            lambda: [
+                layers.DepthwiseConv2D(3, strides=2, padding="same", activation="relu"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "depthwise_ghost": (  # one output position: the ghost norm is cheaper
+            (6, 6, 2),
+            lambda: [
+                layers.DepthwiseConv2D(5, strides=3, depth_multiplier=3),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "depthwise_1d": (
+            (9, 2),
+            lambda: [
+                layers.DepthwiseConv1D(3, depth_multiplier=2, dilation_rate=2),
                 layers.Flatten(),
                 layers.Dense(3),
             ],
@@ -92,6 +140,63 @@ def _layers_case(name):
                 layers.Flatten(),
                 layers.Dense(3),
             ],
+        ),
+        "einsum_dense_ellipsis_activation": (
+            (3, 4, 5),
+            lambda: [
+                layers.EinsumDense("...c,cd->...d", 6, bias_axes="d", activation="tanh"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "einsum_dense_heads_and_broadcast_bias": (  # kernel (c, h, e); bias over h only
+            (4, 5),
+            lambda: [
+                layers.EinsumDense("abc,che->abhe", (4, 2, 3), bias_axes="h"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "einsum_dense_contract_two_axes": (
+            (4, 2, 3),
+            lambda: [
+                layers.EinsumDense("abcd,cde->abe", (4, 5), bias_axes="e"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "einsum_dense_summed_input_axis": (  # axis b is summed away, not contracted
+            (4, 5),
+            lambda: [layers.EinsumDense("abc,cd->ad", 6), layers.Dense(3)],
+        ),
+        "einsum_dense_shared_axis": (  # h in input, kernel and output: explicit route
+            (2, 3),
+            lambda: [
+                layers.EinsumDense("ahc,hcd->ahd", (2, 5), bias_axes="hd"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "layer_norm_two_axes_no_center": (
+            (4, 5),
+            lambda: [
+                layers.Dense(5),
+                layers.LayerNormalization(axis=(1, 2), center=False),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "rms_norm": (
+            (4, 5),
+            lambda: [
+                layers.RMSNormalization(axis=(1, 2)),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "group_norm_2d": (
+            (4, 4, 4),
+            lambda: [layers.GroupNormalization(2), layers.Flatten(), layers.Dense(3)],
         ),
     }
     return cases[name]
@@ -124,11 +229,25 @@ def _compare(model, x, y, sample_weight=None, clip=0.05, tol=1e-4):
         "conv2d_same_dilated",
         "conv2d_same_strided",
         "conv2d_valid_dilated",
+        "conv1d_causal_dilated",
+        "conv1d_same_strided",
         "conv3d",
+        "conv3d_same_strided",
         "depthwise",
+        "depthwise_same_strided",
+        "depthwise_ghost",
+        "depthwise_1d",
         "layer_norm",
         "group_norm",
+        "group_norm_2d",
+        "layer_norm_two_axes_no_center",
+        "rms_norm",
         "einsum_dense",
+        "einsum_dense_ellipsis_activation",
+        "einsum_dense_heads_and_broadcast_bias",
+        "einsum_dense_contract_two_axes",
+        "einsum_dense_summed_input_axis",
+        "einsum_dense_shared_axis",
     ],
 )
 def test_rule_norms_and_clipped_sums_match_per_example_engine(case, precision, request):
@@ -159,6 +278,160 @@ def test_embedding_and_attention_match(precision, request):
     x = rng.integers(0, 11, size=(BATCH, 5)).astype("int32")  # repeated ids: sparse collisions
     y = rng.normal(size=(BATCH, 3)).astype(precision)
     _compare(model, x, y, tol=1e-5 if precision == "float64" else 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["cross_attention_masks", "causal_dropout"])
+def test_multi_head_attention_through_its_projections(variant):
+    query_in = keras.Input((5, 6))
+    value_in = keras.Input((4, 6))
+    if variant == "cross_attention_masks":
+        mask_in = keras.Input((5, 4), dtype="bool")
+        attention = layers.MultiHeadAttention(num_heads=2, key_dim=3, value_dim=2, name="mha")
+        h = attention(query_in, value_in, attention_mask=mask_in)
+        inputs = [query_in, value_in, mask_in]
+    else:
+        attention = layers.MultiHeadAttention(
+            num_heads=2, key_dim=3, dropout=0.5, seed=4, name="mha"
+        )
+        h = attention(query_in, query_in, use_causal_mask=True)
+        inputs = [query_in, value_in]
+    outputs = layers.Dense(3)(layers.Flatten()(layers.LayerNormalization()(h)))
+    model = tdk.DPModel(inputs=inputs, outputs=outputs, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(2)
+    x = [
+        rng.normal(size=(BATCH, 5, 6)).astype("float32"),
+        rng.normal(size=(BATCH, 4, 6)).astype("float32"),
+    ]
+    if variant == "cross_attention_masks":
+        x.append(rng.random(size=(BATCH, 5, 4)) > 0.3)
+    y = rng.normal(size=(BATCH, 3)).astype("float32")
+    fast, _ = _engines(model)
+    assert not fast.slow_layers
+    _compare(model, x, y)
+    hooks = [len(sub._forward_hooks) for sub in attention._flatten_layers(include_self=False)]
+    assert hooks == [0] * len(hooks)  # the taps are gone after the step
+
+
+def test_sublayer_rule_refuses_sublayers_called_twice_or_weights_read_directly():
+    class TwiceDense(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.inner = layers.Dense(4, name="inner")
+
+        def call(self, x):
+            return self.inner(self.inner(x))
+
+    class OwnWeight(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.inner = layers.Dense(4)
+
+        def build(self, input_shape):
+            self.scale = self.add_weight(shape=(4,), initializer="ones")
+
+        def call(self, x):
+            return self.inner(x) * self.scale
+
+    registry = make_default_layer_registry()
+    registry.insert(TwiceDense, tdk.SublayerRule())
+    registry.insert(OwnWeight, tdk.SublayerRule())
+    for layer, message in [
+        (TwiceDense(name="twice"), "twice/inner ran 2 times"),
+        (OwnWeight(name="own"), "do not own each of its trainable weights"),
+    ]:
+        model = tdk.DPSequential(
+            [keras.Input((4,)), layer, layers.Dense(1)],
+            l2_norm_clip=1.0,
+            noise_multiplier=0.0,
+            clipping_mode="fast",
+            layer_registry=registry,
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        with pytest.raises(UnsupportedLayerError, match=message):
+            model.train_on_batch(np.ones((2, 4), "float32"), np.ones((2, 1), "float32"))
+        assert all(not sub._forward_hooks for sub in layer._flatten_layers())
+
+
+def test_composite_user_layer_through_sublayer_rule():
+    class Block(layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.up = layers.Dense(8, activation="relu")
+            self.down = layers.Dense(4)
+            self.norm = layers.LayerNormalization()
+
+        def call(self, x):
+            return self.norm(x + self.down(self.up(x)))
+
+    registry = make_default_layer_registry()
+    registry.insert(Block, tdk.SublayerRule())
+    model = tdk.DPSequential(
+        [keras.Input((4,)), Block(), layers.Dense(3)],
+        l2_norm_clip=1.0,
+        noise_multiplier=0.0,
+        clipping_mode="fast",
+        layer_registry=registry,
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(BATCH, 4)).astype("float32")
+    y = rng.normal(size=(BATCH, 3)).astype("float32")
+    fast = FastEngine(model, registry)
+    vmap = VmapEngine(model)
+    kwargs = dict(num_units=BATCH, l2_norm_clip=0.05, rng_seed=0)
+    a = fast.clipped_batch(x, y, None, **kwargs)
+    b = vmap.clipped_batch(x, y, None, **kwargs)
+    np.testing.assert_allclose(a.unit_norms.numpy(), b.unit_norms.numpy(), rtol=1e-4)
+    for s, t in zip(a.summed, b.summed):
+        np.testing.assert_allclose(s.numpy(), t.numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "pooling",
+    [
+        layers.MaxPooling1D(2, 1),
+        layers.MaxPooling2D((2, 3), (1, 2)),
+        layers.MaxPooling3D(2),
+        layers.AveragePooling1D(3),
+        layers.AveragePooling2D(2, 1),
+        layers.AveragePooling3D((1, 2, 2)),
+    ],
+)
+def test_layout_preserving_pooling_equals_keras(pooling):
+    from torchdp_keras.per_example.layout import layout_preserving_forward
+
+    rank = len(pooling.pool_size)
+    x = np.random.default_rng(0).normal(size=(3, *[6] * rank, 4)).astype("float32")
+    a = keras.ops.convert_to_tensor(x).requires_grad_()
+    b = keras.ops.convert_to_tensor(x).requires_grad_()
+    ours, theirs = layout_preserving_forward(pooling)(a), pooling(b)
+    np.testing.assert_array_equal(ours.detach().numpy(), theirs.detach().numpy())
+    weights = keras.ops.convert_to_tensor(np.random.default_rng(1).normal(size=ours.shape))
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-6)
+    assert layout_preserving_forward(layers.MaxPooling2D(2, padding="same")) is None
+    assert layout_preserving_forward(layers.MaxPooling2D(2, data_format="channels_first")) is None
+
+
+def test_mixed_choice_between_ghost_and_explicit_depthwise_kernels():
+    from torchdp_keras.per_example.rules.conv import DepthwiseConvRule
+
+    rule = DepthwiseConvRule()
+    for input_shape, kwargs, explicit in [
+        ((8, 8, 3), dict(kernel_size=3, depth_multiplier=2), True),
+        ((6, 6, 2), dict(kernel_size=5, strides=3, depth_multiplier=3), False),
+    ]:
+        layer = layers.DepthwiseConv2D(**kwargs)
+        x = keras.ops.convert_to_tensor(
+            np.random.default_rng(0).normal(size=(2, *input_shape)).astype("float32")
+        )
+        layer(x)  # builds the kernel
+        z, _ = rule.forward(layer, (x,), {})
+        cache = {}
+        rule.squared_norms(layer, (x,), {}, keras.ops.ones_like(z), cache)
+        assert ("per_example" in cache) is explicit
 
 
 def test_sample_weights_and_classification_loss_match():

@@ -38,6 +38,7 @@ _LAZY = {
     "DPKerasConfig": "torchdp_keras.config",
     "LayerRegistry": "torchdp_keras.per_example",
     "LayerRule": "torchdp_keras.per_example",
+    "SublayerRule": "torchdp_keras.per_example",
     "make_default_layer_registry": "torchdp_keras.per_example",
     "PrivateDataLoader": "torchdp_keras.data",
     "RDPAccountant": "torchdp_keras.accounting",
@@ -93,5 +94,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from torchdp_keras.per_example import (  # noqa: F401
         LayerRegistry,
         LayerRule,
+        SublayerRule,
         make_default_layer_registry,
     )

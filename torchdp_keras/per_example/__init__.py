@@ -15,6 +15,7 @@ from torchdp_keras.per_example.registry import (  # noqa: E402
 )
 from torchdp_keras.per_example.rules.base import LayerRule  # noqa: E402
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule  # noqa: E402
+from torchdp_keras.per_example.rules.sublayers import SublayerRule  # noqa: E402
 from torchdp_keras.per_example.vmap_engine import ClippedBatch, VmapEngine  # noqa: E402
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "LayerRegistry",
     "LayerRule",
     "PerExampleGradientRule",
+    "SublayerRule",
     "VmapEngine",
     "describe_slow_layers",
     "make_default_layer_registry",

@@ -25,6 +25,7 @@ then uses the per-example engine):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import keras
@@ -37,8 +38,10 @@ from torchdp_keras.errors import UnsupportedLayerError
 from torchdp_keras.model_checks import data_updated_state_error, iter_layers, seed_state_ids
 from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.keras_patches import per_example_call_context
+from torchdp_keras.per_example.layout import layout_preserving_forward
 from torchdp_keras.per_example.registry import LayerRegistry
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
+from torchdp_keras.per_example.rules.sublayers import SublayerRule
 from torchdp_keras.per_example.vmap_engine import ClippedBatch
 
 logger = logging.getLogger(__name__)
@@ -108,26 +111,24 @@ class FastEngine:
         self._graph = graph
         paths = {id(layer): path for path, layer in iter_layers(model)}
         self._rules: dict[int, object] = {}
+        self._layout_forwards = {}
         self.slow_layers: list[str] = []
         problems = []
         covered = set()
+        self._sublayers: dict[int, list] = {}  # composite layer -> tapped sublayers
+        self._paths: dict[int, str] = {}
         for layer, uses in _graph_layers(graph):
             weights = getattr(layer, "trainable_weights", None)  # keras ops have none
             if not weights:
+                forward = layout_preserving_forward(layer)
+                if forward is not None:
+                    self._layout_forwards[id(layer)] = forward
                 continue
             path = paths.get(id(layer), layer.name)
-            rule = registry.lookup(layer)
             if uses > 1:
                 problems.append(f"{path} (called {uses} times: shared weights)")
                 continue
-            if rule is None:
-                if fallback is None:
-                    problems.append(f"{path} ({type(layer).__name__}: no rule in the registry)")
-                    continue
-                rule = fallback
-                self.slow_layers.append(f"{path} ({type(layer).__name__})")
-            self._rules[id(layer)] = rule
-            covered.update(id(w) for w in weights)
+            self._assign_rule(layer, path, registry, fallback, problems, covered)
         missing = [v.path for v in model.trainable_variables if id(v) not in covered]
         if missing and not problems:
             problems.append("weights not owned by any layer of the graph: " + ", ".join(missing))
@@ -140,6 +141,43 @@ class FastEngine:
         self._trainable = list(model.trainable_variables)
         self._non_trainable = list(model.non_trainable_variables)
         self._seed_states = seed_state_ids(model)
+
+    def _assign_rule(self, layer, path, registry, fallback, problems, covered) -> None:
+        """Finds the rule of `layer` (recursing into `SublayerRule` layers)."""
+        weights = layer.trainable_weights
+        rule = registry.lookup(layer)
+        if isinstance(rule, SublayerRule):
+            children = [
+                child
+                for child in layer._flatten_layers(include_self=False, recursive=False)
+                if child.trainable_weights
+            ]
+            owned = [id(w) for child in children for w in child.trainable_weights]
+            if sorted(owned) != sorted(id(w) for w in weights) or len(set(owned)) != len(owned):
+                problems.append(
+                    f"{path} ({type(layer).__name__}: registered with SublayerRule, but its "
+                    "sublayers do not own each of its trainable weights exactly once)"
+                )
+                return
+            self._sublayers[id(layer)] = children
+            self._paths[id(layer)] = path
+            for child in children:
+                self._assign_rule(
+                    child, f"{path}/{child.name}", registry, fallback, problems, covered
+                )
+            return
+        if rule is None:
+            if fallback is None:
+                problems.append(f"{path} ({type(layer).__name__}: no rule in the registry)")
+                return
+            rule = fallback
+            self.slow_layers.append(f"{path} ({type(layer).__name__})")
+        reused = [w.path for w in weights if id(w) in covered]
+        if reused:
+            problems.append(f"{path} (weights used by another layer too: {', '.join(reused)})")
+            return
+        self._rules[id(layer)] = rule
+        covered.update(id(w) for w in weights)
 
     @property
     def variable_key(self) -> tuple[int, ...]:
@@ -158,8 +196,13 @@ class FastEngine:
                     kwargs.pop("training", None)
                     kwargs.pop("mask", None)
                     return self._run_graph(inner, args[0], taps)
+                if id(op) in self._sublayers:
+                    return self._composite_call(op, args, kwargs, taps)
                 rule = self._rules.get(id(op))
                 if rule is None:
+                    forward = self._layout_forwards.get(id(op))
+                    if forward is not None and len(args) == 1 and isinstance(args[0], torch.Tensor):
+                        return forward(args[0])
                     return op(*args, **kwargs)
                 return self._tapped_call(op, rule, args, kwargs, taps)
 
@@ -167,23 +210,81 @@ class FastEngine:
 
         return graph._run_through_graph(inputs, operation_fn=operation_fn)
 
+    def _composite_call(self, layer, args, kwargs, taps):
+        """Runs a `SublayerRule` layer's own call, tapping its weighted sublayers."""
+        calls: dict[int, int] = {}
+        running: set[int] = set()
+
+        def hook(module, hook_args, hook_kwargs, output):
+            if id(module) in running:  # the rule's own forward of this sublayer
+                return None
+            calls[id(module)] = calls.get(id(module), 0) + 1
+            running.add(id(module))
+            try:
+                if id(module) in self._sublayers:
+                    return self._composite_call(module, hook_args, hook_kwargs, taps)
+                rule = self._rules[id(module)]
+                return self._tapped_call(module, rule, hook_args, hook_kwargs, taps, output)
+            finally:
+                running.discard(id(module))
+
+        children = self._sublayers[id(layer)]
+        handles = []
+        try:
+            for child in children:
+                handles.append(child.register_forward_hook(hook, with_kwargs=True))
+            out = layer(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        path = self._paths[id(layer)]
+        wrong = [
+            f"{path}/{c.name} ran {calls.get(id(c), 0)} times"
+            for c in children
+            if calls.get(id(c)) != 1
+        ]
+        if wrong:
+            raise FastPathUnsupported(
+                f"Layer {path} ({type(layer).__name__}) is clipped through its "
+                "sublayers, which must each run exactly once per call: " + ", ".join(wrong),
+                layer_paths=[path],
+            )
+        return out
+
     @staticmethod
-    def _tapped_call(layer, rule, args, kwargs, taps):
-        z, finish = rule.forward(layer, args, kwargs)
-        out = finish(z)
-        mask = keras_backend.get_keras_mask(args[0]) if isinstance(args[0], torch.Tensor) else None
+    def _tapped_call(layer, rule, args, kwargs, taps, output=None):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise FastPathUnsupported(
+                f"Layer '{layer.name}' has an activity regularizer (an add_loss term).",
+                layer_paths=[layer.name],
+            )
+        z = None if output is None else rule.tap_output(layer, output)
+        if z is not None:  # a sublayer whose finished output is the tap
+            taps.append((layer, rule, args, kwargs, z))
+            return None
+        first = args[0]
+        if isinstance(first, torch.Tensor) and layer._convert_input_args:
+            # What Layer.__call__ does first: the input in the layer's dtype.
+            converted = layer.dtype_policy.convert_input(first, layer.autocast, layer.input_dtype)
+            if converted is not first:
+                mask = keras_backend.get_keras_mask(first)
+                if mask is not None:
+                    keras_backend.set_keras_mask(converted, mask)
+                args = (converted, *args[1:])
+        autocast = None
+        if layer.autocast and layer.compute_dtype != layer.variable_dtype:
+            autocast = keras_backend.AutocastScope(layer.compute_dtype)
+        with autocast or contextlib.nullcontext():
+            z, finish = rule.forward(layer, args, kwargs)
+            out = finish(z)
         if hasattr(layer, "compute_mask") and isinstance(args[0], torch.Tensor):
+            mask = keras_backend.get_keras_mask(args[0])
             try:
                 out_mask = layer.compute_mask(args[0], mask)
             except (TypeError, ValueError):
                 out_mask = None
             if out_mask is not None:
                 keras_backend.set_keras_mask(out, out_mask)
-        if getattr(layer, "activity_regularizer", None) is not None:
-            raise FastPathUnsupported(
-                f"Layer '{layer.name}' has an activity regularizer (an add_loss term).",
-                layer_paths=[layer.name],
-            )
         taps.append((layer, rule, args, kwargs, z))
         return out
 

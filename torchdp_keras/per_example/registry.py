@@ -11,10 +11,12 @@ import keras
 
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.per_example.rules.base import LayerRule
-from torchdp_keras.per_example.rules.conv import ConvRule
+from torchdp_keras.per_example.rules.conv import ConvRule, DepthwiseConvRule
 from torchdp_keras.per_example.rules.dense import DenseRule
+from torchdp_keras.per_example.rules.einsum_dense import EinsumDenseRule
 from torchdp_keras.per_example.rules.embedding import EmbeddingRule
-from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
+from torchdp_keras.per_example.rules.normalization import NormalizationRule
+from torchdp_keras.per_example.rules.sublayers import SublayerRule
 
 
 class LayerRegistry:
@@ -63,12 +65,14 @@ def make_default_layer_registry() -> LayerRegistry:
     """A registry with the built-in rules.
 
     Ghost norms or explicit per-example products, whichever is cheaper, and
-    book-keeping: Dense, Embedding, Conv1D, Conv2D, Conv3D (through patches).
-    Explicit per-layer per-example gradients (small weights): DepthwiseConv2D,
-    EinsumDense, LayerNormalization, GroupNormalization, MultiHeadAttention
-    (its inner EinsumDense projections). A rule that cannot handle an
-    instance (grouped or channels_first convolutions, LoRA) leaves it to the
-    per-layer per-example fallback of clipping_mode="auto".
+    book-keeping: Dense, EinsumDense, Embedding (sparse), Conv1D, Conv2D,
+    Conv3D (through patches), DepthwiseConv1D, DepthwiseConv2D.
+    Closed-form per-example gradients (as small as the weights):
+    LayerNormalization, GroupNormalization, RMSNormalization. MultiHeadAttention through its
+    EinsumDense projections (`SublayerRule`). A rule that cannot handle an
+    instance (grouped or channels_first convolutions, LoRA, quantized
+    layers) leaves it to the per-layer per-example fallback of
+    clipping_mode="auto", which logs it.
     """
     registry = LayerRegistry()
     registry.insert(keras.layers.Dense, DenseRule())
@@ -76,13 +80,13 @@ def make_default_layer_registry() -> LayerRegistry:
     conv = ConvRule()
     for layer_class in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
         registry.insert(layer_class, conv)
-    per_example = PerExampleGradientRule()
-    for layer_class in (
-        keras.layers.DepthwiseConv2D,
-        keras.layers.EinsumDense,
-        keras.layers.LayerNormalization,
-        keras.layers.GroupNormalization,
-        keras.layers.MultiHeadAttention,
-    ):
-        registry.insert(layer_class, per_example)
+    depthwise = DepthwiseConvRule()
+    for layer_class in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
+        registry.insert(layer_class, depthwise)
+    registry.insert(keras.layers.EinsumDense, EinsumDenseRule())
+    normalization = NormalizationRule()
+    registry.insert(keras.layers.LayerNormalization, normalization)
+    registry.insert(keras.layers.GroupNormalization, normalization)
+    registry.insert(keras.layers.RMSNormalization, normalization)
+    registry.insert(keras.layers.MultiHeadAttention, SublayerRule())
     return registry

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
+import keras
 import torch
 
 Finish = Callable[[torch.Tensor], torch.Tensor]
@@ -47,6 +48,17 @@ class LayerRule(abc.ABC):
             the gradient of the loss with respect to `z`.
         """
 
+    def tap_output(self, layer, output: torch.Tensor) -> torch.Tensor | None:
+        """`z` read off the layer's own output, or None when it cannot be.
+
+        Used when the layer is called by another layer (a sublayer of a layer
+        registered with `SublayerRule`): the engine then sees the finished
+        output. Return it when it *is* the tapped tensor (no activation
+        after it); the default, None, makes the engine recompute the layer
+        through `forward`.
+        """
+        return None
+
     @abc.abstractmethod
     def squared_norms(
         self, layer, args: tuple, kwargs: dict, grad: torch.Tensor, cache: dict
@@ -68,6 +80,26 @@ class LayerRule(abc.ABC):
 
 def identity(t):
     return t
+
+
+def is_linear(activation) -> bool:
+    """Whether a Keras activation leaves its input unchanged."""
+    return activation is None or activation is identity or activation is keras.activations.linear
+
+
+def reduce_to_shape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-example gradient of a parameter of `shape` broadcast against `t` (B, ...).
+
+    Sums each example's slice of `t` over the axes the parameter was
+    broadcast along (numpy rules: trailing alignment), giving (B, *shape).
+    """
+    lead = t.ndim - 1 - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(1, 1 + lead)))
+    axes = tuple(1 + i for i, n in enumerate(shape) if n == 1 and t.shape[1 + i] != 1)
+    if axes:
+        t = t.sum(dim=axes, keepdim=True)
+    return t.reshape(t.shape[0], *shape)
 
 
 def as_sequence(t: torch.Tensor) -> torch.Tensor:

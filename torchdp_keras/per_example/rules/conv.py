@@ -1,16 +1,21 @@
-"""Fast clipping rule for `Conv1D`, `Conv2D` and `Conv3D` (channels_last, groups=1).
+"""Fast clipping rules for `Conv1D`/`Conv2D`/`Conv3D` and `DepthwiseConv2D`.
 
 A convolution is a Dense layer applied to input patches: with the patches
 `P_i` of example i (one row per output position, `K = prod(kernel_size) *
-in_channels` columns, in the kernel's own layout) and the pre-activation
-gradient `g_i` (one row per output position), the kernel gradient is
-`P_i^T g_i` and the bias gradient `sum_l g_il`. The patches are extracted by
-the layer's own convolution (same strides, padding, dilation) with a one-hot
-kernel, so padding semantics match Keras exactly; norms and clipped sums
-then use the Dense formulas (ghost or explicit, whichever is cheaper).
-For 2-D convolutions the patches come from `unfold` (im2col), after the
-same TensorFlow-style padding for "same". Layers whose patches would be too
-wide (K above `max_patch_size`) are left to the per-layer per-example rule.
+in_channels` columns, in the kernel's own `(*kernel_size, in_channels)`
+layout) and the pre-activation gradient `g_i` (one row per output position),
+the kernel gradient is `P_i^T g_i` and the bias gradient `sum_l g_il`. Norms
+and clipped sums then use the Dense formulas (ghost or explicit, whichever is
+cheaper for the layer's shapes).
+
+Both the forward pass and the patches work on the channels_last tensor
+directly: the input is padded as Keras pads it ("same": TensorFlow's
+convention, the odd pixel after; "causal": all of it before), the
+convolution runs on a channels-first *view* (torch's channels_last memory
+format, so no layout copy), and the patches are a strided view of the
+padded input, materialised once. A depthwise convolution is a separate small
+convolution per channel; its rule chooses per layer between the ghost norm
+and the explicit per-example kernel (mixed ghost clipping).
 """
 
 from __future__ import annotations
@@ -18,93 +23,127 @@ from __future__ import annotations
 import math
 
 import torch
-from keras import ops
 
-from torchdp_keras.per_example.rules.base import LayerRule, sq_norm_rows
+from torchdp_keras.per_example.rules.base import LayerRule, is_linear, sq_norm_rows, weighted
 from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
 
+_CONV_FUNCTIONS = {
+    1: torch.nn.functional.conv1d,
+    2: torch.nn.functional.conv2d,
+    3: torch.nn.functional.conv3d,
+}
 
-def _same_padding_2d(inputs, kernel_size, strides, dilation):
-    """Pads NHWC `inputs` as Keras's "same" does: out = ceil(in / stride), the
-    extra row or column going after (TensorFlow's convention)."""
+
+def _pad_channels_last(layer, inputs: torch.Tensor) -> torch.Tensor:
+    """`inputs` (B, *spatial, C) padded exactly as the Keras layer pads them."""
+    if layer.padding == "valid":
+        return inputs
+    kernel_size, strides, dilation = layer.kernel_size, layer.strides, layer.dilation_rate
     pads = []
-    for axis in (2, 1):  # torch.nn.functional.pad wants the last axis first: W, then H
-        size, k, s, d = (
-            inputs.shape[axis],
-            kernel_size[axis - 1],
-            strides[axis - 1],
-            dilation[axis - 1],
-        )
-        effective = (k - 1) * d + 1
-        total = max((math.ceil(size / s) - 1) * s + effective - size, 0)
-        pads += [total // 2, total - total // 2]
-    return torch.nn.functional.pad(inputs, (0, 0, *pads))
+    for axis in range(len(kernel_size)):
+        effective = (kernel_size[axis] - 1) * dilation[axis] + 1
+        if layer.padding == "causal":
+            pads.append((effective - 1, 0))
+            continue
+        size, stride = inputs.shape[1 + axis], strides[axis]
+        total = max((math.ceil(size / stride) - 1) * stride + effective - size, 0)
+        pads.append((total // 2, total - total // 2))
+    if not any(left or right for left, right in pads):
+        return inputs
+    flat = [0, 0]  # torch pads the last axis first: channels, then spatial backwards
+    for left, right in reversed(pads):
+        flat += [left, right]
+    return torch.nn.functional.pad(inputs, flat)
+
+
+def _patches(layer, padded: torch.Tensor, out_spatial) -> torch.Tensor:
+    """(B, L, *kernel_size, C) strided view of the patches of a padded input."""
+    padded = padded.contiguous()
+    strides = padded.stride()
+    rank = len(out_spatial)
+    shape = (padded.shape[0], *out_spatial, *layer.kernel_size, padded.shape[-1])
+    view_strides = (
+        strides[0],
+        *(strides[1 + a] * layer.strides[a] for a in range(rank)),
+        *(strides[1 + a] * layer.dilation_rate[a] for a in range(rank)),
+        strides[-1],
+    )
+    view = padded.as_strided(shape, view_strides)
+    return view.reshape(padded.shape[0], math.prod(out_spatial), *shape[1 + rank :])
+
+
+def _kernel_supported(layer, max_patch_size: int) -> bool:
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None:
+        return False
+    expected = [kernel] + ([layer.bias] if layer.use_bias else [])
+    return (
+        layer.data_format == "channels_last"
+        and layer.padding in ("valid", "same", "causal")
+        and not getattr(layer, "lora_enabled", False)
+        and getattr(layer, "quantization_mode", None) is None
+        and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
+        and math.prod(kernel.shape[:-1]) <= max_patch_size
+    )
+
+
+def _convolve(layer, inputs, kernel, groups):
+    """The layer's convolution of a channels_last input, without layout copies."""
+    rank = layer.rank
+    padded = _pad_channels_last(layer, inputs)
+    # (*kernel_size, C_in/groups, C_out) -> (C_out, C_in/groups, *kernel_size).
+    weight = kernel.permute(rank + 1, rank, *range(rank))
+    out = _CONV_FUNCTIONS[rank](
+        padded.movedim(-1, 1),
+        weight,
+        stride=tuple(layer.strides),
+        dilation=tuple(layer.dilation_rate),
+        groups=groups,
+    )
+    return out.movedim(1, -1)
+
+
+def _layer_inputs(layer, args):
+    inputs = torch.as_tensor(args[0])
+    dtype = getattr(torch, layer.compute_dtype)
+    return inputs if inputs.dtype == dtype else inputs.to(dtype)
 
 
 class ConvRule(LayerRule):
-    """Kernel and bias of a standard convolution, through patches.
+    """Kernel and bias of a standard convolution (groups=1), through patches.
 
     Args:
-        max_patch_size: Largest `prod(kernel_size) * in_channels` handled here.
+        max_patch_size: Largest `prod(kernel_size) * in_channels` handled here;
+            wider layers are left to the per-layer per-example fallback.
     """
 
-    def __init__(self, max_patch_size: int = 1024):
+    def __init__(self, max_patch_size: int = 4096):
         self.max_patch_size = max_patch_size
 
     def supports(self, layer) -> bool:
-        kernel = getattr(layer, "kernel", None)
-        if kernel is None or getattr(layer, "groups", 1) != 1:
-            return False
-        expected = [kernel] + ([layer.bias] if layer.use_bias else [])
-        return (
-            layer.data_format == "channels_last"
-            and layer.padding in ("valid", "same")
-            and not getattr(layer, "lora_enabled", False)
-            and getattr(layer, "quantization_mode", None) is None
-            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
-            and math.prod(kernel.shape[:-1]) <= self.max_patch_size
-        )
+        return getattr(layer, "groups", 1) == 1 and _kernel_supported(layer, self.max_patch_size)
 
     def forward(self, layer, args, kwargs):
-        z = layer.convolution_op(args[0], layer.kernel)
+        inputs = _layer_inputs(layer, args)
+        z = _convolve(layer, inputs, layer.kernel.value.to(inputs.dtype), groups=1)
         if layer.use_bias:
-            z = ops.add(z, ops.reshape(layer.bias, (1,) * (layer.rank + 1) + (layer.filters,)))
+            z = z + layer.bias.value.to(z.dtype)
         return z, (layer.activation or (lambda t: t))
 
-    @staticmethod
-    def _patches(layer, inputs, grad):
-        kernel_shape = tuple(layer.kernel.shape)
-        width = math.prod(kernel_shape[:-1])
-        batch = grad.shape[0]
-        inputs = inputs.to(grad.dtype)
-        if layer.rank == 2:
-            if layer.padding == "same":
-                inputs = _same_padding_2d(
-                    inputs, kernel_shape[:2], layer.strides, layer.dilation_rate
-                )
-            # im2col: (B, C*kh*kw, L) in (C, kh, kw) order -> (B, L, kh*kw*C).
-            unfolded = torch.nn.functional.unfold(
-                inputs.permute(0, 3, 1, 2),
-                kernel_size=kernel_shape[:2],
-                dilation=tuple(layer.dilation_rate),
-                stride=tuple(layer.strides),
-            )
-            channels = kernel_shape[2]
-            patches = (
-                unfolded.reshape(batch, channels, kernel_shape[0] * kernel_shape[1], -1)
-                .permute(0, 3, 2, 1)
-                .reshape(batch, -1, width)
-            )
-        else:
-            # The layer's own convolution with a one-hot kernel: exact padding.
-            one_hot = torch.eye(width, dtype=grad.dtype, device=grad.device).reshape(
-                *kernel_shape[:-1], width
-            )
-            patches = layer.convolution_op(inputs, one_hot).reshape(batch, -1, width)
-        return patches, grad.reshape(batch, -1, grad.shape[-1])
+    def tap_output(self, layer, output):
+        return output if is_linear(layer.activation) else None
+
+    def _patches_and_grads(self, layer, args, grad, cache):
+        patches = cache.get("patches")
+        g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        if patches is None:
+            padded = _pad_channels_last(layer, _layer_inputs(layer, args).to(grad.dtype))
+            patches = _patches(layer, padded, grad.shape[1:-1])
+            patches = patches.reshape(*patches.shape[:2], -1)
+        return patches, g
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
-        patches, g = self._patches(layer, args[0], grad)
+        patches, g = self._patches_and_grads(layer, args, grad, cache)
         cache["patches"] = patches
         norms = matmul_squared_norms(patches, g, cache)
         if layer.use_bias:
@@ -112,12 +151,86 @@ class ConvRule(LayerRule):
         return norms
 
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
-        patches = cache.get("patches")
-        if patches is None:
-            patches, _ = self._patches(layer, args[0], grad)
-        g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        patches, g = self._patches_and_grads(layer, args, grad, cache)
         kernel = clipped_product_sum(patches, g, factors, cache)
         out = [kernel.reshape(tuple(layer.kernel.shape))]
         if layer.use_bias:
             out.append(torch.einsum("b,bo->o", factors.to(g.dtype), g.sum(dim=1)))
+        return out
+
+
+class DepthwiseConvRule(LayerRule):
+    """Kernel and bias of `DepthwiseConv1D`/`DepthwiseConv2D` (mixed ghost clipping).
+
+    Channel c of example i has kernel gradient `P_ic^T g_ic` (patches of
+    channel c, and the gradients of its `depth_multiplier` outputs). Per
+    layer, the cheaper of the ghost norm, `sum_c sum_{l,l'} (P_icl . P_icl')
+    (g_icl . g_icl')` at `L^2 C (k + M)`, and the explicit per-example kernel,
+    `L k C M`, is used (k the kernel's spatial size, M the multiplier).
+    """
+
+    def __init__(self, max_patch_size: int = 4096):
+        self.max_patch_size = max_patch_size
+
+    def supports(self, layer) -> bool:
+        return _kernel_supported(layer, self.max_patch_size)
+
+    def forward(self, layer, args, kwargs):
+        inputs = _layer_inputs(layer, args)
+        kernel = layer.kernel.value.to(inputs.dtype)  # (*k, C, M)
+        channels, multiplier = kernel.shape[-2], kernel.shape[-1]
+        grouped = kernel.reshape(*kernel.shape[:-2], 1, channels * multiplier)
+        z = _convolve(layer, inputs, grouped, groups=channels)
+        if layer.use_bias:
+            z = z + layer.bias.value.to(z.dtype)
+        return z, (layer.activation or (lambda t: t))
+
+    def tap_output(self, layer, output):
+        return output if is_linear(layer.activation) else None
+
+    def _parts(self, layer, args, grad, cache):
+        if "parts" in cache:
+            return cache["parts"]
+        batch = grad.shape[0]
+        channels, multiplier = layer.kernel.shape[-2], layer.kernel.shape[-1]
+        padded = _pad_channels_last(layer, _layer_inputs(layer, args).to(grad.dtype))
+        patches = _patches(layer, padded, grad.shape[1:-1])  # (B, L, *k, C)
+        steps = patches.shape[1]
+        # (B, C, L, k) patches and (B, C, L, M) gradients, channel-major.
+        p = patches.reshape(batch, steps, -1, channels).permute(0, 3, 1, 2)
+        g = grad.reshape(batch, steps, channels, multiplier).permute(0, 2, 1, 3)
+        cache["parts"] = (p, g)
+        return p, g
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        p, g = self._parts(layer, args, grad, cache)
+        batch, channels, steps, width = p.shape
+        multiplier = g.shape[-1]
+        if steps * steps * (width + multiplier) <= steps * width * multiplier:
+            pp = torch.matmul(p, p.transpose(-1, -2)).double()
+            gg = torch.matmul(g, g.transpose(-1, -2)).double()
+            norms = (pp * gg).sum(dim=(1, 2, 3))
+        else:
+            per_example = torch.matmul(p.transpose(-1, -2), g)  # (B, C, k, M)
+            cache["per_example"] = per_example
+            norms = sq_norm_rows(per_example)
+        if layer.use_bias:
+            norms = norms + sq_norm_rows(grad.reshape(batch, -1, grad.shape[-1]).sum(dim=1))
+        return norms
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        p, g = self._parts(layer, args, grad, cache)
+        per_example = cache.get("per_example")
+        if per_example is not None:
+            kernel = torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
+        elif p.numel() <= g.numel():
+            kernel = torch.einsum("bclk,bclm->ckm", weighted(p, factors), g)
+        else:
+            kernel = torch.einsum("bclk,bclm->ckm", p, weighted(g, factors))
+        # (C, k, M) -> (*kernel_size, C, M)
+        kernel = kernel.permute(1, 0, 2).reshape(tuple(layer.kernel.shape))
+        out = [kernel]
+        if layer.use_bias:
+            flat = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(dim=1)
+            out.append(torch.einsum("b,bo->o", factors.to(flat.dtype), flat))
         return out

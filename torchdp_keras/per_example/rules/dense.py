@@ -21,6 +21,7 @@ from torchdp_keras.per_example.rules.base import (
     LayerRule,
     as_sequence,
     identity,
+    is_linear,
     sq_norm_rows,
     weighted,
 )
@@ -77,6 +78,9 @@ class DenseRule(LayerRule):
         if layer.bias is not None:
             z = ops.add(z, layer.bias)
         return z, (layer.activation or identity)
+
+    def tap_output(self, layer, output):
+        return output if is_linear(layer.activation) else None
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
         a, g = as_sequence(args[0]), as_sequence(grad)

@@ -35,6 +35,9 @@ class EmbeddingRule(LayerRule):
             ids = ops.cast(ids, "int32")
         return ops.cast(ops.take(layer.embeddings, ids, axis=0), layer.compute_dtype), identity
 
+    def tap_output(self, layer, output):
+        return output
+
     def squared_norms(self, layer, args, kwargs, grad, cache):
         ids, g = _ids_and_grads(args, grad)
         same = (ids[:, :, None] == ids[:, None, :]).double()

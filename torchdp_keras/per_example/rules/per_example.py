@@ -24,6 +24,9 @@ class PerExampleGradientRule(LayerRule):
     def forward(self, layer, args, kwargs):
         return layer(*args, **kwargs), identity
 
+    def tap_output(self, layer, output):
+        return output
+
     def _gradients(self, layer, args, kwargs, grad, cache):
         if "grads" in cache:
             return cache["grads"]

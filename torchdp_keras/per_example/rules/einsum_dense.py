@@ -1,0 +1,137 @@
+"""Fast clipping rule for `keras.layers.EinsumDense` (with or without activation).
+
+The layer computes `z = einsum(equation, a, W) + b`. Its axes fall into
+classes: the batch axis, "free" axes of the input that reach the output
+(sequence positions), "contracted" axes shared by input and kernel, and
+"kernel" axes shared by kernel and output. Flattening each class turns the
+layer into a batched matrix product `z_i = A_i W` with `A_i` of shape
+(T, C) and `W` of shape (C, D), so the Dense formulas apply unchanged: the
+ghost norm or the explicit per-example kernel, whichever is cheaper, and
+book-keeping for the clipped sum. Equations with an axis shared by all three
+operands (a batched product inside the layer) use the explicit per-example
+kernel `einsum(a_i, g_i)`. The bias gradient of example i is its output
+gradient summed over the axes the bias is broadcast along.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+
+import torch
+from keras import ops
+
+from torchdp_keras.per_example.rules.base import LayerRule, is_linear, reduce_to_shape, sq_norm_rows
+from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
+
+
+def expand_equation(equation: str, input_ndim: int) -> tuple[str, str, str]:
+    """`(input, kernel, output)` specs of `equation` with "..." spelled out."""
+    inputs, rest = equation.replace(" ", "").split(",")
+    kernel, output = rest.split("->")
+    if "..." in inputs:
+        used = set(equation)
+        fresh = [c for c in string.ascii_letters if c not in used]
+        elided = "".join(fresh[: input_ndim - (len(inputs) - 3)])
+        inputs, output = inputs.replace("...", elided), output.replace("...", elided)
+    return inputs, kernel, output
+
+
+class EinsumDenseRule(LayerRule):
+    """Kernel and bias of `EinsumDense`; the activation is applied after the tap."""
+
+    def supports(self, layer) -> bool:
+        expected = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
+        try:
+            inputs, kernel, output = layer.equation.replace(" ", "").replace("->", ",").split(",")
+        except ValueError:
+            return False
+        # The batch axis leads input and output (possibly inside a leading "...").
+        batch = "..." if inputs.startswith("...") else inputs[:1]
+        return (
+            "..." not in kernel
+            and output.startswith(batch)
+            and batch not in kernel
+            and all(c in inputs or c in output for c in kernel)
+            and not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None
+            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
+        )
+
+    def forward(self, layer, args, kwargs):
+        z = ops.einsum(layer.equation, args[0], layer.kernel)
+        if layer.bias is not None:
+            z = ops.add(z, layer.bias)
+        return z, layer.activation or (lambda t: t)
+
+    def tap_output(self, layer, output):
+        return output if is_linear(layer.activation) else None
+
+    @staticmethod
+    def _matrices(layer, a, g, cache):
+        """(B, T, C) and (B, T, D) views of input and gradient, or None (triple axes)."""
+        if "matrices" in cache:
+            return cache["matrices"]
+        inputs, kernel, output = expand_equation(layer.equation, a.ndim)
+        if any(c in inputs and c in kernel and c in output for c in kernel):
+            cache["matrices"] = None
+            cache["specs"] = (inputs, kernel, output)
+            return None
+        free = [c for c in inputs[1:] if c in output]
+        contracted = [c for c in inputs if c in kernel]
+        produced = [c for c in output if c in kernel]
+        summed_out = [i for i, c in enumerate(inputs) if c not in output and c not in kernel]
+        if summed_out:  # input axes that only get summed: sum them first
+            a = a.sum(dim=summed_out)
+            inputs = "".join(c for c in inputs if c in output or c in kernel)
+        a = a.permute([inputs.index(c) for c in inputs[0] + "".join(free) + "".join(contracted)])
+        g = g.permute([output.index(c) for c in output[0] + "".join(free) + "".join(produced)])
+        batch = a.shape[0]
+        steps = math.prod(a.shape[1 : 1 + len(free)])
+        a = a.reshape(batch, steps, -1)
+        g = g.reshape(batch, steps, -1)
+        # The (C, D) product is laid out as contracted + produced axes; the
+        # kernel's own order is a permutation of that.
+        order = contracted + produced
+        cache["matrices"] = (a, g, [order.index(c) for c in kernel])
+        cache["kernel_shape"] = tuple(layer.kernel.shape[kernel.index(c)] for c in order)
+        return cache["matrices"]
+
+    def _explicit(self, layer, a, g, cache):
+        if "per_example_kernel" not in cache:
+            inputs, kernel, output = cache["specs"]
+            cache["per_example_kernel"] = torch.einsum(
+                f"{inputs},{output}->{inputs[0]}{kernel}", a, g
+            )
+        return cache["per_example_kernel"]
+
+    def _bias_grads(self, layer, g):
+        return reduce_to_shape(g, tuple(layer.bias.shape))
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        a = torch.as_tensor(args[0]).to(grad.dtype)
+        matrices = self._matrices(layer, a, grad, cache)
+        if matrices is None:
+            norms = sq_norm_rows(self._explicit(layer, a, grad, cache))
+        else:
+            am, gm, _ = matrices
+            norms = matmul_squared_norms(am, gm, cache)
+        if layer.bias is not None:
+            norms = norms + sq_norm_rows(self._bias_grads(layer, grad))
+        return norms
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        a = torch.as_tensor(args[0]).to(grad.dtype)
+        matrices = self._matrices(layer, a, grad, cache)
+        if matrices is None:
+            per_example = self._explicit(layer, a, grad, cache)
+            kernel = torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
+        else:
+            am, gm, permutation = matrices
+            kernel = clipped_product_sum(am, gm, factors, cache)
+            kernel = kernel.reshape(cache["kernel_shape"]).permute(permutation)
+        out = [kernel.reshape(tuple(layer.kernel.shape))]
+        if layer.bias is not None:
+            bias = self._bias_grads(layer, grad)
+            out.append(torch.tensordot(factors.to(bias.dtype), bias, dims=1))
+        return out

@@ -1,0 +1,90 @@
+"""Fast clipping rule for `LayerNormalization`, `GroupNormalization`, `RMSNormalization`.
+
+These layers compute `y = x_hat * gamma + beta` (`scale` and no `beta` for
+`RMSNormalization`), with `x_hat` the input
+normalised over axes that do not include the batch, so each example's
+normalisation is its own (no mixing across examples). With `g` the gradient
+at `y`, example i's gradients are `sum(g_i * x_hat_i)` for `gamma` and
+`sum(g_i)` for `beta`, summed over every axis except the parameter's own.
+`x_hat` is the layer's own output with `gamma = 1` and `beta = 0`, so every
+option of the layer (`rms_scaling`, `epsilon`, groups, dtypes) is honoured
+exactly. These gradients are as small as the parameters, so they are formed
+explicitly.
+"""
+
+from __future__ import annotations
+
+import keras
+import torch
+from keras.src import backend as keras_backend
+
+from torchdp_keras.per_example.rules.base import LayerRule, sq_norm_rows
+
+
+def _parameter_axes(layer, ndim: int) -> list[int]:
+    axis = layer.axis
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    return sorted(a % ndim for a in axes)
+
+
+_LAYERS = (
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.RMSNormalization,
+)
+
+
+def _scale(layer):
+    """The multiplicative parameter: `scale` of RMSNormalization, else `gamma`."""
+    if isinstance(layer, keras.layers.RMSNormalization):
+        return getattr(layer, "scale", None)
+    return getattr(layer, "gamma", None)
+
+
+class NormalizationRule(LayerRule):
+    """The scale (`gamma`) and offset (`beta`) of the normalisation layers."""
+
+    def supports(self, layer) -> bool:
+        own = [w for w in (_scale(layer), getattr(layer, "beta", None)) if w is not None]
+        trainable = layer.trainable_weights
+        return (
+            isinstance(layer, _LAYERS)
+            and len(trainable) == len({id(w) for w in trainable})
+            and {id(w) for w in trainable} <= {id(w) for w in own}
+        )
+
+    def forward(self, layer, args, kwargs):
+        return layer(*args, **kwargs), (lambda t: t)
+
+    def tap_output(self, layer, output):
+        return output
+
+    def _per_example(self, layer, args, kwargs, grad, cache):
+        if "grads" in cache:
+            return cache["grads"]
+        inputs = args[0]
+        mapping = []
+        scale = _scale(layer)
+        if scale is not None:
+            mapping.append((scale, torch.ones_like(scale.value)))
+        if getattr(layer, "beta", None) is not None:
+            mapping.append((layer.beta, torch.zeros_like(layer.beta.value)))
+        with torch.no_grad(), keras_backend.StatelessScope(state_mapping=mapping):
+            x_hat = layer.call(inputs, **{k: v for k, v in kwargs.items() if k != "training"})
+        x_hat = torch.as_tensor(x_hat).to(grad.dtype)
+        axes = _parameter_axes(layer, grad.ndim)
+        summed = tuple(a for a in range(1, grad.ndim) if a not in axes)
+        grads = []
+        for weight in layer.trainable_weights:
+            product = grad * x_hat if weight is scale else grad
+            per_example = product.sum(dim=summed) if summed else product
+            grads.append(per_example.reshape(grad.shape[0], *weight.shape))
+        cache["grads"] = grads
+        return grads
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        return sum(sq_norm_rows(g) for g in self._per_example(layer, args, kwargs, grad, cache))
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        grads = self._per_example(layer, args, kwargs, grad, cache)
+        return [torch.tensordot(factors.to(g.dtype), g, dims=1) for g in grads]
