@@ -23,12 +23,12 @@ BATCH = 6
 def _layers_case(name):
     cases = {
         "dense": ((7,), lambda: [layers.Dense(5, activation="tanh"), layers.Dense(3)]),
-        "dense_sequence_ghost": (
-            (12, 3),
+        "dense_sequence_ghost": (  # T^2 (d_in + d_out) < d_in d_out
+            (2, 40),
             lambda: [layers.Dense(40), layers.Flatten(), layers.Dense(3)],
         ),
         "dense_sequence_explicit": (
-            (3, 40),
+            (12, 3),
             lambda: [layers.Dense(40), layers.Flatten(), layers.Dense(3)],
         ),
         "conv1d": (
@@ -42,6 +42,10 @@ def _layers_case(name):
                 layers.Flatten(),
                 layers.Dense(3),
             ],
+        ),
+        "conv2d_ghost": (
+            (5, 5, 8),
+            lambda: [layers.Conv2D(32, 3, strides=2), layers.Flatten(), layers.Dense(3)],
         ),
         "conv2d_same_dilated": (
             (9, 9, 2),
@@ -226,6 +230,7 @@ def _compare(model, x, y, sample_weight=None, clip=0.05, tol=1e-4):
         "dense_sequence_explicit",
         "conv1d",
         "conv2d",
+        "conv2d_ghost",
         "conv2d_same_dilated",
         "conv2d_same_strided",
         "conv2d_valid_dilated",
@@ -413,6 +418,34 @@ def test_layout_preserving_pooling_equals_keras(pooling):
     np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-6)
     assert layout_preserving_forward(layers.MaxPooling2D(2, padding="same")) is None
     assert layout_preserving_forward(layers.MaxPooling2D(2, data_format="channels_first")) is None
+
+
+@pytest.mark.parametrize(
+    "shape, explicit",
+    [
+        ((4, 1, 6, 5), False),  # one position: ||a||^2 ||g||^2
+        ((4, 2, 40, 40), False),  # T^2 (d_in + d_out) < d_in d_out: ghost
+        ((4, 12, 3, 40), True),  # explicit products are cheaper
+        ((4, 25, 256, 32), True),  # the tutorial CNN's second convolution
+    ],
+)
+def test_matmul_norms_choose_the_cheaper_route_and_agree(shape, explicit, monkeypatch):
+    from torchdp_keras.per_example.rules import dense
+
+    batch, steps, d_in, d_out = shape
+    rng = np.random.default_rng(0)
+    a = keras.ops.convert_to_tensor(rng.normal(size=(batch, steps, d_in)))
+    g = keras.ops.convert_to_tensor(rng.normal(size=(batch, steps, d_out)))
+    brute = [float(np.sum((a[i].numpy().T @ g[i].numpy()) ** 2)) for i in range(batch)]
+    cache = {}
+    np.testing.assert_allclose(dense.matmul_squared_norms(a, g, cache).numpy(), brute, rtol=1e-10)
+    assert ("per_example" in cache) is explicit
+    if explicit:  # over the memory cap the ghost norm is used instead
+        monkeypatch.setattr(dense, "MAX_EXPLICIT_BYTES", batch * d_in * d_out * 8 - 1)
+        cache = {}
+        norms = dense.matmul_squared_norms(a, g, cache).numpy()
+        np.testing.assert_allclose(norms, brute, rtol=1e-10)
+        assert "per_example" not in cache
 
 
 def test_mixed_choice_between_ghost_and_explicit_depthwise_kernels():

@@ -25,7 +25,11 @@ import math
 import torch
 
 from torchdp_keras.per_example.rules.base import LayerRule, is_linear, sq_norm_rows, weighted
-from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
+from torchdp_keras.per_example.rules.dense import (
+    MAX_EXPLICIT_BYTES,
+    clipped_product_sum,
+    matmul_squared_norms,
+)
 
 _CONV_FUNCTIONS = {
     1: torch.nn.functional.conv1d,
@@ -206,7 +210,10 @@ class DepthwiseConvRule(LayerRule):
         p, g = self._parts(layer, args, grad, cache)
         batch, channels, steps, width = p.shape
         multiplier = g.shape[-1]
-        if steps * steps * (width + multiplier) <= steps * width * multiplier:
+        ghost = steps * steps * (width + multiplier) + steps * width * multiplier
+        explicit = steps * width * multiplier + width * multiplier
+        size = batch * channels * width * multiplier * g.element_size()
+        if explicit >= ghost or size > MAX_EXPLICIT_BYTES:
             pp = torch.matmul(p, p.transpose(-1, -2)).double()
             gg = torch.matmul(g, g.transpose(-1, -2)).double()
             norms = (pp * gg).sum(dim=(1, 2, 3))

@@ -7,7 +7,8 @@ With input `a` of shape (B, T, d_in) and pre-activation gradient `g` of shape
 * T = 1: `||a_i^T g_i||^2 = ||a_i||^2 ||g_i||^2` (ghost norm, O(d_in + d_out));
 * T > 1: either the ghost form `sum_{t,s} (a_it . a_is)(g_it . g_is)`,
   O(T^2 (d_in + d_out)), or the explicit per-example gradient,
-  O(T d_in d_out); the cheaper one is chosen per call (mixed ghost clipping).
+  O(T d_in d_out); the cheaper one, counting the clipped sum too and within
+  a memory cap, is chosen per call (mixed ghost clipping, `prefers_explicit`).
 
 Clipped sums are `einsum(c_i a_i, g_i)` (book-keeping).
 """
@@ -26,6 +27,24 @@ from torchdp_keras.per_example.rules.base import (
     weighted,
 )
 
+MAX_EXPLICIT_BYTES = 1 << 28
+"""Largest per-example gradient tensor (B x d_in x d_out) a rule may hold for one layer."""
+
+
+def prefers_explicit(batch: int, steps: int, d_in: int, d_out: int, itemsize: int = 4) -> bool:
+    """Whether explicit per-example products beat the ghost norm for one layer.
+
+    Counts the multiply-adds of both routes to the norms *and* the clipped
+    sum: ghost `T^2 (d_in + d_out)` for the norms then `T d_in d_out` for the
+    book-keeping sum; explicit `T d_in d_out` for the products, from which
+    the clipped sum is a `d_in d_out` weighted sum. Explicit products also
+    hold `B d_in d_out` numbers, so they are used only within
+    `MAX_EXPLICIT_BYTES`.
+    """
+    ghost = steps * steps * (d_in + d_out) + steps * d_in * d_out
+    explicit = steps * d_in * d_out + d_in * d_out
+    return explicit < ghost and batch * d_in * d_out * itemsize <= MAX_EXPLICIT_BYTES
+
 
 def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor, cache: dict | None = None):
     """Per-example `||a_i^T g_i||_F^2` for a (B, T, d_in) and g (B, T, d_out), float64.
@@ -37,7 +56,7 @@ def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor, cache: dict | None = 
     d_out = g.shape[-1]
     if steps == 1:
         return sq_norm_rows(a) * sq_norm_rows(g)
-    if steps * (d_in + d_out) <= d_in * d_out:
+    if not prefers_explicit(batch, steps, d_in, d_out, g.element_size()):
         aa = torch.bmm(a, a.transpose(1, 2)).double()
         gg = torch.bmm(g, g.transpose(1, 2)).double()
         return (aa * gg).sum(dim=(1, 2))
