@@ -21,6 +21,8 @@ from collections.abc import Callable
 import keras
 import torch
 
+from torchdp_keras.ops.clip_noise import squared_row_norms
+
 Finish = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -109,8 +111,7 @@ def as_sequence(t: torch.Tensor) -> torch.Tensor:
 
 def sq_norm_rows(t: torch.Tensor) -> torch.Tensor:
     """Per-row squared L2 norms of a `(B, ...)` tensor, in float64."""
-    n = torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float64)
-    return n * n
+    return squared_row_norms(t)
 
 
 def weighted(t: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

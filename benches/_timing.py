@@ -1,0 +1,49 @@
+"""Shared helpers of the step-time benchmarks: interleaved timing and a report.
+
+Every round runs one step of every contender, in an order that rotates from
+round to round, so all of them see the same machine state (thermal state,
+other load, allocator state). The report gives each contender's median step
+time and the median over rounds of its per-round ratio to the baseline,
+which is robust to slow drifts of the machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def interleaved(
+    steps: dict[str, Callable[[int], object]], rounds: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per step of each contender; `steps[name](i)` runs round i."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            steps[name](i)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, float]]:
+    """`{name: (median ms per step, median per-round ratio to baseline)}`."""
+    base = times[baseline]
+    return {
+        name: (
+            1e3 * statistics.median(values),
+            statistics.median(v / b for v, b in zip(values, base)),
+        )
+        for name, values in times.items()
+    }
+
+
+def print_table(title: str, summary: dict[str, tuple[float, float]], baseline: str) -> None:
+    print(title)
+    print(f"  {'':34s} {'ms/step':>9s} {'x ' + baseline:>14s}")
+    for name, (ms, ratio) in summary.items():
+        print(f"  {name:34s} {ms:9.2f} {ratio:13.2f}x")
