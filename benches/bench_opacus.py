@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import interleaved, print_table, summarize  # noqa: E402
@@ -134,6 +135,11 @@ def main(argv=None) -> dict:
         (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long())
         for x, y in batches
     ]
+    # The torch CNN is the Keras CNN: same logits from the same weights.
+    with torch.no_grad():
+        ours = torch_cnn(models[PLAIN]).eval()(torch_batches[0][0]).numpy()
+    theirs = keras.ops.convert_to_numpy(models[PLAIN](batches[0][0], training=False))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
     steps = {
         name: (lambda i, m=model: m.train_on_batch(*batches[i])) for name, model in models.items()
     }

@@ -56,3 +56,18 @@ def test_noise_has_the_requested_std_and_uses_the_generator():
     assert add_gaussian_noise(zeros, 0.0, gen_a)[0] is zeros[0]
     with pytest.raises(ValueError, match="noise_std=-1"):
         add_gaussian_noise(zeros, -1, gen_a)
+
+
+@pytest.mark.parametrize("width", [1, 7, 8, 8192, 8195])
+@pytest.mark.parametrize("spread", [0.0, 12.0])
+def test_float32_row_norms_stay_within_the_clipping_margin(width, spread):
+    from torchdp_keras.ops.clip_noise import CLIP_SAFETY_MARGIN, squared_row_norms
+
+    rng = np.random.default_rng(width)
+    # Values over up to 12 orders of magnitude, as per-example gradients can be.
+    values = rng.normal(size=(16, width)) * 10.0 ** rng.uniform(-spread / 2, spread / 2, (16, width))
+    rows = torch.from_numpy(values.astype("float32"))
+    exact = np.sum(rows.double().numpy() ** 2, axis=1)
+    got = squared_row_norms(rows.reshape(16, -1, 1) if width % 2 else rows).numpy()
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, exact, rtol=CLIP_SAFETY_MARGIN / 2, atol=0)
