@@ -65,9 +65,29 @@ def test_float32_row_norms_stay_within_the_clipping_margin(width, spread):
 
     rng = np.random.default_rng(width)
     # Values over up to 12 orders of magnitude, as per-example gradients can be.
-    values = rng.normal(size=(16, width)) * 10.0 ** rng.uniform(-spread / 2, spread / 2, (16, width))
+    values = rng.normal(size=(16, width)) * 10.0 ** rng.uniform(
+        -spread / 2, spread / 2, (16, width)
+    )
     rows = torch.from_numpy(values.astype("float32"))
     exact = np.sum(rows.double().numpy() ** 2, axis=1)
     got = squared_row_norms(rows.reshape(16, -1, 1) if width % 2 else rows).numpy()
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, exact, rtol=CLIP_SAFETY_MARGIN / 2, atol=0)
+
+
+def test_inplace_chunked_noise_has_the_requested_std_and_is_reproducible(monkeypatch):
+    from torchdp_keras.ops import clip_noise
+
+    monkeypatch.setattr(clip_noise, "_NOISE_CHUNK", 1000)  # several chunks per tensor
+    draws = []
+    for _ in range(2):
+        tensors = [torch.full((300, 70), 5.0), torch.zeros(3)]
+        out = add_gaussian_noise(tensors, 2.0, torch.Generator().manual_seed(3), inplace=True)
+        assert out[0] is tensors[0] and out[1] is tensors[1]
+        draws.append(torch.cat([t.flatten() for t in out]))
+    assert torch.equal(draws[0], draws[1])
+    noise = draws[0][:21000] - 5.0
+    assert abs(float(noise.mean())) < 0.05
+    assert abs(float(noise.std()) / 2.0 - 1) < 0.03  # 3/2x or 2/3x the std fails
+    # Chunks are independent draws, not one chunk repeated.
+    assert not torch.equal(noise[:1000], noise[1000:2000])

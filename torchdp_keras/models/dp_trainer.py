@@ -336,7 +336,7 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         if self._accum_grads is None:
             self._accum_grads = list(summed)
         else:
-            self._accum_grads = [a + b for a, b in zip(self._accum_grads, summed)]
+            self._accum_grads = [a.add_(b) for a, b in zip(self._accum_grads, summed)]
         self._accum_batches += 1
         self._accum_units += units
         return self._accum_batches >= self._accumulation_steps
@@ -392,18 +392,19 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         if update_due:
             noise_std = self._noise_multiplier * self._l2_norm_clip
             generator = self._noise_generator_for(result.summed[0].device)
-            grads = add_gaussian_noise(self._accum_grads, noise_std, generator)
+            grads = add_gaussian_noise(self._accum_grads, noise_std, generator, inplace=True)
             # Normalise by the expected batch of the update under Poisson
             # sampling (never the realised one, which depends on the data),
             # else by the number of clipping units accumulated.
             normaliser = self._poisson_expected_batch_size if mask is not None else None
             normaliser = normaliser or self._accum_units
             scale = normaliser * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
-            grads = [g / scale for g in grads]
+            # In place: every tensor here is this step's own (noised or summed).
+            grads = [g.div_(scale) for g in grads]
             if reg_grads is not None:
-                grads = [g if r is None else g + r for g, r in zip(grads, reg_grads)]
+                grads = [g if r is None else g.add_(r) for g, r in zip(grads, reg_grads)]
             if loss_scale != 1.0:
-                grads = [g * loss_scale for g in grads]
+                grads = [g.mul_(loss_scale) for g in grads]
             with torch.no_grad():
                 optimizer.apply(grads, trainable_variables)
             self._reset_accumulation()

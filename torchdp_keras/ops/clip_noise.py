@@ -23,6 +23,8 @@ import torch
 CLIP_SAFETY_MARGIN = 1e-6
 # float32 values per block of `squared_row_norms` (error ~ (block + 2) * 2**-24).
 _NORM_BLOCK = 8
+# Values of noise drawn at once by the in-place `add_gaussian_noise`.
+_NOISE_CHUNK = 1 << 20
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -124,11 +126,21 @@ def add_gaussian_noise(
     tensors: Sequence[torch.Tensor],
     noise_std: float,
     generator: torch.Generator | None,
+    *,
+    inplace: bool = False,
 ) -> list[torch.Tensor]:
     """Returns `t + N(0, noise_std^2 I)` for every tensor, drawn from `generator`.
 
     The noise is drawn in float32 (at least) and cast to each tensor's dtype.
     With `noise_std == 0` the tensors are returned unchanged (no draw).
+
+    Args:
+        tensors: The tensors to noise.
+        noise_std: Standard deviation of every coordinate's noise, >= 0.
+        generator: The torch generator the noise is drawn from.
+        inplace: Add the noise into `tensors` themselves, drawn in chunks of
+            `_NOISE_CHUNK` values: the noise then never exists as a whole
+            (memory: one chunk, not the model's size).
     """
     if noise_std < 0:
         raise ValueError(f"Expected noise_std >= 0. Received: noise_std={noise_std}")
@@ -137,6 +149,21 @@ def add_gaussian_noise(
     out = []
     for t in tensors:
         draw_dtype = torch.promote_types(t.dtype, torch.float32)
+        if inplace and t.is_contiguous():
+            flat = t.view(-1)
+            for start in range(0, flat.numel(), _NOISE_CHUNK):
+                part = flat[start : start + _NOISE_CHUNK]
+                noise = torch.randn(
+                    part.shape, generator=generator, device=t.device, dtype=draw_dtype
+                )
+                part.add_(noise.mul_(noise_std).to(t.dtype))
+            out.append(t)
+            continue
         noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=draw_dtype)
-        out.append((t.to(draw_dtype) + noise_std * noise).to(t.dtype))
+        noise.mul_(noise_std)
+        if inplace:
+            out.append(t.add_(noise.to(t.dtype)))
+        else:  # on the fresh noise buffer: no further tensor of this size
+            noise.add_(t)
+            out.append(noise if noise.dtype == t.dtype else noise.to(t.dtype))
     return out

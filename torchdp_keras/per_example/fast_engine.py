@@ -372,9 +372,9 @@ class FastEngine:
             zs = [tap[4] for tap in taps]
             grads = torch.autograd.grad(loss * loss_scale, zs, allow_unused=True)
         with torch.no_grad():
-            grads = [
-                torch.zeros_like(z) if g is None else g / loss_scale for g, z in zip(grads, zs)
-            ]
+            grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zs)]
+            if loss_scale != 1.0:  # in place: these are large, fresh tensors
+                grads = [g.div_(loss_scale) for g in grads]
             if keep is not None:
                 grads = [
                     torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))

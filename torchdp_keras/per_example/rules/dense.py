@@ -77,8 +77,11 @@ def clipped_product_sum(a, g, factors, cache: dict | None = None) -> torch.Tenso
 def scaled_product_sum(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """`sum_i factors[i] * a_i^T g_i` (book-keeping), scaling the smaller operand."""
     if a.numel() <= g.numel():
-        return torch.einsum("btd,bte->de", weighted(a, factors), g)
-    return torch.einsum("btd,bte->de", a, weighted(g, factors))
+        a = weighted(a, factors)
+    else:
+        g = weighted(g, factors)
+    # One (d_in, B*T) x (B*T, d_out) product, written straight into its result.
+    return torch.mm(a.reshape(-1, a.shape[-1]).t(), g.reshape(-1, g.shape[-1]))
 
 
 class DenseRule(LayerRule):

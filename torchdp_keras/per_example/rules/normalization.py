@@ -76,7 +76,8 @@ class NormalizationRule(LayerRule):
         summed = tuple(a for a in range(1, grad.ndim) if a not in axes)
         grads = []
         for weight in layer.trainable_weights:
-            product = grad * x_hat if weight is scale else grad
+            # x_hat is this rule's own tensor: the product goes in place.
+            product = x_hat.mul_(grad) if weight is scale else grad
             per_example = product.sum(dim=summed) if summed else product
             grads.append(per_example.reshape(grad.shape[0], *weight.shape))
         cache["grads"] = grads
