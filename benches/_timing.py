@@ -5,11 +5,20 @@ round to round, so all of them see the same machine state (thermal state,
 other load, allocator state). The report gives each contender's median step
 time and the median over rounds of its per-round ratio to the baseline,
 which is robust to slow drifts of the machine.
+
+`--tuned-malloc` (every step-time bench) restarts the bench with glibc's
+allocator told to keep freed memory (`TUNED_MALLOC_ENV`), as PyTorch's CPU
+tuning guides recommend (or jemalloc/tcmalloc). With glibc's defaults, large
+temporaries are returned to the system when freed and page-faulted back in
+on the next step; that costs every contender, and the DP step (which holds
+more temporaries at once) more.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -43,7 +52,27 @@ def summarize(times: dict[str, list[float]], baseline: str) -> dict[str, tuple[f
 
 
 def print_table(title: str, summary: dict[str, tuple[float, float]], baseline: str) -> None:
-    print(title)
+    print(f"{title}, malloc={'tuned' if tuned_malloc_active() else 'default'}")
     print(f"  {'':34s} {'ms/step':>9s} {'x ' + baseline:>14s}")
     for name, (ms, ratio) in summary.items():
         print(f"  {name:34s} {ms:9.2f} {ratio:13.2f}x")
+
+
+TUNED_MALLOC_ENV = {
+    # glibc: serve large blocks from the heap and never hand them back, so a
+    # step's temporaries are not page-faulted in afresh every step.
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
+}
+
+
+def tuned_malloc_active() -> bool:
+    return all(os.environ.get(k) == v for k, v in TUNED_MALLOC_ENV.items())
+
+
+def reexec_with_tuned_malloc() -> None:
+    """Restarts this script with `TUNED_MALLOC_ENV` (glibc reads it at start-up)."""
+    if tuned_malloc_active():
+        return
+    env = dict(os.environ, **TUNED_MALLOC_ENV)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)

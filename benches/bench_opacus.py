@@ -29,7 +29,12 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _timing import interleaved, print_table, summarize  # noqa: E402
+from _timing import (  # noqa: E402
+    interleaved,
+    print_table,
+    reexec_with_tuned_malloc,
+    summarize,
+)
 from bench_step_time import DEFAULT_DATA, PLAIN, keras_contenders, load_batches  # noqa: E402
 
 L2_NORM_CLIP, NOISE_MULTIPLIER, LEARNING_RATE = 1.5, 1.3, 0.25
@@ -128,7 +133,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--steps", type=int, default=40, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
     args = parser.parse_args(argv)
+    if args.tuned_malloc and argv is None:
+        reexec_with_tuned_malloc()
     models = keras_contenders(args.batch_size, modes=("auto",))
     batches = load_batches(args.data, args.batch_size, args.warmup + args.steps)
     torch_batches = [

@@ -23,7 +23,12 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _timing import interleaved, print_table, summarize  # noqa: E402
+from _timing import (  # noqa: E402
+    interleaved,
+    print_table,
+    reexec_with_tuned_malloc,
+    summarize,
+)
 from keras import layers  # noqa: E402
 
 import torchdp_keras as tdk  # noqa: E402
@@ -93,7 +98,10 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     parser.add_argument("--jit", action="store_true", help="jit_compile=True for all")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--max-ratio", type=float, default=1.3)
+    parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
     args = parser.parse_args(argv)
+    if args.tuned_malloc and argv is None:
+        reexec_with_tuned_malloc()
     if args.threads:
         torch.set_num_threads(args.threads)
     models = keras_contenders(args.batch_size, args.jit)

@@ -5,6 +5,7 @@ import logging
 import keras
 import numpy as np
 import pytest
+import torch
 from keras import layers
 
 import torchdp_keras as tdk
@@ -693,3 +694,28 @@ def test_bad_registry_arguments():
             noise_multiplier=1.0,
             clipping_mode="ghost",
         )
+
+
+def test_results_of_a_step_survive_the_next_step():
+    """Rules reuse scratch memory across steps: no returned tensor may alias it."""
+    tokens = keras.Input((6,), dtype="int32")
+    h = layers.Embedding(12, 8)(tokens)
+    h = layers.Dense(16)(h)  # T=6 < d_in*d_out/(d_in+d_out): explicit products
+    h = layers.Reshape((6, 4, 4))(h)
+    h = layers.Conv2D(5, 2)(h)
+    h = layers.DepthwiseConv2D(2, depth_multiplier=2)(h)
+    outputs = layers.Dense(3)(layers.Flatten()(h))
+    model = tdk.DPModel(inputs=tokens, outputs=outputs, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(optimizer="sgd", loss="mse")
+    fast = FastEngine(model, make_default_layer_registry())
+    rng = np.random.default_rng(4)
+    kwargs = dict(num_units=BATCH, l2_norm_clip=0.5, rng_seed=0)
+    first = fast.clipped_batch(
+        rng.integers(0, 12, (BATCH, 6)).astype("int32"), rng.normal(size=(BATCH, 3)), None, **kwargs
+    )
+    kept = [t.clone() for t in first.summed] + [first.unit_norms.clone()]
+    fast.clipped_batch(
+        rng.integers(0, 12, (BATCH, 6)).astype("int32"), rng.normal(size=(BATCH, 3)), None, **kwargs
+    )
+    for before, after in zip(kept, list(first.summed) + [first.unit_norms]):
+        assert torch.equal(before, after)

@@ -40,6 +40,7 @@ from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.layout import layout_preserving_forward
 from torchdp_keras.per_example.registry import LayerRegistry
+from torchdp_keras.per_example.rules.base import WORKSPACE_KEY
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
 from torchdp_keras.per_example.rules.sublayers import SublayerRule
 from torchdp_keras.per_example.vmap_engine import ClippedBatch
@@ -117,6 +118,8 @@ class FastEngine:
         covered = set()
         self._sublayers: dict[int, list] = {}  # composite layer -> tapped sublayers
         self._paths: dict[int, str] = {}
+        # Per-layer scratch tensors reused from step to step (see rules.base.scratch).
+        self._workspaces: dict[int, dict] = {}
         for layer, uses in _graph_layers(graph):
             weights = getattr(layer, "trainable_weights", None)  # keras ops have none
             if not weights:
@@ -380,7 +383,7 @@ class FastEngine:
                     torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
                     for g in grads
                 ]
-            caches = [{} for _ in taps]
+            caches = [{WORKSPACE_KEY: self._workspaces.setdefault(id(tap[0]), {})} for tap in taps]
             sq_norms = None
             for (layer, rule, args, kwargs, _), g, cache in zip(taps, grads, caches):
                 part = rule.squared_norms(layer, args, kwargs, g, cache)

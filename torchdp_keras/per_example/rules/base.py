@@ -80,6 +80,37 @@ class LayerRule(abc.ABC):
         """`sum_i factors[i] * grad_i(w)` for each `w` in `layer.trainable_weights`."""
 
 
+WORKSPACE_KEY = "workspace"
+
+
+def scratch(cache: dict, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor for an intermediate result, reused across steps.
+
+    The fast engine gives every layer a workspace that outlives the step
+    (`cache[WORKSPACE_KEY]`); a rule that asks for the same `name` with the
+    same shape and dtype gets the same memory back next step. Large
+    per-example intermediates then stay resident instead of being freshly
+    allocated (and, on CPU, page-faulted in) every step. Write every element
+    before reading (`out=` of a product, or `zero_()` first), and never return
+    a scratch tensor from `clipped_sums`: the next step overwrites it.
+    Without a workspace in `cache` this is a plain `torch.empty`.
+    """
+    shape = tuple(shape)
+    workspace = cache.get(WORKSPACE_KEY)
+    if workspace is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    tensor = workspace.get(name)
+    if (
+        tensor is None
+        or tuple(tensor.shape) != shape
+        or tensor.dtype != like.dtype
+        or tensor.device != like.device
+    ):
+        tensor = torch.empty(shape, dtype=like.dtype, device=like.device)
+        workspace[name] = tensor
+    return tensor
+
+
 def identity(t):
     return t
 

@@ -24,7 +24,13 @@ import math
 
 import torch
 
-from torchdp_keras.per_example.rules.base import LayerRule, is_linear, sq_norm_rows, weighted
+from torchdp_keras.per_example.rules.base import (
+    LayerRule,
+    is_linear,
+    scratch,
+    sq_norm_rows,
+    weighted,
+)
 from torchdp_keras.per_example.rules.dense import (
     MAX_EXPLICIT_BYTES,
     clipped_product_sum,
@@ -60,8 +66,8 @@ def _pad_channels_last(layer, inputs: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(inputs, flat)
 
 
-def _patches(layer, padded: torch.Tensor, out_spatial) -> torch.Tensor:
-    """(B, L, *kernel_size, C) strided view of the patches of a padded input."""
+def _patches(layer, padded: torch.Tensor, out_spatial, cache=None) -> torch.Tensor:
+    """(B, L, *kernel_size, C) patches of a padded input (in a scratch tensor)."""
     padded = padded.contiguous()
     strides = padded.stride()
     rank = len(out_spatial)
@@ -73,7 +79,12 @@ def _patches(layer, padded: torch.Tensor, out_spatial) -> torch.Tensor:
         strides[-1],
     )
     view = padded.as_strided(shape, view_strides)
-    return view.reshape(padded.shape[0], math.prod(out_spatial), *shape[1 + rank :])
+    out_shape = (padded.shape[0], math.prod(out_spatial), *shape[1 + rank :])
+    if cache is None:
+        return view.reshape(out_shape)
+    out = scratch(cache, "patches", shape, padded)
+    out.copy_(view)
+    return out.view(out_shape)
 
 
 def _kernel_supported(layer, max_patch_size: int) -> bool:
@@ -142,7 +153,7 @@ class ConvRule(LayerRule):
         g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
         if patches is None:
             padded = _pad_channels_last(layer, _layer_inputs(layer, args).to(grad.dtype))
-            patches = _patches(layer, padded, grad.shape[1:-1])
+            patches = _patches(layer, padded, grad.shape[1:-1], cache)
             patches = patches.reshape(*patches.shape[:2], -1)
         return patches, g
 
@@ -198,7 +209,7 @@ class DepthwiseConvRule(LayerRule):
         batch = grad.shape[0]
         channels, multiplier = layer.kernel.shape[-2], layer.kernel.shape[-1]
         padded = _pad_channels_last(layer, _layer_inputs(layer, args).to(grad.dtype))
-        patches = _patches(layer, padded, grad.shape[1:-1])  # (B, L, *k, C)
+        patches = _patches(layer, padded, grad.shape[1:-1], cache)  # (B, L, *k, C)
         steps = patches.shape[1]
         # (B, C, L, k) patches and (B, C, L, M) gradients, channel-major.
         p = patches.reshape(batch, steps, -1, channels).permute(0, 3, 1, 2)
@@ -218,7 +229,8 @@ class DepthwiseConvRule(LayerRule):
             gg = torch.matmul(g, g.transpose(-1, -2)).double()
             norms = (pp * gg).sum(dim=(1, 2, 3))
         else:
-            per_example = torch.matmul(p.transpose(-1, -2), g)  # (B, C, k, M)
+            per_example = scratch(cache, "per_example", (batch, channels, width, multiplier), g)
+            torch.matmul(p.transpose(-1, -2), g, out=per_example)  # (B, C, k, M)
             cache["per_example"] = per_example
             norms = sq_norm_rows(per_example)
         if layer.use_bias:

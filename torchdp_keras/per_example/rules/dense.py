@@ -23,6 +23,7 @@ from torchdp_keras.per_example.rules.base import (
     as_sequence,
     identity,
     is_linear,
+    scratch,
     sq_norm_rows,
     weighted,
 )
@@ -60,9 +61,12 @@ def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor, cache: dict | None = 
         aa = torch.bmm(a, a.transpose(1, 2)).double()
         gg = torch.bmm(g, g.transpose(1, 2)).double()
         return (aa * gg).sum(dim=(1, 2))
-    per_example = torch.bmm(a.transpose(1, 2), g)
     if cache is not None:
+        per_example = scratch(cache, "per_example", (batch, d_in, d_out), g)
+        torch.bmm(a.transpose(1, 2), g, out=per_example)
         cache["per_example"] = per_example
+    else:
+        per_example = torch.bmm(a.transpose(1, 2), g)
     return sq_norm_rows(per_example)
 
 

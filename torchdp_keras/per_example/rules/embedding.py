@@ -14,7 +14,13 @@ from __future__ import annotations
 import torch
 from keras import ops
 
-from torchdp_keras.per_example.rules.base import LayerRule, identity, sq_norm_rows, weighted
+from torchdp_keras.per_example.rules.base import (
+    LayerRule,
+    identity,
+    scratch,
+    sq_norm_rows,
+    weighted,
+)
 
 
 def _ids_and_grads(args, grad):
@@ -50,10 +56,10 @@ class EmbeddingRule(LayerRule):
         starts = torch.ones_like(sorted_ids, dtype=torch.bool)
         starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
         slots = torch.cumsum(starts, dim=1) - 1
-        rows = torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, width))
-        summed = torch.zeros_like(g).scatter_add_(
-            1, slots.unsqueeze(-1).expand(-1, -1, width), rows
-        )
+        rows = scratch(cache, "rows", g.shape, g)
+        torch.gather(g, 1, order.unsqueeze(-1).expand(-1, -1, width), out=rows)
+        summed = scratch(cache, "summed", g.shape, g).zero_()
+        summed.scatter_add_(1, slots.unsqueeze(-1).expand(-1, -1, width), rows)
         return sq_norm_rows(summed)
 
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
