@@ -16,6 +16,7 @@ more temporaries at once) more.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -76,3 +77,9 @@ def reexec_with_tuned_malloc() -> None:
         return
     env = dict(os.environ, **TUNED_MALLOC_ENV)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def write_summary(path: str, summary: dict) -> None:
+    """Writes a bench's summary (and the allocator mode) as JSON."""
+    with open(path, "w") as f:
+        json.dump({"malloc": "tuned" if tuned_malloc_active() else "default", **summary}, f)

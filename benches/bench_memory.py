@@ -23,7 +23,10 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
+
+from _timing import write_summary  # noqa: E402
 
 PLAIN = "plain keras.Sequential"
 MODES = {PLAIN: None, "DPSequential (auto)": "auto", "DPSequential (vmap)": "vmap"}
@@ -88,6 +91,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--with-vmap", action="store_true")
     parser.add_argument("--max-ratio", type=float, default=1.3)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="also write the summary to this file")
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(MODES[args.child], args)))
@@ -114,6 +118,8 @@ def main(argv=None) -> dict:
     if ratio > args.max_ratio:
         print(f"FAIL: DP/plain peak memory {ratio:.2f}x is above --max-ratio {args.max_ratio}")
     summary["passed"] = ratio <= args.max_ratio
+    if args.json:
+        write_summary(args.json, summary)
     return summary
 
 

@@ -34,6 +34,7 @@ from _timing import (  # noqa: E402
     print_table,
     reexec_with_tuned_malloc,
     summarize,
+    write_summary,
 )
 from bench_step_time import DEFAULT_DATA, PLAIN, keras_contenders, load_batches  # noqa: E402
 
@@ -134,6 +135,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=40, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
+    parser.add_argument("--json", default=None, help="also write the summary to this file")
     args = parser.parse_args(argv)
     if args.tuned_malloc and argv is None:
         reexec_with_tuned_malloc()
@@ -169,6 +171,8 @@ def main(argv=None) -> dict:
         "(median per-round ratio; goal <= 1.0, stretch 0.8)"
     )
     summary["ours / fastest Opacus"] = (fastest, against["ours"][1])
+    if args.json:
+        write_summary(args.json, summary)
     return summary
 
 

@@ -40,7 +40,7 @@ from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.layout import layout_preserving_forward
 from torchdp_keras.per_example.registry import LayerRegistry
-from torchdp_keras.per_example.rules.base import WORKSPACE_KEY
+from torchdp_keras.per_example.rules.base import SAVED_KEY, WORKSPACE_KEY
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
 from torchdp_keras.per_example.rules.sublayers import SublayerRule
 from torchdp_keras.per_example.vmap_engine import ClippedBatch
@@ -263,7 +263,7 @@ class FastEngine:
             )
         z = None if output is None else rule.tap_output(layer, output)
         if z is not None:  # a sublayer whose finished output is the tap
-            taps.append((layer, rule, args, kwargs, z))
+            taps.append((layer, rule, args, kwargs, z, None))
             return None
         first = args[0]
         if isinstance(first, torch.Tensor) and layer._convert_input_args:
@@ -278,7 +278,7 @@ class FastEngine:
         if layer.autocast and layer.compute_dtype != layer.variable_dtype:
             autocast = keras_backend.AutocastScope(layer.compute_dtype)
         with autocast or contextlib.nullcontext():
-            z, finish = rule.forward(layer, args, kwargs)
+            z, finish, *saved = rule.forward(layer, args, kwargs)
             out = finish(z)
         if hasattr(layer, "compute_mask") and isinstance(args[0], torch.Tensor):
             mask = keras_backend.get_keras_mask(args[0])
@@ -288,7 +288,7 @@ class FastEngine:
                 out_mask = None
             if out_mask is not None:
                 keras_backend.set_keras_mask(out, out_mask)
-        taps.append((layer, rule, args, kwargs, z))
+        taps.append((layer, rule, args, kwargs, z, saved[0] if saved else None))
         return out
 
     def _loss_sum(self, y, y_pred, sample_weight, batch_size):
@@ -383,14 +383,17 @@ class FastEngine:
                     torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
                     for g in grads
                 ]
-            caches = [{WORKSPACE_KEY: self._workspaces.setdefault(id(tap[0]), {})} for tap in taps]
+            caches = [
+                {WORKSPACE_KEY: self._workspaces.setdefault(id(tap[0]), {}), SAVED_KEY: tap[5]}
+                for tap in taps
+            ]
             sq_norms = None
-            for (layer, rule, args, kwargs, _), g, cache in zip(taps, grads, caches):
+            for (layer, rule, args, kwargs, *_), g, cache in zip(taps, grads, caches):
                 part = rule.squared_norms(layer, args, kwargs, g, cache)
                 sq_norms = part if sq_norms is None else sq_norms + part
             factors = clip_factors(sq_norms, l2_norm_clip)
             sums: dict[int, torch.Tensor] = {}
-            for (layer, rule, args, kwargs, _), g, cache in zip(taps, grads, caches):
+            for (layer, rule, args, kwargs, *_), g, cache in zip(taps, grads, caches):
                 for weight, total in zip(
                     layer.trainable_weights,
                     rule.clipped_sums(layer, args, kwargs, g, factors, cache),

@@ -47,7 +47,10 @@ class LayerRule(abc.ABC):
 
         Returns:
             `(z, finish)`: the layer's output is `finish(z)`; the engine takes
-            the gradient of the loss with respect to `z`.
+            the gradient of the loss with respect to `z`. A rule may return
+            `(z, finish, saved)`: `saved` (anything the forward computed that
+            the norms need, e.g. a normalised input) is then in
+            `cache["saved"]` for `squared_norms` and `clipped_sums`.
         """
 
     def tap_output(self, layer, output: torch.Tensor) -> torch.Tensor | None:
@@ -81,6 +84,7 @@ class LayerRule(abc.ABC):
 
 
 WORKSPACE_KEY = "workspace"
+SAVED_KEY = "saved"
 
 
 def scratch(cache: dict, name: str, shape, like: torch.Tensor) -> torch.Tensor:

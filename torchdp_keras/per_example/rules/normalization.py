@@ -8,8 +8,9 @@ at `y`, example i's gradients are `sum(g_i * x_hat_i)` for `gamma` and
 `sum(g_i)` for `beta`, summed over every axis except the parameter's own.
 `x_hat` is the layer's own output with `gamma = 1` and `beta = 0`, so every
 option of the layer (`rms_scaling`, `epsilon`, groups, dtypes) is honoured
-exactly. These gradients are as small as the parameters, so they are formed
-explicitly.
+exactly: the rule's forward runs that call once and applies the affine
+part itself, so the layer is normalised once per step. These gradients are
+as small as the parameters, so they are formed explicitly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import keras
 import torch
 from keras.src import backend as keras_backend
 
-from torchdp_keras.per_example.rules.base import LayerRule, sq_norm_rows
+from torchdp_keras.per_example.rules.base import SAVED_KEY, LayerRule, sq_norm_rows
 
 
 def _parameter_axes(layer, ndim: int) -> list[int]:
@@ -54,29 +55,48 @@ class NormalizationRule(LayerRule):
         )
 
     def forward(self, layer, args, kwargs):
-        return layer(*args, **kwargs), (lambda t: t)
+        # One normalisation: x_hat from the layer's own call with the affine
+        # parameters at (1, 0), then the affine part; x_hat is kept for the norms.
+        x_hat = self._normalized(layer, args, kwargs)
+        scale, beta = _scale(layer), getattr(layer, "beta", None)
+        y = x_hat
+        axes = _parameter_axes(layer, x_hat.ndim)
+        shape = [x_hat.shape[a] if a in axes else 1 for a in range(x_hat.ndim)]
+        if scale is not None:
+            y = y * scale.value.to(y.dtype).reshape(shape)
+        if beta is not None:
+            y = y + beta.value.to(y.dtype).reshape(shape)
+        return y, (lambda t: t), x_hat
 
     def tap_output(self, layer, output):
         return output
 
-    def _per_example(self, layer, args, kwargs, grad, cache):
-        if "grads" in cache:
-            return cache["grads"]
-        inputs = args[0]
+    @staticmethod
+    def _normalized(layer, args, kwargs, grad_enabled=True):
         mapping = []
         scale = _scale(layer)
         if scale is not None:
             mapping.append((scale, torch.ones_like(scale.value)))
         if getattr(layer, "beta", None) is not None:
             mapping.append((layer.beta, torch.zeros_like(layer.beta.value)))
-        with torch.no_grad(), keras_backend.StatelessScope(state_mapping=mapping):
-            x_hat = layer.call(inputs, **{k: v for k, v in kwargs.items() if k != "training"})
-        x_hat = torch.as_tensor(x_hat).to(grad.dtype)
+        call_kwargs = {k: v for k, v in kwargs.items() if k != "training"}
+        with torch.set_grad_enabled(grad_enabled and torch.is_grad_enabled()):
+            with keras_backend.StatelessScope(state_mapping=mapping):
+                return torch.as_tensor(layer.call(args[0], **call_kwargs))
+
+    def _per_example(self, layer, args, kwargs, grad, cache):
+        if "grads" in cache:
+            return cache["grads"]
+        scale = _scale(layer)
+        x_hat = cache.get(SAVED_KEY)
+        if x_hat is None:  # the layer ran outside `forward` (a sublayer)
+            x_hat = self._normalized(layer, args, kwargs, grad_enabled=False)
+        # The backward pass is over, so the forward's x_hat is free to reuse.
+        x_hat = x_hat.detach().to(grad.dtype)
         axes = _parameter_axes(layer, grad.ndim)
         summed = tuple(a for a in range(1, grad.ndim) if a not in axes)
         grads = []
         for weight in layer.trainable_weights:
-            # x_hat is this rule's own tensor: the product goes in place.
             product = x_hat.mul_(grad) if weight is scale else grad
             per_example = product.sum(dim=summed) if summed else product
             grads.append(per_example.reshape(grad.shape[0], *weight.shape))

@@ -1,0 +1,175 @@
+"""Runs every fast-clipping benchmark and writes the results table and plot.
+
+Each step-time bench runs twice, with glibc's default allocator and with
+`--tuned-malloc` (see `_timing.py`); the memory bench runs once. Every bench
+runs in its own process. The script prints a Markdown table, writes it to
+`benches/results.md`, and, when matplotlib is installed, draws
+`docs/benchmarks.png` (DP step / plain Keras step per bench, with targets).
+
+    python benches/run_all.py            # about two minutes on a 2-core CPU
+    python benches/run_all.py --quick    # fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# (label, script, key of our DP row, baseline label, target, extra args)
+BENCHES = [
+    (
+        "Tutorial CNN, batch 250: time",
+        "bench_step_time.py",
+        "DPSequential (auto)",
+        "plain Keras",
+        1.3,
+        [],
+    ),
+    (
+        "Transformer, batch 64: time",
+        "bench_transformer.py",
+        "DPModel (auto)",
+        "plain Keras",
+        1.4,
+        [],
+    ),
+    (
+        "Tutorial CNN vs Opacus",
+        "bench_opacus.py",
+        "ours / fastest Opacus",
+        "fastest Opacus",
+        1.0,
+        [],
+    ),
+    (
+        "MLP 21M, batch 256: peak memory",
+        "bench_memory.py",
+        "DPSequential (auto)",
+        "plain Keras",
+        1.3,
+        ["--with-vmap"],
+    ),
+]
+
+
+def run(script, extra, tuned, quick):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "summary.json")
+        command = [sys.executable, os.path.join(HERE, script), "--json", out, *extra]
+        if tuned:
+            command.append("--tuned-malloc")
+        if quick and script != "bench_memory.py":
+            command += ["--steps", "10"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        print(done.stdout, end="")
+        if not os.path.exists(out):
+            print(done.stderr[-2000:], file=sys.stderr)
+            return None
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        import opacus  # noqa: F401
+
+        have_opacus = True
+    except ImportError:
+        have_opacus = False
+    rows = []
+    for label, script, key, baseline, target, extra in BENCHES:
+        if script == "bench_opacus.py" and not have_opacus:
+            print("skipping the Opacus comparison: pip install opacus")
+            continue
+        modes = [False] if script == "bench_memory.py" else [False, True]
+        for tuned in modes:
+            summary = run(script, extra, tuned, args.quick)
+            if summary is None:
+                rows.append((label, "tuned" if tuned else "default", None, baseline, target, ""))
+                continue
+            value = summary[key][1]
+            detail = ""
+            if script == "bench_opacus.py":
+                detail = f"vs {summary[key][0]}"
+            elif script == "bench_memory.py":
+                detail = ", ".join(
+                    f"{name}: {mib:.0f} MiB"
+                    for name, (mib, _) in summary.items()
+                    if isinstance(summary[name], list)
+                )
+            else:
+                plain = next(v for k, v in summary.items() if k.startswith("plain"))
+                detail = f"plain {plain[0]:.1f} ms, DP {summary[key][0]:.1f} ms"
+            rows.append((label, summary["malloc"], value, baseline, target, detail))
+
+    stamp = datetime.date.today().isoformat()
+    lines = [
+        f"Measured {stamp} on this machine ({os.cpu_count()} CPU cores), "
+        "by `python benches/run_all.py`.",
+        "",
+        "| benchmark | malloc | DP / baseline | target | details |",
+        "|---|---|---|---|---|",
+    ]
+    for label, malloc, value, baseline, target, detail in rows:
+        shown = "failed" if value is None else f"{value:.2f}x {baseline}"
+        lines.append(f"| {label} | {malloc} | {shown} | <= {target} | {detail} |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return 0
+    labels = sorted({r[0] for r in rows}, key=[b[0] for b in BENCHES].index)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.38
+    for offset, malloc, color in (
+        (-width / 2, "default", "#4c72b0"),
+        (width / 2, "tuned", "#55a868"),
+    ):
+        values = []
+        for label in labels:
+            match = [r[2] for r in rows if r[0] == label and r[1] == malloc]
+            values.append(match[0] if match and match[0] is not None else 0)
+        ax.bar(
+            [i + offset for i in range(len(labels))],
+            values,
+            width,
+            label=f"malloc={malloc}",
+            color=color,
+        )
+    for i, label in enumerate(labels):
+        target = next(r[4] for r in rows if r[0] == label)
+        ax.hlines(target, i - 0.45, i + 0.45, colors="#c44e52", linestyles="dashed")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([label.replace(": ", ":\n") for label in labels], fontsize=8)
+    ax.set_ylabel("DP / baseline (lower is better)")
+    ax.set_title(f"torchdp_keras fast clipping ({stamp}); dashed: targets", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
+    fig.savefig(os.path.join(ROOT, "docs", "benchmarks.png"), dpi=120)
+    print("wrote benches/results.md and docs/benchmarks.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
