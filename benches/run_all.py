@@ -104,9 +104,9 @@ def main(argv=None) -> int:
                 detail = f"vs {summary[key][0]}"
             elif script == "bench_memory.py":
                 detail = ", ".join(
-                    f"{name}: {mib:.0f} MiB"
-                    for name, (mib, _) in summary.items()
-                    if isinstance(summary[name], list)
+                    f"{name}: {value[0]:.0f} MiB"
+                    for name, value in summary.items()
+                    if isinstance(value, list)
                 )
             else:
                 plain = next(v for k, v in summary.items() if k.startswith("plain"))

@@ -32,3 +32,30 @@ def test_step_time_benchmark_runs(capsys):
     summary = bench.main(["--steps", "2", "--warmup", "1", "--batch-size", "8"])
     assert summary["DPSequential (auto)"][0] > 0 and summary["DPSequential (auto)"][1] > 0
     assert "DPSequential (vmap)" in capsys.readouterr().out
+
+
+def test_transformer_benchmark_runs(capsys):
+    bench = _load("benches/bench_transformer.py")
+    summary = bench.main(
+        ["--vocab", "50", "--length", "8", "--batch-size", "4", "--steps", "2", "--warmup", "1"]
+    )
+    assert summary["DPModel (auto)"][0] > 0
+    assert "DPModel (auto)" in capsys.readouterr().out
+
+
+def test_memory_benchmark_runs(capsys):
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak-RSS reset needs Linux /proc")
+    bench = _load("benches/bench_memory.py")
+    summary = bench.main(["--batch-size", "8", "--features", "16", "--width", "32", "--steps", "1"])
+    assert summary["DPSequential (auto)"][0] > 0
+    assert "peak memory" in capsys.readouterr().out
+
+
+def test_opacus_benchmark_runs(capsys):
+    pytest.importorskip("opacus")
+    bench = _load("benches/bench_opacus.py")
+    if not os.path.exists(bench.DEFAULT_DATA):
+        pytest.skip(f"MNIST not found at {bench.DEFAULT_DATA}")
+    summary = bench.main(["--steps", "2", "--warmup", "1", "--batch-size", "8"])
+    assert summary["ours / fastest Opacus"][1] > 0

@@ -484,14 +484,40 @@ def test_sample_weights_and_classification_loss_match():
     _compare(model, x, y, w)
 
 
-def _mixed_model(mode, seed_weights=None):
+def _conv_graph():
     inputs = keras.Input((8, 8, 1))
     h = layers.Conv2D(4, 3, activation="relu")(inputs)
     h = layers.LayerNormalization()(h)
     h = layers.Flatten()(h)
     h = layers.Dense(16, activation="relu")(h)
     h = layers.Dropout(0.0)(h)
-    outputs = layers.Dense(3)(h)
+    return inputs, layers.Dense(3)(h)
+
+
+def _depthwise_graph():
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Conv2D(4, 3, padding="same")(inputs)
+    h = layers.MaxPooling2D(2)(h)
+    h = layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", activation="relu")(h)
+    h = layers.GroupNormalization(4)(h)
+    h = layers.AveragePooling2D(2)(h)
+    return inputs, layers.Dense(3)(layers.Flatten()(h))
+
+
+def _attention_graph():
+    inputs = keras.Input((8, 8, 1))
+    h = layers.Reshape((8, 8))(inputs)
+    h = layers.EinsumDense("abc,cd->abd", (8, 6), bias_axes="d")(h)
+    attended = layers.MultiHeadAttention(2, 3)(h, h)
+    h = layers.RMSNormalization()(layers.Add()([h, attended]))
+    return inputs, layers.Dense(3)(layers.GlobalAveragePooling1D()(h))
+
+
+MIXED_GRAPHS = {"conv": _conv_graph, "depthwise": _depthwise_graph, "attention": _attention_graph}
+
+
+def _mixed_model(mode, seed_weights=None, graph="conv"):
+    inputs, outputs = MIXED_GRAPHS[graph]()
     model = tdk.DPModel(
         inputs=inputs, outputs=outputs, l2_norm_clip=0.1, noise_multiplier=0.0, clipping_mode=mode
     )
@@ -504,20 +530,25 @@ def _mixed_model(mode, seed_weights=None):
     return model
 
 
-def test_updates_are_identical_across_modes():
+@pytest.mark.parametrize("graph", sorted(MIXED_GRAPHS))
+def test_updates_are_identical_across_modes(graph):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(16, 8, 8, 1)).astype("float32")
     y = rng.integers(0, 3, size=(16,)).astype("int32")
-    init = _mixed_model("vmap").get_weights()
+    init = _mixed_model("vmap", graph=graph).get_weights()
     results = {}
     for mode in ("fast", "auto", "vmap"):
-        model = _mixed_model(mode, init)
+        model = _mixed_model(mode, init, graph)
         for _ in range(2):
             model.train_on_batch(x, y)
         results[mode] = model.get_weights()
+        if mode != "vmap":
+            assert isinstance(model._dp_engine, FastEngine)
+            assert not model._dp_engine.slow_layers
     for mode in ("fast", "auto"):
         for a, b in zip(results[mode], results["vmap"]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(init, results["fast"]))
 
 
 def _shared_model(mode):
