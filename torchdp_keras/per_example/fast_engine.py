@@ -10,6 +10,12 @@ otherwise); the norms are summed over layers, turned into clip factors, and
 each rule forms its clipped-sum gradients directly (book-keeping). There is
 no second backward pass and no B x P tensor for the model.
 
+Layers registered with `SublayerRule` (MultiHeadAttention) run their own
+`call`; their weighted sublayers are tapped through torch forward hooks that
+exist only during that call. Parameter-free pooling layers run on
+channels_last views (`layout.py`). Rules keep large intermediates in
+per-layer scratch memory that outlives the step (`rules.base.scratch`).
+
 Scope (anything else raises `FastPathUnsupported`, and `clipping_mode="auto"`
 then uses the per-example engine):
 * functional and Sequential models (and `PrivateKerasModel` around them);

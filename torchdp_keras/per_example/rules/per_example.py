@@ -1,13 +1,15 @@
 """Explicit per-example gradients of one layer (the mixed-clipping fallback).
 
-For layers whose weights are small (convolution kernels, normalisation
-scales, attention projections) or that have no ghost formula, the rule
-materialises the per-example gradients of that layer only: `vmap` over the
+For a layer that has no rule in the registry (or whose rule declines the
+instance: a grouped convolution, a LoRA-enabled Dense), `clipping_mode="auto"`
+uses this rule, which materialises the per-example gradients of that layer
+only: `vmap` over the
 examples of the `vjp` of the layer's stateless call on one example, with the
 output gradient the engine captured as cotangent. Memory is B x (the layer's
 parameters), not B x (the model's). The layer's forward runs once more per
-step, so layers with internal randomness (dropout inside the layer) are not
-supported by this rule.
+step: a layer with internal randomness gets per-example gradients for a fresh
+draw of it (still a consistent, correctly clipped DP update, but not the
+gradient of the forward pass the loss came from); give such layers a rule.
 """
 
 from __future__ import annotations
