@@ -111,3 +111,89 @@ def mp_subsampled_gaussian_rdp(q, sigma, alpha, dps=50):
     )
     value = mpmath.quad(integrand, points)
     return float(mpmath.log(value) / (alpha - 1))
+
+
+# ---------------------------------------------------------------- Philox noise --
+# A slow, numpy-only transcription of csrc/clip_noise.h, operation by operation
+# (numpy float64 ufuncs round every operation, as the kernels do), to check
+# the kernels' noise bit for bit.
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter_words, key_words):
+    """Philox4x32-10 on arrays: counter (c0..c3) and key (k0, k1) as uint64 arrays."""
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & _MASK32 for c in counter_words)
+    k0, k1 = (np.asarray(k, dtype=np.uint64) & _MASK32 for k in key_words)
+    for _ in range(10):
+        p0 = _M0 * c0
+        p1 = _M1 * c2
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _uniform53(high, low):
+    bits = ((high << np.uint64(32)) | low) >> np.uint64(11)
+    return (bits.astype(np.int64).astype(np.float64) + 1.0) * (1.0 / 9007199254740992.0)
+
+
+def _log_basic(u):
+    m, e = np.frexp(u)  # u = m 2^e, m in [0.5, 1)
+    m, e = m * 2.0, e - 1  # m in [1, 2), as the kernel's bit manipulation
+    high = m >= 1.41421356237309504880
+    m = np.where(high, m * 0.5, m)
+    e = np.where(high, e + 1, e)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    series = np.full_like(s, 1.0 / 19.0)
+    for c in (17, 15, 13, 11, 9, 7, 5, 3):
+        series = series * s2 + 1.0 / c
+    series = series * s2 + 1.0
+    log_m = 2.0 * s * series
+    ln2_hi, ln2_lo = 6.93147180369123816490e-01, 1.90821492927058770002e-10
+    e = e.astype(np.float64)
+    return e * ln2_hi + (log_m + e * ln2_lo)
+
+
+def _sin_small(t):
+    t2 = t * t
+    p = np.full_like(t, 1.0 / 6227020800.0)
+    for c in (-1.0 / 39916800.0, 1.0 / 362880.0, -1.0 / 5040.0, 1.0 / 120.0, -1.0 / 6.0):
+        p = p * t2 + c
+    return t + t * (t2 * p)
+
+
+def _cos_small(t):
+    t2 = t * t
+    p = np.full_like(t, 1.0 / 87178291200.0)
+    for c in (-1.0 / 479001600.0, 1.0 / 3628800.0, -1.0 / 40320.0, 1.0 / 720.0, -1.0 / 24.0):
+        p = p * t2 + c
+    p = p * t2 + 0.5
+    return 1.0 - t2 * p
+
+
+def philox_normals(seed: int, first: int, count: int) -> np.ndarray:
+    """Normals number first .. first + count - 1 of the kernels' stream `seed`."""
+    n = np.arange(first, first + count, dtype=np.uint64)
+    counter = n >> np.uint64(1)
+    seed = np.uint64(seed)
+    x0, x1, x2, x3 = philox4x32_10(
+        (counter & _MASK32, counter >> np.uint64(32), np.zeros_like(n), np.zeros_like(n)),
+        (seed & _MASK32, seed >> np.uint64(32)),
+    )
+    u1, u2 = _uniform53(x0, x1), _uniform53(x2, x3)
+    radius = np.sqrt(-2.0 * _log_basic(u1))
+    quarters = u2 * 4.0
+    q = np.select(
+        [quarters >= 3.5, quarters >= 2.5, quarters >= 1.5, quarters >= 0.5], [4, 3, 2, 1], 0
+    )
+    t = (u2 - 0.25 * q.astype(np.float64)) * 6.28318530717958647692
+    s, c = _sin_small(t), _cos_small(t)
+    q = q & 3
+    sin = np.select([q == 0, q == 1, q == 2], [s, c, -s], -c)
+    cos = np.select([q == 0, q == 1, q == 2], [c, -s, -c], s)
+    return np.where((n & np.uint64(1)) == 1, radius * sin, radius * cos)

@@ -35,7 +35,7 @@ from torchdp_keras.data import unpack_poisson_batch
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
-from torchdp_keras.ops import add_gaussian_noise
+from torchdp_keras.ops import add_noise_and_scale_
 from torchdp_keras.per_example import (
     FastEngine,
     FastPathUnsupported,
@@ -392,15 +392,25 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         if update_due:
             noise_std = self._noise_multiplier * self._l2_norm_clip
             generator = self._noise_generator_for(result.summed[0].device)
-            grads = add_gaussian_noise(self._accum_grads, noise_std, generator, inplace=True)
             # Normalise by the expected batch of the update under Poisson
             # sampling (never the realised one, which depends on the data),
             # else by the number of clipping units accumulated.
             normaliser = self._poisson_expected_batch_size if mask is not None else None
             normaliser = normaliser or self._accum_units
             scale = normaliser * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
-            # In place: every tensor here is this step's own (noised or summed).
-            grads = [g.div_(scale) for g in grads]
+            # Noise and normalisation in one pass, in place (every tensor here
+            # is this step's own); the noise stream's key comes from the
+            # model's generator, so a fixed seed reproduces the run.
+            noise_key = int(
+                torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+            )
+            grads = add_noise_and_scale_(
+                self._accum_grads,
+                noise_std,
+                1.0 / scale,
+                seed=noise_key,
+                portable=self._accum_grads[0].device.type != "cpu",
+            )
             if reg_grads is not None:
                 grads = [g if r is None else g.add_(r) for g, r in zip(grads, reg_grads)]
             if loss_scale != 1.0:

@@ -29,7 +29,7 @@ from keras.src import backend as keras_backend
 
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import data_updated_state_error, seed_state_ids
-from torchdp_keras.ops import clip_factors, clipped_sum, per_unit_squared_norms
+from torchdp_keras.ops import clipped_sum_and_norms
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 
 # Per-unit gradients held at once, in elements (256 MiB of float32).
@@ -300,9 +300,9 @@ class VmapEngine:
         for grads, unit_losses, y_pred in self._iter_chunks(
             x, y, sample_weight, num_units, rng_seed, loss_scale, unit_mask
         ):
-            sq_norms = per_unit_squared_norms(grads)
-            part = clipped_sum(grads, clip_factors(sq_norms, l2_norm_clip))
-            summed = part if summed is None else [a + b for a, b in zip(summed, part)]
+            # One fused pass (csrc/ kernel when built): norms, factors, sums.
+            part, sq_norms = clipped_sum_and_norms(grads, l2_norm_clip)
+            summed = part if summed is None else [a.add_(b) for a, b in zip(summed, part)]
             losses.append(unit_losses)
             norms.append(torch.sqrt(sq_norms))
             predictions.append(y_pred)

@@ -1,0 +1,211 @@
+// Fused clip-and-noise ops: schemas (TORCH_LIBRARY) and the CPU kernels.
+//
+//   torchdp_keras::clipped_sum(Tensor[] grads, float l2_norm_clip)
+//       -> (Tensor[] sums, Tensor squared_norms)
+//   torchdp_keras::add_noise_and_scale_(Tensor(a!)[] tensors, float noise_std,
+//       float scale, int seed, int offset) -> ()
+//   torchdp_keras::clip_and_noise(Tensor[] grads, float l2_norm_clip,
+//       float noise_std, int seed, int offset) -> Tensor[]
+//
+// grads[k] has shape (B, ...); example i's norm is taken over row i of every
+// tensor together. The CPU clipped sum reads each example once from memory:
+// one thread takes an example, accumulates its squared norm in double, and
+// adds factor * row into the thread's own accumulator while the row is still
+// in cache; the per-thread accumulators are summed at the end. Noise number n
+// of a call is philox_normal(seed, offset + n), n running over the elements
+// of the tensors in order (see clip_noise.h): the same on CPU and CUDA.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "clip_noise.h"
+
+namespace torchdp_keras {
+namespace {
+
+void check_grads(at::TensorList grads, double l2_norm_clip, const char* op) {
+  TORCH_CHECK(!grads.empty(), op, ": expected at least one gradient tensor. Received: grads=[]");
+  TORCH_CHECK(l2_norm_clip > 0 && std::isfinite(l2_norm_clip), op,
+              ": expected l2_norm_clip > 0 and finite. Received: l2_norm_clip=", l2_norm_clip);
+  const auto batch = grads[0].dim() > 0 ? grads[0].size(0) : -1;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    const auto& g = grads[k];
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == batch, op,
+                ": expected every gradient to have the batch of grads[0] (", batch,
+                ") on axis 0. Received: grads[", k, "].shape=", g.sizes());
+    TORCH_CHECK(g.scalar_type() == grads[0].scalar_type(), op,
+                ": expected one dtype for all gradients. Received: grads[", k,
+                "].dtype=", g.scalar_type(), " and grads[0].dtype=", grads[0].scalar_type());
+    TORCH_CHECK(g.device() == grads[0].device(), op,
+                ": expected one device for all gradients. Received: grads[", k, "] on ",
+                g.device(), " and grads[0] on ", grads[0].device());
+    TORCH_CHECK(g.scalar_type() == at::kFloat || g.scalar_type() == at::kDouble, op,
+                ": expected float32 or float64 gradients. Received: dtype=", g.scalar_type());
+  }
+}
+
+void check_noise(double noise_std, int64_t seed, int64_t offset, const char* op) {
+  TORCH_CHECK(noise_std >= 0 && std::isfinite(noise_std), op,
+              ": expected noise_std >= 0 and finite. Received: noise_std=", noise_std);
+  TORCH_CHECK(offset >= 0, op, ": expected offset >= 0. Received: offset=", offset);
+  (void)seed;  // any 64-bit value is a key
+}
+
+template <typename scalar_t>
+void clipped_sum_kernel(const std::vector<at::Tensor>& rows, double l2_norm_clip,
+                        std::vector<at::Tensor>& accumulators, at::Tensor& squared_norms) {
+  const int64_t batch = rows[0].size(0);
+  double* norms = squared_norms.data_ptr<double>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    const int64_t thread = at::get_thread_num();
+    for (int64_t i = begin; i < end; ++i) {
+      double total = 0.0;
+      for (const auto& t : rows) {
+        const int64_t width = t.size(1);
+        const scalar_t* row = t.data_ptr<scalar_t>() + i * width;
+        double partial[4] = {0.0, 0.0, 0.0, 0.0};
+        int64_t j = 0;
+        for (; j + 4 <= width; j += 4) {
+          for (int lane = 0; lane < 4; ++lane) {
+            const double v = static_cast<double>(row[j + lane]);
+            partial[lane] += v * v;
+          }
+        }
+        for (; j < width; ++j) {
+          const double v = static_cast<double>(row[j]);
+          partial[0] += v * v;
+        }
+        total += (partial[0] + partial[1]) + (partial[2] + partial[3]);
+      }
+      norms[i] = total;
+      const scalar_t factor = static_cast<scalar_t>(clip_factor(total, l2_norm_clip));
+      for (size_t k = 0; k < rows.size(); ++k) {
+        const int64_t width = rows[k].size(1);
+        const scalar_t* row = rows[k].data_ptr<scalar_t>() + i * width;
+        scalar_t* acc = accumulators[k].data_ptr<scalar_t>() + thread * width;
+        for (int64_t j = 0; j < width; ++j) {
+          acc[j] += factor * row[j];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void add_noise_and_scale_kernel(scalar_t* data, int64_t numel, double noise_std, double scale,
+                                uint64_t seed, uint64_t first) {
+  if (noise_std == 0.0) {
+    at::parallel_for(0, numel, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        data[j] = static_cast<scalar_t>(static_cast<double>(data[j]) * scale);
+      }
+    });
+    return;
+  }
+  // One Philox call, one log and one sincos per pair of stream numbers,
+  // computed a block at a time in a loop the compiler can vectorise.
+  constexpr int64_t kPairs = 256;
+  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+    double normals[2 * kPairs];
+    int64_t j = begin;
+    while (j < end) {
+      const uint64_t n = first + static_cast<uint64_t>(j);
+      const uint64_t pair = n >> 1;
+      const int64_t skip = static_cast<int64_t>(n & 1);  // start mid-pair
+      const int64_t take = std::min<int64_t>(end - j, 2 * kPairs - skip);
+      const int64_t pairs = (skip + take + 1) / 2;
+#pragma omp simd
+      for (int64_t k = 0; k < pairs; ++k) {
+        philox_normal_pair(seed, pair + static_cast<uint64_t>(k), &normals[2 * k],
+                           &normals[2 * k + 1]);
+      }
+      for (int64_t k = 0; k < take; ++k) {
+        data[j + k] = static_cast<scalar_t>(
+            (static_cast<double>(data[j + k]) + noise_std * normals[skip + k]) * scale);
+      }
+      j += take;
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> clipped_sum_cpu(at::TensorList grads,
+                                                                double l2_norm_clip) {
+  check_grads(grads, l2_norm_clip, "torchdp_keras.clipped_sum");
+  const int64_t batch = grads[0].size(0);
+  std::vector<at::Tensor> rows;
+  rows.reserve(grads.size());
+  for (const auto& g : grads) {
+    rows.push_back(g.reshape({batch, -1}).contiguous());
+  }
+  const int64_t threads = at::get_num_threads();
+  std::vector<at::Tensor> accumulators;
+  for (const auto& r : rows) {
+    accumulators.push_back(at::zeros({threads, r.size(1)}, r.options()));
+  }
+  auto squared_norms = at::empty({batch}, grads[0].options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "clipped_sum_cpu", [&] {
+    clipped_sum_kernel<scalar_t>(rows, l2_norm_clip, accumulators, squared_norms);
+  });
+  std::vector<at::Tensor> sums;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    auto shape = grads[k].sizes().slice(1).vec();
+    sums.push_back((threads == 1 ? accumulators[k][0] : accumulators[k].sum(0)).reshape(shape));
+  }
+  return {sums, squared_norms};
+}
+
+void add_noise_and_scale_cpu(at::TensorList tensors, double noise_std, double scale, int64_t seed,
+                             int64_t offset) {
+  check_noise(noise_std, seed, offset, "torchdp_keras.add_noise_and_scale_");
+  uint64_t first = static_cast<uint64_t>(offset);
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const auto& t = tensors[k];
+    TORCH_CHECK(t.is_contiguous(), "torchdp_keras.add_noise_and_scale_: expected contiguous "
+                "tensors. Received: tensors[", k, "] with strides ", t.strides());
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                "torchdp_keras.add_noise_and_scale_: expected float32 or float64 tensors. "
+                "Received: tensors[", k, "].dtype=", t.scalar_type());
+    AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "add_noise_and_scale_cpu", [&] {
+      add_noise_and_scale_kernel<scalar_t>(t.data_ptr<scalar_t>(), t.numel(), noise_std, scale,
+                                           static_cast<uint64_t>(seed), first);
+    });
+    first += static_cast<uint64_t>(t.numel());
+  }
+}
+
+std::vector<at::Tensor> clip_and_noise_cpu(at::TensorList grads, double l2_norm_clip,
+                                           double noise_std, int64_t seed, int64_t offset) {
+  check_noise(noise_std, seed, offset, "torchdp_keras.clip_and_noise");
+  auto sums = std::get<0>(clipped_sum_cpu(grads, l2_norm_clip));
+  add_noise_and_scale_cpu(sums, noise_std, 1.0, seed, offset);
+  return sums;
+}
+
+TORCH_LIBRARY(torchdp_keras, m) {
+  m.def("clipped_sum(Tensor[] grads, float l2_norm_clip) -> (Tensor[], Tensor)");
+  m.def(
+      "add_noise_and_scale_(Tensor(a!)[] tensors, float noise_std, float scale, int seed, "
+      "int offset) -> ()");
+  m.def(
+      "clip_and_noise(Tensor[] grads, float l2_norm_clip, float noise_std, int seed, "
+      "int offset) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(torchdp_keras, CPU, m) {
+  m.impl("clipped_sum", &clipped_sum_cpu);
+  m.impl("add_noise_and_scale_", &add_noise_and_scale_cpu);
+  m.impl("clip_and_noise", &clip_and_noise_cpu);
+}
+
+}  // namespace torchdp_keras
+
+// Importing the module registers the ops above (torch.ops.torchdp_keras.*).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "torchdp_keras fused clip-and-noise ops (registered in torch.ops.torchdp_keras)";
+}
