@@ -93,7 +93,10 @@ def test_kernel_noise_is_the_philox_stream_bit_for_bit(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch, shapes", [(7, [(5,), (3, 4)]), (64, [(300,)]), (1, [(2, 2, 2)])])
+@pytest.mark.parametrize(
+    "batch, shapes",
+    [(7, [(5,), (3, 4)]), (64, [(300,)]), (1, [(2, 2, 2)]), (2, [(1200000,), (50, 2000)])],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernel_clipped_sum_equals_the_one_example_reference(batch, shapes, dtype):
     grads = _grads(batch, shapes, dtype)
