@@ -59,3 +59,13 @@ def test_opacus_benchmark_runs(capsys):
         pytest.skip(f"MNIST not found at {bench.DEFAULT_DATA}")
     summary = bench.main(["--steps", "2", "--warmup", "1", "--batch-size", "8"])
     assert summary["ours / fastest Opacus"][1] > 0
+
+
+def test_fused_ops_benchmark_runs(capsys):
+    bench = _load("benches/bench_fused_ops.py")
+    summary = bench.main(
+        ["--min-log2-p", "8", "--max-log2-p", "9", "--rounds", "1", "--warmup", "0"]
+        + ["--batch-size", "8", "--skip-end-to-end"]
+    )
+    assert summary["clipped_sum"]["256"]["torch"] > 0
+    assert "noise of 2^9 values" in capsys.readouterr().out
