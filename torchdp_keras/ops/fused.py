@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-from torchdp_keras.ops.clip_noise import clip_factors, squared_row_norms
+from torchdp_keras.ops.clip_noise import add_gaussian_noise, clip_factors, squared_row_norms
 
 logger = logging.getLogger(__name__)
 
@@ -149,20 +149,19 @@ def reference_clipped_sum_and_norms(grads, l2_norm_clip):
 
 
 def reference_add_noise_and_scale_(tensors, noise_std, scale, seed, offset):
-    """The fallback noise: a torch generator seeded from (seed, offset)."""
-    if noise_std == 0 and scale == 1:
-        return
-    generator = None
-    for t in tensors:
+    """The fallback noise: torch's sampler from a generator seeded by (seed, offset).
+
+    In place and in chunks (`clip_noise.add_gaussian_noise`), so that no
+    model-sized noise tensor exists.
+    """
+    if noise_std > 0 and tensors:
+        generator = torch.Generator(device=tensors[0].device)
+        generator.manual_seed(hash((seed, offset)) & (2**63 - 1))
         with torch.no_grad():
-            if noise_std > 0:
-                if generator is None:
-                    generator = torch.Generator(device=t.device)
-                    generator.manual_seed(hash((seed, offset)) & (2**63 - 1))
-                draw = torch.promote_types(t.dtype, torch.float32)
-                noise = torch.randn(t.shape, generator=generator, device=t.device, dtype=draw)
-                t.add_(noise.mul_(noise_std).to(t.dtype))
-            if scale != 1:
+            add_gaussian_noise(tensors, noise_std, generator, inplace=True)
+    if scale != 1:
+        with torch.no_grad():
+            for t in tensors:
                 t.mul_(scale)
 
 
