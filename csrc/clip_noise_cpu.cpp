@@ -83,8 +83,25 @@ inline double squared_norm_loop(const scalar_t* row, int64_t width) {
   return (partial[0] + partial[1]) + (partial[2] + partial[3]);
 }
 
+// float32 rows: sums of squares of 8 values in float (relative error about
+// 10 roundings, 6e-7, below the clip margin, as ops.clip_noise.squared_row_norms),
+// the blocks summed in double.
 TDK_CLONES double squared_norm_f32(const float* row, int64_t width) {
-  return squared_norm_loop(row, width);
+  double partial[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 64 <= width; j += 64) {
+    float block[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int step = 0; step < 8; ++step) {
+      for (int lane = 0; lane < 8; ++lane) {
+        const float v = row[j + step * 8 + lane];
+        block[lane] += v * v;
+      }
+    }
+    for (int lane = 0; lane < 8; ++lane) partial[lane] += static_cast<double>(block[lane]);
+  }
+  double total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
+                 ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+  return total + squared_norm_loop(row + j, width - j);
 }
 TDK_CLONES double squared_norm_f64(const double* row, int64_t width) {
   return squared_norm_loop(row, width);
