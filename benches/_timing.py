@@ -83,3 +83,15 @@ def write_summary(path: str, summary: dict) -> None:
     """Writes a bench's summary (and the allocator mode) as JSON."""
     with open(path, "w") as f:
         json.dump({"malloc": "tuned" if tuned_malloc_active() else "default", **summary}, f)
+
+
+def finish(summary: dict, key: str, max_ratio: float, what: str, json_path: str | None) -> dict:
+    """Marks `summary` passed when `summary[key]`'s ratio is within `max_ratio`
+    (printing why not), writes it to `json_path` if given, and returns it."""
+    ratio = summary[key][1]
+    if ratio > max_ratio:
+        print(f"FAIL: {what} {ratio:.2f}x is above --max-ratio {max_ratio}")
+    summary["passed"] = ratio <= max_ratio
+    if json_path:
+        write_summary(json_path, summary)
+    return summary

@@ -26,7 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-from _timing import write_summary  # noqa: E402
+from _timing import finish  # noqa: E402
 
 PLAIN = "plain keras.Sequential"
 MODES = {PLAIN: None, "DPSequential (auto)": "auto", "DPSequential (vmap)": "vmap"}
@@ -114,13 +114,7 @@ def main(argv=None) -> dict:
         mib, ratio = result["peak_bytes"] / 2**20, result["peak_bytes"] / plain
         summary[name] = (mib, ratio)
         print(f"  {name:34s} {mib:9.1f} MiB {ratio:8.2f}x plain")
-    ratio = summary["DPSequential (auto)"][1]
-    if ratio > args.max_ratio:
-        print(f"FAIL: DP/plain peak memory {ratio:.2f}x is above --max-ratio {args.max_ratio}")
-    summary["passed"] = ratio <= args.max_ratio
-    if args.json:
-        write_summary(args.json, summary)
-    return summary
+    return finish(summary, "DPSequential (auto)", args.max_ratio, "DP/plain peak memory", args.json)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
+    finish,
     interleaved,
     print_table,
     reexec_with_tuned_malloc,
     summarize,
-    write_summary,
 )
 from keras import layers  # noqa: E402
 
@@ -119,13 +119,7 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
         summary,
         PLAIN,
     )
-    ratio = summary["DPSequential (auto)"][1]
-    if ratio > args.max_ratio:
-        print(f"FAIL: fast-path ratio {ratio:.2f}x is above --max-ratio {args.max_ratio}")
-    summary["passed"] = ratio <= args.max_ratio
-    if args.json:
-        write_summary(args.json, summary)
-    return summary
+    return finish(summary, "DPSequential (auto)", args.max_ratio, "fast-path ratio", args.json)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
+    finish,
     interleaved,
     print_table,
     reexec_with_tuned_malloc,
     summarize,
-    write_summary,
 )
 from keras import layers  # noqa: E402
 
@@ -103,13 +103,7 @@ def main(argv=None) -> dict:
     )
     if private._dp_engine is not None and getattr(private._dp_engine, "slow_layers", None):
         print("layers on per-example gradients:", private._dp_engine.slow_layers)
-    ratio = summary["DPModel (auto)"][1]
-    if ratio > args.max_ratio:
-        print(f"FAIL: DP/plain ratio {ratio:.2f}x is above --max-ratio {args.max_ratio}")
-    summary["passed"] = ratio <= args.max_ratio
-    if args.json:
-        write_summary(args.json, summary)
-    return summary
+    return finish(summary, "DPModel (auto)", args.max_ratio, "DP/plain ratio", args.json)
 
 
 if __name__ == "__main__":

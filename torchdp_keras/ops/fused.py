@@ -33,7 +33,8 @@ from collections.abc import Sequence
 
 import torch
 
-from torchdp_keras.ops.clip_noise import add_gaussian_noise, clip_factors, squared_row_norms
+from torchdp_keras._validation import check_int, check_l2_norm_clip, check_noise_multiplier
+from torchdp_keras.ops.clip_noise import add_gaussian_noise, clip_factors, per_unit_squared_norms
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +116,11 @@ def _use_kernel(tensors: Sequence[torch.Tensor]) -> bool:
 def _check(l2_norm_clip=None, noise_std=None, offset=0, grads=None):
     if grads is not None and not grads:
         raise ValueError("Expected at least one gradient tensor. Received: per_example_grads=[]")
-    if l2_norm_clip is not None and not (l2_norm_clip > 0 and l2_norm_clip < float("inf")):
-        raise ValueError(
-            f"Expected l2_norm_clip > 0 and finite. Received: l2_norm_clip={l2_norm_clip}"
-        )
-    if noise_std is not None and not (noise_std >= 0 and noise_std < float("inf")):
-        raise ValueError(f"Expected noise_std >= 0 and finite. Received: noise_std={noise_std}")
-    if not (isinstance(offset, int) and offset >= 0):
-        raise ValueError(f"Expected offset to be an int >= 0. Received: offset={offset!r}")
+    if l2_norm_clip is not None:
+        check_l2_norm_clip(l2_norm_clip)
+    if noise_std is not None:
+        check_noise_multiplier(noise_std, "noise_std")
+    check_int(offset, "offset", minimum=0)
 
 
 def _seed(seed: int | None) -> int:
@@ -137,10 +135,7 @@ def _seed(seed: int | None) -> int:
 def reference_clipped_sum_and_norms(grads, l2_norm_clip):
     """One norm pass (float64, blocked) and one `mv` pass per tensor."""
     batch = grads[0].shape[0]
-    squared = None
-    for g in grads:
-        part = squared_row_norms(g)
-        squared = part if squared is None else squared + part
+    squared = per_unit_squared_norms(grads)
     factors = clip_factors(squared, l2_norm_clip)
     sums = [
         torch.mv(g.reshape(batch, -1).t(), factors.to(g.dtype)).reshape(g.shape[1:]) for g in grads

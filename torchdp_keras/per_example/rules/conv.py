@@ -32,9 +32,9 @@ from torchdp_keras.per_example.rules.base import (
     weighted,
 )
 from torchdp_keras.per_example.rules.dense import (
-    MAX_EXPLICIT_BYTES,
     clipped_product_sum,
     matmul_squared_norms,
+    prefers_explicit,
 )
 
 _CONV_FUNCTIONS = {
@@ -179,9 +179,10 @@ class DepthwiseConvRule(LayerRule):
 
     Channel c of example i has kernel gradient `P_ic^T g_ic` (patches of
     channel c, and the gradients of its `depth_multiplier` outputs). Per
-    layer, the cheaper of the ghost norm, `sum_c sum_{l,l'} (P_icl . P_icl')
-    (g_icl . g_icl')` at `L^2 C (k + M)`, and the explicit per-example kernel,
-    `L k C M`, is used (k the kernel's spatial size, M the multiplier).
+    layer, `prefers_explicit` chooses between the ghost norm, `sum_c
+    sum_{l,l'} (P_icl . P_icl') (g_icl . g_icl')`, and the explicit
+    per-example kernel, counting the clipped sum too and within the memory
+    cap (each channel is a Dense-like product of its patches and gradients).
     """
 
     def __init__(self, max_patch_size: int = 4096):
@@ -221,10 +222,8 @@ class DepthwiseConvRule(LayerRule):
         p, g = self._parts(layer, args, grad, cache)
         batch, channels, steps, width = p.shape
         multiplier = g.shape[-1]
-        ghost = steps * steps * (width + multiplier) + steps * width * multiplier
-        explicit = steps * width * multiplier + width * multiplier
-        size = batch * channels * width * multiplier * g.element_size()
-        if explicit >= ghost or size > MAX_EXPLICIT_BYTES:
+        # Each channel is a (steps x width) by (steps x multiplier) product.
+        if not prefers_explicit(batch * channels, steps, width, multiplier, g.element_size()):
             pp = torch.matmul(p, p.transpose(-1, -2)).double()
             gg = torch.matmul(g, g.transpose(-1, -2)).double()
             norms = (pp * gg).sum(dim=(1, 2, 3))
