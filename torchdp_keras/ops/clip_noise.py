@@ -8,8 +8,9 @@ where `g_i` is the gradient of one clipping unit (an example, or a
 microbatch) flattened over all trainable weights together.
 
 Guarantee: every clipped unit gradient has an L2 norm of at most `C`. The norm
-is accumulated in float64 and the clip factor carries a relative safety margin
-of 1e-6, so that float32 rounding in the norm or in the scaling cannot push a
+is summed in float64 (float32 values in blocks of 8 squares first, see
+`squared_row_norms`) and the clip factor carries a relative safety margin of
+1e-6, so that float32 rounding in the norm or in the scaling cannot push a
 clipped norm above `C`. A unit whose gradient is exactly zero gets the factor 1.
 """
 
