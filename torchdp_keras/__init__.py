@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DPModel": "torchdp_keras.models",
     "DPSequential": "torchdp_keras.models",
+    "Model": "torchdp_keras.models",
     "PrivateKerasModel": "torchdp_keras.models",
     "make_private": "torchdp_keras.models",
     "DPKerasConfig": "torchdp_keras.config",
@@ -48,7 +49,16 @@ _LAZY = {
     "compute_dp_sgd_privacy_statement": "torchdp_keras.accounting",
     "get_privacy_budget": "torchdp_keras.accounting",
 }
-_SUBMODULES = ("accounting", "callbacks", "config", "data", "models", "ops", "per_example")
+_SUBMODULES = (
+    "accounting",
+    "callbacks",
+    "config",
+    "data",
+    "models",
+    "ops",
+    "optimizers",
+    "per_example",
+)
 
 __all__ = [
     "BackendError",
@@ -88,6 +98,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from torchdp_keras.models import (  # noqa: F401
         DPModel,
         DPSequential,
+        Model,
         PrivateKerasModel,
         make_private,
     )

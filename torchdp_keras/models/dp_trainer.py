@@ -36,6 +36,7 @@ from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_noise_and_scale_
+from torchdp_keras.optimizers import find_dp_optimizer, private_apply
 from torchdp_keras.per_example import (
     FastEngine,
     FastPathUnsupported,
@@ -59,6 +60,8 @@ DP_CONFIG_KEYS = (
     "clipping_mode",
 )
 CLIPPING_MODES = ("auto", "fast", "vmap")
+# The settings a DP optimizer may carry instead of the model.
+_OPTIMIZER_KEYS = ("l2_norm_clip", "noise_multiplier", "num_microbatches")
 
 
 def validate_dp_arguments(
@@ -70,8 +73,31 @@ def validate_dp_arguments(
     seed=None,
     clipping_mode="auto",
     layer_registry=None,
+    required=True,
 ) -> dict:
-    """Checks the DP keyword arguments and returns them normalised."""
+    """Checks the DP keyword arguments and returns them normalised.
+
+    With `required=False` (`torchdp_keras.Model`), `l2_norm_clip` and
+    `noise_multiplier` may both be None: a DP optimizer supplies them at
+    `compile` time.
+    """
+    if not required and l2_norm_clip is None and noise_multiplier is None:
+        if num_microbatches is not None:
+            raise DPConfigError(
+                "Expected num_microbatches together with l2_norm_clip and noise_multiplier "
+                "(or all three on the DP optimizer). Received: "
+                f"num_microbatches={num_microbatches!r}, l2_norm_clip=None, "
+                "noise_multiplier=None"
+            )
+        settings = validate_dp_arguments(
+            l2_norm_clip=1.0,
+            noise_multiplier=0.0,
+            use_xla=use_xla,
+            seed=seed,
+            clipping_mode=clipping_mode,
+            layer_registry=layer_registry,
+        )
+        return {**settings, "l2_norm_clip": None, "noise_multiplier": None}
     if clipping_mode not in CLIPPING_MODES:
         raise DPConfigError(
             f"Expected clipping_mode in {CLIPPING_MODES}. Received: clipping_mode={clipping_mode!r}"
@@ -130,9 +156,14 @@ class DPTrainerMixin(PrivacyTrackingMixin):
             dp_keras_config is not None and dp_keras_config.rescale_to_unit_norm
         )
         self._microbatch_size = dp_keras_config.microbatch_size if dp_keras_config else None
+        # As given to the constructor (None in a torchdp_keras.Model whose DP
+        # optimizer supplies them); what the step uses is set from these and
+        # the optimizer at compile time.
+        self._dp_model_settings = {key: settings[key] for key in _OPTIMIZER_KEYS}
         self._l2_norm_clip = settings["l2_norm_clip"]
         self._noise_multiplier = settings["noise_multiplier"]
         self._num_microbatches = settings["num_microbatches"]
+        self._optimizer_accumulation_steps = 1
         self._use_xla = settings["use_xla"]
         self._dp_seed = settings["seed"]
         self._clipping_mode = settings["clipping_mode"]
@@ -180,9 +211,7 @@ class DPTrainerMixin(PrivacyTrackingMixin):
 
     def _dp_config(self) -> dict:
         return {
-            "l2_norm_clip": self._l2_norm_clip,
-            "noise_multiplier": self._noise_multiplier,
-            "num_microbatches": self._num_microbatches,
+            **self._dp_model_settings,
             "use_xla": self._use_xla,
             "seed": self._dp_seed,
             "clipping_mode": self._clipping_mode,
@@ -209,7 +238,59 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         if self._use_xla and kwargs.get("jit_compile", "auto") == "auto":
             kwargs["jit_compile"] = True
         super().compile(optimizer, loss, *args, **kwargs)
+        self._adopt_optimizer_settings()
         self._dp_engine = None
+
+    def _adopt_optimizer_settings(self) -> None:
+        """Takes the DP settings of a DP optimizer (TF Privacy's style), checking clashes."""
+        given = self._dp_model_settings
+        dp_optimizer = find_dp_optimizer(self.optimizer)
+        self._optimizer_accumulation_steps = 1
+        if dp_optimizer is None:
+            if given["l2_norm_clip"] is None:
+                raise DPConfigError(
+                    f"Model '{self.name}' has no DP settings: compile it with a DP "
+                    "optimizer, e.g. torchdp_keras.optimizers.DPKerasSGDOptimizer("
+                    "l2_norm_clip=1.0, noise_multiplier=1.1, learning_rate=0.1), or "
+                    "construct it with l2_norm_clip=... and noise_multiplier=.... "
+                    f"Received: optimizer={type(self.optimizer).__name__}"
+                )
+            self._l2_norm_clip = given["l2_norm_clip"]
+            self._noise_multiplier = given["noise_multiplier"]
+            self._num_microbatches = given["num_microbatches"]
+            return
+        settings = dp_optimizer.dp_settings
+        if given["l2_norm_clip"] is not None:
+            clashes = [
+                f"{key}=({given[key]!r}, {settings[key]!r})"
+                for key in _OPTIMIZER_KEYS
+                if given[key] != settings[key]
+            ]
+            if clashes:
+                raise DPConfigError(
+                    f"Expected the DP optimizer's settings to match those of model "
+                    f"'{self.name}' (give them in one place: the model, or the optimizer "
+                    "on a torchdp_keras.Model). Received (model, optimizer): "
+                    + ", ".join(clashes)
+                )
+        accumulation = settings["gradient_accumulation_steps"]
+        config = self._dp_keras_config
+        if (
+            config is not None
+            and accumulation > 1
+            and accumulation != config.gradient_accumulation_steps
+        ):
+            raise DPConfigError(
+                "Expected the DP optimizer's gradient_accumulation_steps to match the "
+                "DPKerasConfig's. Received: gradient_accumulation_steps="
+                f"{accumulation} (optimizer), {config.gradient_accumulation_steps} (config)"
+            )
+        self._l2_norm_clip = settings["l2_norm_clip"]
+        self._noise_multiplier = settings["noise_multiplier"]
+        self._num_microbatches = settings["num_microbatches"]
+        self._optimizer_accumulation_steps = accumulation
+        self._accumulation_steps = accumulation
+        dp_optimizer._claim_for_dp_model()
 
     def compile_from_config(self, config):
         # Keras skips compiling a loaded model whose class overrides compile();
@@ -415,7 +496,7 @@ class DPTrainerMixin(PrivacyTrackingMixin):
                 grads = [g if r is None else g.add_(r) for g, r in zip(grads, reg_grads)]
             if loss_scale != 1.0:
                 grads = [g.mul_(loss_scale) for g in grads]
-            with torch.no_grad():
+            with torch.no_grad(), private_apply():
                 optimizer.apply(grads, trainable_variables)
             self._reset_accumulation()
             self._record_step()

@@ -54,12 +54,16 @@ class DPModel(DPTrainerMixin, keras.Model):
         >>> clf = Classifier(l2_norm_clip=1.0, noise_multiplier=1.1)
     """
 
+    _dp_settings_required = True
+
     def __new__(cls, *args, **kwargs):
         # Like keras.Model, which returns a Functional when called with
         # inputs and outputs: DPModel(inputs=..., outputs=...) is a
-        # DPFunctional. (Keras's own route would rewrite DPModel's bases.)
-        if cls is DPModel and functional_init_arguments(args, kwargs):
-            return DPFunctional.__new__(DPFunctional, *args, **kwargs)
+        # DPFunctional (and Model(...) a FunctionalModel). Keras's own route
+        # would rewrite the class's bases.
+        twin = _FUNCTIONAL_TWINS.get(cls)
+        if twin is not None and functional_init_arguments(args, kwargs):
+            return twin.__new__(twin, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(
@@ -75,6 +79,7 @@ class DPModel(DPTrainerMixin, keras.Model):
         **kwargs,
     ):
         settings = validate_dp_arguments(
+            required=self._dp_settings_required,
             l2_norm_clip=l2_norm_clip,
             noise_multiplier=noise_multiplier,
             num_microbatches=num_microbatches,
@@ -118,3 +123,54 @@ class DPFunctional(DPModel, Functional):
     is a `Functional`) while `DPModel` stays a plain base class for
     subclassed models.
     """
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class Model(DPModel):
+    """Drop-in for `keras.Model` whose DP settings may come from a DP optimizer.
+
+    TF Privacy's tutorial subclasses `Model` and compiles it with a DP
+    optimizer and an unreduced loss; changing `keras.Model` (or
+    `tf.keras.Model`) to `torchdp_keras.Model` is the whole port. The DP
+    settings (`l2_norm_clip`, `noise_multiplier`, `num_microbatches`,
+    `gradient_accumulation_steps`) are read from the optimizer at `compile`;
+    they may instead be given here, as for `DPModel`. Compiling without
+    either is an error: this class never trains without privacy.
+
+    Args:
+        *args: Passed to `keras.Model` (e.g. `inputs`, `outputs`).
+        l2_norm_clip: None (from the DP optimizer) or the clipping norm `C`.
+        noise_multiplier: None (from the DP optimizer) or `sigma`.
+        num_microbatches: None, or the number of clipping groups per batch
+            (only with `l2_norm_clip` and `noise_multiplier`).
+        **kwargs: The other `DPModel` and `keras.Model` arguments.
+
+    Example:
+        >>> from torchdp_keras.optimizers import DPKerasSGDOptimizer
+        >>> class Classifier(Model):
+        ...     def __init__(self, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.out = keras.layers.Dense(10)
+        ...     def call(self, x):
+        ...         return self.out(x)
+        >>> model = Classifier()
+        >>> model.compile(
+        ...     optimizer=DPKerasSGDOptimizer(l2_norm_clip=1.5, noise_multiplier=1.3,
+        ...                                   num_microbatches=250, learning_rate=0.25),
+        ...     loss=keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None))
+    """
+
+    _dp_settings_required = False
+
+    def __init__(self, *args, l2_norm_clip=None, noise_multiplier=None, **kwargs):
+        super().__init__(
+            *args, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, **kwargs
+        )
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class FunctionalModel(Model, Functional):
+    """What `Model(inputs=..., outputs=...)` returns: a functional `torchdp_keras.Model`."""
+
+
+_FUNCTIONAL_TWINS = {DPModel: DPFunctional, Model: FunctionalModel}

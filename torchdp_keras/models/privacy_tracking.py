@@ -192,7 +192,10 @@ class PrivacyTrackingMixin:
             n = num_examples(x)
             if n is not None and validation_split:
                 n = int(math.floor(n * (1.0 - validation_split)))
-            self._accumulation_steps = config.gradient_accumulation_steps if config else 1
+            accumulation = self._optimizer_accumulation_steps
+            if config is not None:
+                accumulation = config.gradient_accumulation_steps
+            self._accumulation_steps = accumulation
             if config is not None:
                 if n is not None:
                     batch_size = config.batch_size
@@ -200,7 +203,8 @@ class PrivacyTrackingMixin:
             else:
                 train_size = n
                 if n is not None:
-                    effective = batch_size if batch_size is not None else 32
+                    # k consecutive shuffled batches make one update's batch.
+                    effective = (batch_size if batch_size is not None else 32) * accumulation
                     self._sampling_probability = min(1.0, effective / n)
                 else:
                     self._sampling_probability = None
@@ -283,6 +287,17 @@ class PrivacyTrackingMixin:
                     "Expected the PrivateDataLoader to match the DPKerasConfig. Received "
                     "(loader, config): " + ", ".join(f"{k}={v}" for k, v in mismatched.items())
                 )
+        accumulation = self._optimizer_accumulation_steps
+        if accumulation > 1 and accumulation != loader.gradient_accumulation_steps:
+            # Accumulating k independent Poisson draws would let one example
+            # appear in several of them: its contribution to the update could
+            # reach k * C. The loader must draw one update's batch and split it.
+            raise DPConfigError(
+                f"Expected PrivateDataLoader(gradient_accumulation_steps={accumulation}) "
+                "to match the DP optimizer's: one Poisson draw per update, split into "
+                "physical batches. Received: PrivateDataLoader("
+                f"gradient_accumulation_steps={loader.gradient_accumulation_steps})"
+            )
         self._sampling_probability = loader.sampling_probability
         self._poisson_expected_batch_size = loader.expected_batch_size
         self._accumulation_steps = loader.gradient_accumulation_steps

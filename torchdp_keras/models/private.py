@@ -154,6 +154,8 @@ def _resolve_settings(
             num_microbatches=num_microbatches,
             use_xla=use_xla,
             seed=seed,
+            clipping_mode=clipping_mode,
+            layer_registry=layer_registry,
         )
     if not isinstance(config, DPKerasConfig):
         raise DPConfigError(

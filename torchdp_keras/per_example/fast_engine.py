@@ -25,8 +25,9 @@ then uses the per-example engine):
   undercounted);
 * one clipping unit per example (no `num_microbatches`);
 * losses that are sums of per-example terms: every compiled loss reduced with
-  "sum_over_batch_size" (the Keras default) or "sum", and no `add_loss`
-  terms (activity regularizers) in the forward pass.
+  "sum_over_batch_size" (the Keras default) or "sum", or every one unreduced
+  (`reduction=None`, an example's loss being the mean of its row), and no
+  `add_loss` terms (activity regularizers) in the forward pass.
 """
 
 from __future__ import annotations
@@ -302,14 +303,17 @@ class FastEngine:
         if compile_loss is None:
             raise FastPathUnsupported("The model has no compiled loss.", layer_paths=[])
         total = compile_loss(y, y_pred, sample_weight)
-        scales = {
-            _SEPARABLE_REDUCTIONS.get(getattr(fn, "reduction", None))
-            for _, fn, _, _ in compile_loss._flat_losses
-        }
+        reductions = {getattr(fn, "reduction", None) for _, fn, _, _ in compile_loss._flat_losses}
+        if reductions == {None} and total.ndim >= 1 and total.shape[0] == batch_size:
+            # Unreduced (TF Privacy's tutorial): an example's loss is the mean
+            # of its row, as the per-example engine takes it.
+            return total.reshape(batch_size, -1).mean(1).sum()
+        scales = {_SEPARABLE_REDUCTIONS.get(reduction) for reduction in reductions}
         if None in scales or len(scales) != 1:
             raise FastPathUnsupported(
                 "The fast path needs losses that sum over examples: every compiled loss "
-                "reduced with 'sum_over_batch_size' or 'sum' (all the same).",
+                "reduced with 'sum_over_batch_size' or 'sum', or every one unreduced "
+                "(reduction=None), all the same.",
                 layer_paths=[],
             )
         return total * batch_size if scales.pop() else total
