@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sigma", type=float, default=0.8, help="noise multiplier")
     parser.add_argument("--delta", type=float, default=1e-6, help="target delta")
     parser.add_argument("--eps-error", type=float, default=0.01, help="allowed error in epsilon")
+    parser.add_argument("--json", default=None, help="write the bounds and times here")
     args = parser.parse_args(argv)
 
     print(
@@ -79,6 +80,15 @@ def main(argv=None) -> int:
     print(f"torchdp_keras  (lower, estimate, upper): {show(ours)}  {our_time:8.3f} s")
     print(f"speed-up: {ratio:.1f}x  upper(ours) - upper(package): {ours[2] - theirs[2]:+.2e}")
 
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(
+                {"package": [list(theirs), their_time], "ours": [list(ours), our_time],
+                 "speedup": ratio},
+                f,
+            )
     failed = False
     if ratio < MIN_SPEEDUP:
         print(f"FAIL: less than {MIN_SPEEDUP:.0f}x faster")

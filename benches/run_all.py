@@ -1,12 +1,14 @@
-"""Runs every fast-clipping benchmark and writes the results table and plot.
+"""Runs every benchmark and writes the results table (Markdown), a JSON and a plot.
 
 Each step-time bench runs twice, with glibc's default allocator and with
 `--tuned-malloc` (see `_timing.py`); the memory bench runs once. Every bench
 runs in its own process. The script prints a Markdown table, writes it to
-`benches/results.md`, and, when matplotlib is installed, draws
+`benches/results.md` (and every bench's raw summary to `benches/results.json`),
+then runs the fused-kernel and PRV-accountant benches and adds their rows;
+when matplotlib is installed, it draws
 `docs/benchmarks.png` (DP step / plain Keras step per bench, with targets).
 
-    python benches/run_all.py            # about two minutes on a 2-core CPU
+    python benches/run_all.py            # about six minutes on a 2-core CPU
     python benches/run_all.py --quick    # fewer rounds
 """
 
@@ -77,6 +79,73 @@ def run(script, extra, tuned, quick):
             return json.load(f)
 
 
+def fused_rows(quick):
+    """Rows of the fused clip-and-noise bench (CPU): speed-ups over the best pure torch."""
+    extra = ["--rounds", "3", "--warmup", "1"] if quick else []
+    summary = run("bench_fused_ops.py", extra, False, False)
+    if summary is None:
+        return None, [("Fused clipped sum", "default", None, "", "")]
+    speedups = {
+        int(p): row["torch"] / row["fused"]
+        for p, row in summary["clipped_sum"].items()
+        if "fused" in row
+    }
+    if not speedups:
+        return summary, [("Fused clipped sum", "default", None, "", "extension not built")]
+    cached = [v for p, v in speedups.items() if p * 4 <= 4 << 20]
+    large = [v for p, v in speedups.items() if p * 4 > 4 << 20]
+    rows = [
+        (
+            "Fused clipped sum, B=256, rows <= 4 MiB",
+            "default",
+            f"{min(cached):.2f}x-{max(cached):.2f}x faster than best torch",
+            ">= 1.3",
+            "min-max over P = " + ", ".join(f"2^{p.bit_length() - 1}" for p in speedups
+                                           if p * 4 <= 4 << 20),
+        )
+    ]
+    if large:
+        rows.append(
+            (
+                "Fused clipped sum, B=256, rows > 4 MiB",
+                "default",
+                f"{min(large):.2f}x-{max(large):.2f}x faster than best torch",
+                ">= 0.95",
+                "norms + one gemv",
+            )
+        )
+    e2e = summary.get("end_to_end_vmap_cnn")
+    if e2e:
+        rows.append(
+            (
+                "Tutorial CNN vmap DP step, with vs without the extension",
+                "default",
+                f"{e2e['pure torch'] / e2e['fused']:.2f}x faster",
+                "> 1",
+                f"{e2e['fused']:.1f} ms vs {e2e['pure torch']:.1f} ms",
+            )
+        )
+    return summary, rows
+
+
+def prv_rows(quick):
+    extra = ["--compositions", "20000"] if quick else []
+    summary = run("bench_prv_accountant.py", extra, False, False)
+    if summary is None:
+        return None, [("PRV accountant vs prv-accountant", "default", None, "", "")]
+    (theirs, their_time), (ours, our_time) = summary["package"], summary["ours"]
+    return summary, [
+        (
+            "PRV accountant vs the prv-accountant package",
+            "default",
+            f"{summary['speedup']:.0f}x faster",
+            ">= 10",
+            f"upper epsilon {ours[2]:.4f} vs {theirs[2]:.4f}; "
+            f"{our_time:.2f} s vs {their_time:.1f} s",
+        )
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -87,7 +156,7 @@ def main(argv=None) -> int:
         have_opacus = True
     except ImportError:
         have_opacus = False
-    rows = []
+    rows, raw = [], {}
     for label, script, key, baseline, target, extra in BENCHES:
         if script == "bench_opacus.py" and not have_opacus:
             print("skipping the Opacus comparison: pip install opacus")
@@ -112,6 +181,15 @@ def main(argv=None) -> int:
                 plain = next(v for k, v in summary.items() if k.startswith("plain"))
                 detail = f"plain {plain[0]:.1f} ms, DP {summary[key][0]:.1f} ms"
             rows.append((label, summary["malloc"], value, baseline, target, detail))
+            raw[f"{script} ({summary['malloc']})"] = summary
+
+    # Rows of the other benches: (label, malloc, shown value, target, detail).
+    other_rows = []
+    for script, make_rows in (("bench_fused_ops.py", fused_rows), ("bench_prv_accountant.py",
+                                                                    prv_rows)):
+        summary, extra_rows = make_rows(args.quick)
+        raw[script] = summary
+        other_rows += extra_rows
 
     stamp = datetime.date.today().isoformat()
     lines = [
@@ -124,11 +202,16 @@ def main(argv=None) -> int:
     for label, malloc, value, baseline, target, detail in rows:
         shown = "failed" if value is None else f"{value:.2f}x {baseline}"
         lines.append(f"| {label} | {malloc} | {shown} | <= {target} | {detail} |")
+    for label, malloc, shown, target, detail in other_rows:
+        lines.append(f"| {label} | {malloc} | {shown or 'failed'} | {target} | {detail} |")
     table = "\n".join(lines)
     print()
     print(table)
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write(table + "\n")
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump({"date": stamp, "cpu_count": os.cpu_count(), "table": lines[2:],
+                   "summaries": raw}, f, indent=1)
     try:
         import matplotlib
 

@@ -68,7 +68,7 @@ class EpsilonPlot(keras.callbacks.Callback):
     """Collects accuracy and epsilon per epoch and writes them as a PNG at the end of fit.
 
     Needs matplotlib (the `examples` extra); without it the callback says so
-    once at the start and records nothing.
+    when fit ends and writes nothing.
     """
 
     def __init__(self, path: str, title: str):

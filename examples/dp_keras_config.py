@@ -46,7 +46,8 @@ def main(argv=None) -> dict:
     x_train, y_train, x_test, y_test = load_mnist(args.data)
     x_train, x_test = images(x_train), images(x_test)
     if args.smoke:
-        x_train, y_train, x_test, y_test = x_train[:2048], y_train[:2048], x_test[:500], y_test[:500]
+        x_train, y_train = x_train[:2048], y_train[:2048]
+        x_test, y_test = x_test[:500], y_test[:500]
         args.epochs, args.batch_size = 2, 128
     n = len(x_train)
     effective = args.batch_size * args.gradient_accumulation_steps

@@ -19,10 +19,77 @@ def _load(relative):
 
 def test_digits_main_job_smoke(capsys):
     pytest.importorskip("sklearn")
-    accuracy = _load("examples/digits_dp.py").main(["--smoke", "--seed", "0"])
+    accuracy = _load("examples/quickstart.py").main(["--smoke", "--seed", "0"])
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1].startswith("digits DP-SGD: test accuracy")
     assert 0.0 <= accuracy <= 1.0
+
+
+MNIST = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist.npz")
+needs_mnist = pytest.mark.skipif(not os.path.exists(MNIST), reason=f"MNIST not at {MNIST}")
+
+
+def _last_line(capsys):
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+@needs_mnist
+def test_tf_privacy_tutorial_smoke(capsys):
+    result = _load("examples/tf_privacy_mnist_tutorial.py").main(
+        ["--smoke", "--seed", "0", "--data", MNIST]
+    )
+    out = capsys.readouterr().out
+    assert "satisfies differential privacy with eps" in out
+    assert out.strip().splitlines()[-1].startswith("tf_privacy_mnist_tutorial: test accuracy")
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["epsilon_prv"] < result["epsilon_rdp"]
+
+
+@needs_mnist
+def test_mnist_best_smoke(capsys):
+    result = _load("examples/mnist_best.py").main(
+        ["--smoke", "--seed", "0", "--data", MNIST, "--epsilon", "3"]
+    )
+    assert _last_line(capsys).startswith("mnist_best: test accuracy")
+    assert result["epsilon"] <= 3.0 + 1e-9  # the calibrated run never overspends
+
+
+@needs_mnist
+def test_dp_keras_config_smoke(capsys):
+    result = _load("examples/dp_keras_config.py").main(["--smoke", "--seed", "0", "--data", MNIST])
+    assert _last_line(capsys).startswith("dp_keras_config: test accuracy")
+    assert result["epsilon"] <= result["budget"] + 1e-9
+    assert result["refused_past_budget"]
+
+
+def test_private_dataframe_smoke(capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("pandas")
+    result = _load("examples/private_dataframe.py").main(["--smoke", "--seed", "0"])
+    assert _last_line(capsys).startswith("private_dataframe: test accuracy")
+    assert list(result["predictions"].columns) == ["result"] and result["index_ok"]
+    assert 0 < result["epsilon"] < float("inf")
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "quickstart.py",
+        "tf_privacy_mnist_tutorial.py",
+        "mnist_best.py",
+        "dp_keras_config.py",
+        "private_dataframe.py",
+    ],
+)
+def test_examples_have_help(script):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", script), "--help"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "--smoke" in out
 
 
 def test_step_time_benchmark_runs(capsys):

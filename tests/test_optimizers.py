@@ -194,7 +194,9 @@ def test_model_with_dp_optimizer_saves_and_loads(tmp_path):
     inputs = keras.Input((6,))
     model = tdk.Model(inputs=inputs, outputs=layers.Dense(3)(inputs))
     model.compile(
-        optimizer=dpo.DPKerasSGDOptimizer(l2_norm_clip=1.5, noise_multiplier=1.3, learning_rate=0.1),
+        optimizer=dpo.DPKerasSGDOptimizer(
+            l2_norm_clip=1.5, noise_multiplier=1.3, learning_rate=0.1
+        ),
         loss=VECTOR_LOSS,
     )
     model.fit(X, Y, batch_size=4, epochs=1, verbose=0)

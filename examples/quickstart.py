@@ -1,4 +1,4 @@
-"""DP-SGD on scikit-learn's handwritten digits: the project's main job.
+"""Quickstart, the README's main job: DP-SGD on scikit-learn's handwritten digits.
 
 Trains a small CNN with `torchdp_keras.DPSequential`, on Poisson-sampled
 batches from `torchdp_keras.PrivateDataLoader`, on the 8x8 digits that
@@ -6,20 +6,23 @@ ship with scikit-learn (no download), shows Keras's progress bar (with the
 epsilon spent at each epoch end), and ends with one summary line holding the
 test accuracy and the final epsilon. About a minute on a CPU.
 
-    KERAS_BACKEND=torch python examples/digits_dp.py
-    python examples/digits_dp.py --smoke      # a few steps, for the tests
+    KERAS_BACKEND=torch python examples/quickstart.py
+    python examples/quickstart.py --smoke      # a few steps, for the tests
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import EpsilonPlot  # noqa: E402
 from keras import layers  # noqa: E402
 
 import torchdp_keras as tdk  # noqa: E402
@@ -64,6 +67,7 @@ def main(argv=None) -> float:
     parser.add_argument("--l2-norm-clip", type=float, default=1.0)
     parser.add_argument("--noise-multiplier", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=None, help="None: OS entropy")
+    parser.add_argument("--plot", default=None, help="write accuracy and epsilon per epoch (PNG)")
     parser.add_argument("--smoke", action="store_true", help="2 epochs on 256 examples")
     args = parser.parse_args(argv)
 
@@ -85,6 +89,7 @@ def main(argv=None) -> float:
         loader,
         epochs=args.epochs,
         validation_data=(x_test, y_test),
+        callbacks=[EpsilonPlot(args.plot, "digits, DPSequential")] if args.plot else [],
         verbose=1 if not args.smoke else 2,
     )
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
