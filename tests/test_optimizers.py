@@ -274,3 +274,18 @@ def test_accumulation_must_match_the_poisson_loader():
     loader = tdk.PrivateDataLoader(x, x, batch_size=10, seed=0, gradient_accumulation_steps=2)
     model.fit(loader, epochs=1, verbose=0)
     assert model.dp_steps == 2  # 40 // (10 * 2)
+
+
+def test_accumulation_must_match_the_dp_keras_config():
+    config = tdk.DPKerasConfig(
+        epsilon=3.0, delta=1e-5, clipping_norm=1.0, batch_size=4, gradient_accumulation_steps=2,
+        train_steps=10, train_size=100, noise_multiplier=5.0,
+    )
+    model = tdk.make_private(keras.Sequential(_stack()), config)
+    with pytest.raises(tdk.DPConfigError, match=r"=3 \(optimizer\), 2 \(config\)"):
+        model.compile(
+            optimizer=dpo.DPKerasSGDOptimizer(
+                l2_norm_clip=1.0, noise_multiplier=5.0, gradient_accumulation_steps=3
+            ),
+            loss=VECTOR_LOSS,
+        )

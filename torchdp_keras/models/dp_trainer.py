@@ -245,7 +245,6 @@ class DPTrainerMixin(PrivacyTrackingMixin):
         """Takes the DP settings of a DP optimizer (TF Privacy's style), checking clashes."""
         given = self._dp_model_settings
         dp_optimizer = find_dp_optimizer(self.optimizer)
-        self._optimizer_accumulation_steps = 1
         if dp_optimizer is None:
             if given["l2_norm_clip"] is None:
                 raise DPConfigError(
@@ -255,11 +254,20 @@ class DPTrainerMixin(PrivacyTrackingMixin):
                     "construct it with l2_norm_clip=... and noise_multiplier=.... "
                     f"Received: optimizer={type(self.optimizer).__name__}"
                 )
-            self._l2_norm_clip = given["l2_norm_clip"]
-            self._noise_multiplier = given["noise_multiplier"]
-            self._num_microbatches = given["num_microbatches"]
-            return
-        settings = dp_optimizer.dp_settings
+            settings = {**given, "gradient_accumulation_steps": 1}
+        else:
+            settings = dp_optimizer.dp_settings
+            self._check_optimizer_settings(given, settings)
+        self._l2_norm_clip = settings["l2_norm_clip"]
+        self._noise_multiplier = settings["noise_multiplier"]
+        self._num_microbatches = settings["num_microbatches"]
+        self._optimizer_accumulation_steps = settings["gradient_accumulation_steps"]
+        self._accumulation_steps = self._optimizer_accumulation_steps
+        if dp_optimizer is not None:
+            dp_optimizer._claim_for_dp_model()
+
+    def _check_optimizer_settings(self, given: dict, settings: dict) -> None:
+        """A DP optimizer's settings must not contradict the model's or its config's."""
         if given["l2_norm_clip"] is not None:
             clashes = [
                 f"{key}=({given[key]!r}, {settings[key]!r})"
@@ -285,12 +293,6 @@ class DPTrainerMixin(PrivacyTrackingMixin):
                 "DPKerasConfig's. Received: gradient_accumulation_steps="
                 f"{accumulation} (optimizer), {config.gradient_accumulation_steps} (config)"
             )
-        self._l2_norm_clip = settings["l2_norm_clip"]
-        self._noise_multiplier = settings["noise_multiplier"]
-        self._num_microbatches = settings["num_microbatches"]
-        self._optimizer_accumulation_steps = accumulation
-        self._accumulation_steps = accumulation
-        dp_optimizer._claim_for_dp_model()
 
     def compile_from_config(self, config):
         # Keras skips compiling a loaded model whose class overrides compile();
