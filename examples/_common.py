@@ -59,6 +59,24 @@ def _load_npz(path: str):
         return data["x_train"], data["y_train"], data["x_test"], data["y_test"]
 
 
+def tanh_cnn(name: str = "tanh_cnn") -> keras.Sequential:
+    """Tramer & Boneh's end-to-end MNIST CNN: the TF Privacy tutorial's, tanh, no dropout."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(16, 8, strides=2, padding="same", activation="tanh"),
+            layers.MaxPool2D(2, 1),
+            layers.Conv2D(32, 4, strides=2, padding="valid", activation="tanh"),
+            layers.MaxPool2D(2, 1),
+            layers.Flatten(),
+            layers.Dense(32, activation="tanh"),
+            layers.Dense(10),
+        ],
+        name=name,
+    )
+
+
 def images(x: np.ndarray) -> np.ndarray:
     """uint8 (n, 28, 28) -> float32 (n, 28, 28, 1) in [0, 1]."""
     return (x.astype("float32") / 255.0).reshape(len(x), 28, 28, 1)

@@ -24,8 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
-from _common import EpsilonPlot, add_data_argument, images, load_mnist  # noqa: E402
-from keras import layers  # noqa: E402
+from _common import EpsilonPlot, add_data_argument, images, load_mnist, tanh_cnn  # noqa: E402
 
 import torchdp_keras as tdk  # noqa: E402
 
@@ -68,18 +67,7 @@ def main(argv=None) -> dict:
         f"epsilon={config.epsilon} at delta={config.delta}, {config.train_steps} updates of "
         f"{config.effective_batch_size} examples (q={config.sampling_probability:.4g})"
     )
-    model = keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            layers.Conv2D(16, 8, strides=2, padding="same", activation="tanh"),
-            layers.MaxPool2D(2, 1),
-            layers.Conv2D(32, 4, strides=2, padding="valid", activation="tanh"),
-            layers.MaxPool2D(2, 1),
-            layers.Flatten(),
-            layers.Dense(32, activation="tanh"),
-            layers.Dense(10),
-        ]
-    )
+    model = tanh_cnn()
     dp_model = tdk.make_private(model, config)
     dp_model.compile(
         # rescale_to_unit_norm (the config's default) makes the update scale

@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from keras import tree
 from keras.src.saving import serialization_lib
-from keras.src.trainers.data_adapters import data_adapter_utils
 
 from torchdp_keras import _validation
-from torchdp_keras.data import unpack_poisson_batch
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
+from torchdp_keras.models.poisson_batches import PoissonBatchMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_noise_and_scale_
 from torchdp_keras.optimizers import find_dp_optimizer, private_apply
@@ -142,7 +141,7 @@ def _batch_size(x) -> int:
     raise DPConfigError("Expected a batch with at least one input tensor. Received: x=None")
 
 
-class DPTrainerMixin(PrivacyTrackingMixin):
+class DPTrainerMixin(PoissonBatchMixin, PrivacyTrackingMixin):
     """DP-SGD `train_step` for Keras models on the torch backend.
 
     Put it before the Keras class in the bases and call `_init_dp` after the
@@ -406,14 +405,6 @@ class DPTrainerMixin(PrivacyTrackingMixin):
             )
         return total.detach(), grads
 
-    def _unpack(self, data):
-        """`(x, y, sample_weight, mask)`; mask is None unless a Poisson batch."""
-        poisson = unpack_poisson_batch(data)
-        if poisson is not None:
-            return poisson
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-        return x, y, sample_weight, None
-
     def _accumulate(self, summed, units: int) -> bool:
         """Adds one physical batch; True when an update is due."""
         if self._accum_grads is None:
@@ -564,41 +555,3 @@ class DPTrainerMixin(PrivacyTrackingMixin):
                 f"Received: label_columns={label_columns!r}"
             )
         return pd.DataFrame(values, index=index, columns=columns)
-
-    def test_step(self, data):
-        x, y, sample_weight, mask = self._unpack(data)
-        if mask is None:
-            return super().test_step(data)
-        keep = keras.ops.convert_to_tensor(mask) > 0
-        if not bool(keep.any()):
-            return self.get_metrics_result()
-        x, y, sample_weight = tree.map_structure(
-            lambda t: None if t is None else t[keep], (x, y, sample_weight)
-        )
-        return super().test_step((x, y, sample_weight))
-
-    def _symbolic_build(self, iterator=None, data_batch=None):
-        # Keras peeks at the first batch to build metrics; a Poisson batch is
-        # unwrapped to the (x, y, sample_weight) Keras expects.
-        if data_batch is None and iterator is not None and self._needs_symbolic_build():
-            for _, _, data_or_iterator in iterator:
-                if isinstance(data_or_iterator, (list, tuple)):
-                    data_batch = data_or_iterator[0]
-                else:
-                    data_batch = next(data_or_iterator)
-                break
-        if data_batch is None:
-            return super()._symbolic_build(iterator=iterator)
-        x, y, sample_weight, _ = self._unpack(data_batch)
-        parts = [x, y, sample_weight]
-        while parts[-1] is None:
-            parts.pop()
-        return super()._symbolic_build(data_batch=tuple(parts))
-
-    def _needs_symbolic_build(self) -> bool:
-        """Keras's condition for building from a peeked batch."""
-        return (
-            not all(layer.built for layer in self._flatten_layers())
-            or (self._compile_metrics is not None and not self._compile_metrics.built)
-            or (self._compile_loss is not None and not self._compile_loss.built)
-        )

@@ -1,0 +1,46 @@
+"""The contract every layer of a Lipschitz DP model fulfils.
+
+Clipless DP training (deel-lipdp) needs, for every layer, three bounds that
+hold for *every* example and every value of the weights the training can
+reach:
+
+- `propagate_inputs(input_bound)`: if `||x|| <= input_bound` (L2 norm of one
+  example's input, all axes but the batch), then `||layer(x)|| <= result`;
+- `backpropagate_inputs(input_bound, gradient_bound)`: if moreover the
+  gradient of the example's loss with respect to the output has norm at most
+  `gradient_bound`, the gradient with respect to the input has norm at most
+  the result (the layer's Lipschitz constant times `gradient_bound`);
+- `backpropagate_params(input_bound, gradient_bound)`: under the same
+  conditions, the gradient with respect to the layer's trainable weights
+  (all of them together) has L2 norm at most the result; 0 without weights.
+
+Layers whose weights must stay in a set for the bounds to hold (spectral
+layers: operator norm <= 1; bias: norm <= its bound) restore it in
+`project()`, which the DP model calls after every optimizer step. Projection
+is post-processing of the noisy update, so it costs no privacy.
+"""
+
+from __future__ import annotations
+
+
+class DPLayer:
+    """Mixin for Keras layers allowed in a Lipschitz DP model (see the module docstring)."""
+
+    def propagate_inputs(self, input_bound: float) -> float:
+        """Bound on the L2 norm of one example's output, given one on its input."""
+        raise NotImplementedError
+
+    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
+        """Bound on the norm of the gradient w.r.t. the input, given one w.r.t. the output."""
+        raise NotImplementedError
+
+    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
+        """Bound on the norm of one example's gradient w.r.t. this layer's weights."""
+        raise NotImplementedError
+
+    def has_parameters(self) -> bool:
+        """Whether the layer has trainable weights (and so receives noise)."""
+        return bool(self.trainable_weights)
+
+    def project(self) -> None:
+        """Restores the weight constraints the bounds rely on (after each step)."""

@@ -1,0 +1,192 @@
+"""1-Lipschitz pooling: the L2 norm of each (disjoint) window."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from torchdp_keras._validation import check_positive
+from torchdp_keras.errors import DPConfigError
+from torchdp_keras.lipschitz.layers.base import DPLayer
+from torchdp_keras.lipschitz.layers.spectral import _pair
+
+__all__ = ["DP_ScaledGlobalL2NormPooling2D", "DP_ScaledL2NormPooling2D"]
+
+
+class _L2NormPoolingMixin(DPLayer):
+    """Bounds of `y_i = sqrt(||x_{w_i}||^2 + eps)` over disjoint windows `w_i`.
+
+    For one example with `||x|| <= X`, `n` output values and an output
+    gradient `v` with `||v|| <= G`:
+
+    - output: `||y||^2 = sum_i (||x_{w_i}||^2 + eps) <= ||x||^2 + n eps`
+      because the windows are disjoint, so `propagate_inputs(X) =
+      sqrt(X^2 + n eps)`.
+    - input gradient: the gradient of `y_i` is `x_{w_i} / sqrt(||x_{w_i}||^2
+      + eps)`, of norm `< 1`, supported on window `w_i` only. The windows
+      are disjoint, so `||J^T v||^2 = sum_i v_i^2 ||x_{w_i}||^2 /
+      (||x_{w_i}||^2 + eps) <= ||v||^2`: `backpropagate_inputs(X, G) = G`.
+      (Pixels in no window get a zero gradient.)
+    - no weights: `backpropagate_params = 0`.
+    """
+
+    eps: float
+    _num_outputs: int | None
+
+    def _outputs_per_example(self) -> int:
+        if not self.built or self._num_outputs is None:
+            raise ValueError(
+                f"Layer {self.name!r} must be built (called on an input of known "
+                f"shape) before its bounds are computed: they depend on the number "
+                f"of output values per example."
+            )
+        return self._num_outputs
+
+    def propagate_inputs(self, input_bound: float) -> float:
+        """Returns `sqrt(input_bound**2 + n * eps)`, `n` the output values per example."""
+        return math.sqrt(float(input_bound) ** 2 + self._outputs_per_example() * self.eps)
+
+    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
+        """Returns `gradient_bound`: the layer is 1-Lipschitz."""
+        return float(gradient_bound)
+
+    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
+        """Returns 0: the layer has no weights."""
+        return 0.0
+
+    def has_parameters(self) -> bool:
+        """Returns False: the layer has no weights."""
+        return False
+
+
+def _check_image_shape(input_shape, layer: str) -> None:
+    if len(input_shape) != 4 or any(d is None for d in input_shape[1:]):
+        raise DPConfigError(
+            f"{layer} expects inputs (batch, height, width, channels) with known "
+            f"height, width and channels. Received: input_shape={tuple(input_shape)}"
+        )
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_ScaledL2NormPooling2D(keras.layers.Layer, _L2NormPoolingMixin):
+    """L2-norm pooling over non-overlapping windows (channels_last).
+
+    `y[i, j, c] = sqrt(sum_{window (i, j)} x[., ., c]^2 + eps)`: the L2 norm
+    of each `pool_size` window, channel by channel (deel-lip's
+    `ScaledL2NormPooling2D`, i.e. `sqrt(pool area)` times the root mean
+    square). Rows or columns left over by the windows are dropped
+    (`padding="valid"`). Overlapping windows (`strides != pool_size`) would
+    count pixels several times and break 1-Lipschitzness, so they are
+    refused.
+
+    Bounds (see `_L2NormPoolingMixin`): `propagate_inputs(X) =
+    sqrt(X^2 + n eps)` with `n = out_height * out_width * channels`,
+    `backpropagate_inputs(X, G) = G`, `backpropagate_params = 0`.
+
+    Args:
+        pool_size: An integer or a pair of integers `>= 1`.
+        strides: None (the pool size) or equal to `pool_size`.
+        padding: Only `"valid"`.
+        eps: A number `> 0` added under the square root, so that the gradient
+            at a zero window is defined (0).
+        **kwargs: Passed to `keras.layers.Layer`.
+
+    Raises:
+        DPConfigError: an argument is out of range, `strides` differs from
+            `pool_size`, or `padding` is not `"valid"`.
+    """
+
+    def __init__(
+        self, pool_size=2, strides=None, padding: str = "valid", eps: float = 1e-12, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.pool_size = _pair(pool_size, "pool_size")
+        if strides is not None and _pair(strides, "strides") != self.pool_size:
+            raise DPConfigError(
+                f"Expected strides=None or strides equal to pool_size (overlapping "
+                f"windows are not 1-Lipschitz). Received: strides={strides!r}, "
+                f"pool_size={pool_size!r}"
+            )
+        if not isinstance(padding, str) or padding.lower() != "valid":
+            raise DPConfigError(f'Expected padding="valid". Received: padding={padding!r}')
+        self.padding = "valid"
+        self.eps = check_positive(eps, "eps")
+        self._num_outputs = None
+
+    def build(self, input_shape) -> None:
+        _check_image_shape(input_shape, "DP_ScaledL2NormPooling2D")
+        _, h, w, c = self.compute_output_shape(input_shape)
+        if h < 1 or w < 1:
+            raise DPConfigError(
+                f"The input is smaller than the pooling window. Received: "
+                f"pool_size={self.pool_size}, input_shape={tuple(input_shape)}"
+            )
+        self._num_outputs = int(h * w * c)
+
+    def call(self, inputs):
+        _, h, w, c = inputs.shape
+        ph, pw = self.pool_size
+        ho, wo = h // ph, w // pw
+        x = inputs[:, : ho * ph, : wo * pw, :]
+        x = ops.reshape(x, (-1, ho, ph, wo, pw, c))
+        return ops.sqrt(ops.sum(ops.square(x), axis=(2, 4)) + self.eps)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        ph, pw = self.pool_size
+        return (b, None if h is None else h // ph, None if w is None else w // pw, c)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "pool_size": self.pool_size,
+                "strides": None,
+                "padding": self.padding,
+                "eps": self.eps,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_ScaledGlobalL2NormPooling2D(keras.layers.Layer, _L2NormPoolingMixin):
+    """Global L2-norm pooling: `y_c = sqrt(sum_{h, w} x[h, w, c]^2 + eps)` (channels_last).
+
+    Bounds (see `_L2NormPoolingMixin`, one window per channel):
+    `propagate_inputs(X) = sqrt(X^2 + C eps)` with `C` the number of
+    channels, `backpropagate_inputs(X, G) = G`, `backpropagate_params = 0`.
+
+    Args:
+        eps: A number `> 0` added under the square root.
+        **kwargs: Passed to `keras.layers.Layer`.
+
+    Raises:
+        DPConfigError: `eps` is not a finite number `> 0`.
+    """
+
+    def __init__(self, eps: float = 1e-12, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.eps = check_positive(eps, "eps")
+        self._num_outputs = None
+
+    def build(self, input_shape) -> None:
+        if len(input_shape) != 4 or input_shape[-1] is None:
+            raise DPConfigError(
+                f"DP_ScaledGlobalL2NormPooling2D expects inputs (batch, height, width, "
+                f"channels) with known channels. Received: input_shape={tuple(input_shape)}"
+            )
+        self._num_outputs = int(input_shape[-1])
+
+    def call(self, inputs):
+        return ops.sqrt(ops.sum(ops.square(inputs), axis=(1, 2)) + self.eps)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"eps": self.eps})
+        return config

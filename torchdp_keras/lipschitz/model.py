@@ -1,0 +1,629 @@
+"""Clipless DP training of Lipschitz networks: deel-lipdp's model API on torch.
+
+With layers whose Lipschitz constants and weight-gradient bounds are known
+(`torchdp_keras.lipschitz.layers`), inputs of bounded norm (`DP_BoundedInput`,
+first layer) and a loss whose gradient w.r.t. the logits is bounded by `L`
+(`torchdp_keras.lipschitz.losses`), every example's gradient w.r.t. layer `l`'s
+weights has norm at most `C_l`, computed from the architecture alone
+(`compute_gradient_bounds`). A DP step therefore takes the ordinary gradient
+of the summed loss (no per-example gradients, no clipping) and adds Gaussian
+noise calibrated to these bounds:
+
+- "global": one noise of std `sigma * sqrt(sum_l C_l^2)` on every weight;
+- "per-layer": layer `l` gets std `sigma * sqrt(C_l * sum_k C_k)`, the
+  allocation that minimises the total noise variance for the same guarantee.
+
+Guarantee: with Poisson sampling at rate `q`, each step is a subsampled
+Gaussian mechanism of noise multiplier `sigma` with respect to adding or
+removing one example (for "per-layer", dividing block `l` by its std gives
+unit noise and sensitivity `sqrt(sum_l C_l^2 / s_l^2) = 1 / sigma`); the
+accountant composes them. After each optimizer step the layers restore their
+weight constraints (`project()`), which is post-processing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+
+import keras
+import torch
+from keras import tree
+from keras.src.saving import serialization_lib
+
+from torchdp_keras import _validation
+from torchdp_keras.accounting import PRVAccountant
+from torchdp_keras.callbacks import DPAccountant
+from torchdp_keras.errors import DPConfigError, DPError, UnsupportedLayerError
+from torchdp_keras.lipschitz.layers import DP_BoundedInput, DPLayer
+from torchdp_keras.models.poisson_batches import PoissonBatchMixin
+from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
+
+logger = logging.getLogger(__name__)
+
+NOISIFY_STRATEGIES = ("global", "per-layer")
+
+__all__ = [
+    "DPParameters",
+    "DP_Accountant",
+    "DP_Model",
+    "DP_Sequential",
+    "DatasetMetadata",
+    "NoisifyStrategyError",
+    "compute_gradient_bounds",
+    "get_eps_delta",
+    "get_noise_multiplier_coefs",
+    "global_noisify",
+    "local_noisify",
+]
+
+# deel-lipdp's callback: the generic one works for these models too.
+DP_Accountant = DPAccountant
+
+
+class NoisifyStrategyError(DPError, TypeError):
+    """`noisify_strategy` is neither "global" nor "per-layer" (deel-lipdp's TypeError)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DPParameters:
+    """How noise is added (deel-lipdp's `DPParameters`).
+
+    Attributes:
+        noisify_strategy: "global" (one noise scale from the whole model's
+            gradient bound) or "per-layer" (one scale per layer; less noise
+            overall for the same guarantee).
+        noise_multiplier: sigma >= 0: the noise std over the sensitivity.
+        delta: The delta of the reported (epsilon, delta) guarantee.
+    """
+
+    noisify_strategy: str
+    noise_multiplier: float
+    delta: float
+
+    def __post_init__(self):
+        _validation.check_noise_multiplier(self.noise_multiplier)
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not (
+            0 < self.delta < 1
+        ):
+            raise DPConfigError(f"Expected 0 < delta < 1. Received: delta={self.delta!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMetadata:
+    """What the DP model must know about the training data (deel-lipdp's fields).
+
+    Attributes:
+        input_shape: Shape of one example.
+        nb_classes: Number of classes.
+        nb_samples_train: Number of training examples n.
+        nb_samples_test: Number of test examples.
+        class_names: Names of the classes.
+        nb_steps_per_epochs: Steps per epoch (n // batch_size for Poisson
+            sampling at q = batch_size / n).
+        batch_size: (Expected) batch size.
+        max_norm: Bound on the L2 norm of one input; enforced by the model's
+            `DP_BoundedInput` first layer.
+    """
+
+    input_shape: tuple
+    nb_classes: int
+    nb_samples_train: int
+    nb_samples_test: int
+    class_names: Sequence[str]
+    nb_steps_per_epochs: int
+    batch_size: int
+    max_norm: float
+
+    def __post_init__(self):
+        for name in ("nb_samples_train", "nb_steps_per_epochs", "batch_size", "nb_classes"):
+            _validation.check_int(getattr(self, name), name)
+        _validation.check_int(self.nb_samples_test, "nb_samples_test", minimum=0)
+        _validation.check_positive(self.max_norm, "max_norm")
+        if self.batch_size > self.nb_samples_train:
+            raise DPConfigError(
+                "Expected batch_size <= nb_samples_train. Received: "
+                f"batch_size={self.batch_size}, nb_samples_train={self.nb_samples_train}"
+            )
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["input_shape"] = list(self.input_shape)
+        values["class_names"] = list(self.class_names)
+        return values
+
+
+# -- bounds and noise (functions of deel-lipdp's module) -----------------------------------
+def _dp_layers(model) -> list:
+    return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+
+
+def compute_gradient_bounds(model) -> dict[str, float]:
+    """Per-example gradient norm bounds of every trainable variable of a Lipschitz DP model.
+
+    The input bound `dataset_metadata.max_norm` is propagated forward through
+    the layers; the loss's Lipschitz constant `L` backward; each layer with
+    weights gets `C_l = layer.backpropagate_params(input_bound, gradient_bound)`.
+
+    Args:
+        model: A compiled `DP_Sequential` or `DP_Model`.
+
+    Returns:
+        `{variable.path: bound}`, in backward order of the layers (each
+        variable of a layer gets the layer's bound, which bounds every part).
+    """
+    loss_bound = model._loss_lipschitz_constant()
+    input_bounds = []
+    bound = float(model.dataset_metadata.max_norm)
+    layers = _dp_layers(model)
+    for layer in layers:
+        input_bounds.append(bound)
+        bound = float(layer.propagate_inputs(bound))
+    bounds = {}
+    gradient = loss_bound
+    for layer, x_bound in zip(reversed(layers), reversed(input_bounds)):
+        if layer.has_parameters():
+            value = float(layer.backpropagate_params(x_bound, gradient))
+            for variable in layer.trainable_variables:
+                bounds[variable.path] = value
+        gradient = float(layer.backpropagate_inputs(x_bound, gradient))
+    return bounds
+
+
+def _layer_bounds(model, gradient_bounds) -> dict[str, float]:
+    """One bound per layer with weights (the variables of a layer share it)."""
+    result = {}
+    for layer in _dp_layers(model):
+        if layer.has_parameters():
+            result[layer.name] = gradient_bounds[layer.trainable_variables[0].path]
+    return result
+
+
+def get_noise_multiplier_coefs(model) -> dict[str, float]:
+    """Per-layer noise multiplier coefficients of the "per-layer" strategy.
+
+    Layer `l` gets noise std `sigma * coef_l * C_l` with
+    `coef_l = sqrt(sum_k C_k / C_l)` (std `sigma * sqrt(C_l * sum_k C_k)`),
+    the allocation minimising the summed noise variance subject to the whole
+    step being equivalent to one Gaussian mechanism of noise multiplier sigma.
+
+    Returns:
+        `{layer_name: coef}` in forward order of the layers.
+    """
+    per_layer = _layer_bounds(model, compute_gradient_bounds(model))
+    total = sum(per_layer.values())
+    return {name: math.sqrt(total / c) if c > 0 else 0.0 for name, c in per_layer.items()}
+
+
+def _noise_like(gradient, std, generator):
+    noise = torch.randn(gradient.shape, generator=generator, device=gradient.device)
+    return gradient + std * noise.to(gradient.dtype)
+
+
+def local_noisify(model, gradient_bounds, trainable_vars, gradients):
+    """Adds per-layer noise: std `sigma * sqrt(C_l * sum_k C_k)` to layer `l`'s gradients.
+
+    Tighter than `global_noisify` for the same guarantee when the layers'
+    bounds differ.
+
+    Args:
+        model: The Lipschitz DP model.
+        gradient_bounds: `{variable.path: C}` from `compute_gradient_bounds`.
+        trainable_vars: The variables, in the order of `gradients`.
+        gradients: Gradients of the summed loss (sensitivity `C_l` per layer).
+
+    Returns:
+        The noisy gradients, in the same order.
+    """
+    sigma = model.noise_multiplier
+    layer_of = {
+        v.path: layer.name for layer in _dp_layers(model) for v in layer.trainable_variables
+    }
+    per_layer = _layer_bounds(model, gradient_bounds)
+    total = sum(per_layer.values())
+    generator = model._noise_generator_for(gradients[0].device)
+    return [
+        _noise_like(g, sigma * math.sqrt(per_layer[layer_of[v.path]] * total), generator)
+        for v, g in zip(trainable_vars, gradients)
+    ]
+
+
+def global_noisify(model, gradient_bounds, trainable_vars, gradients):
+    """Adds one noise scale to all gradients: std `sigma * sqrt(sum_l C_l^2)`.
+
+    The sensitivity of the whole gradient is `sqrt(sum_l C_l^2)` (the
+    original DP gradient descent).
+
+    Args and returns: as `local_noisify`.
+    """
+    per_layer = _layer_bounds(model, gradient_bounds)
+    std = model.noise_multiplier * math.sqrt(sum(c * c for c in per_layer.values()))
+    generator = model._noise_generator_for(gradients[0].device)
+    return [_noise_like(g, std, generator) for g in gradients]
+
+
+def get_eps_delta(model, epochs: float) -> tuple[float, float]:
+    """The (epsilon, delta) of `epochs` epochs as planned by the dataset metadata.
+
+    Poisson sampling at `q = batch_size / nb_samples_train`,
+    `epochs * nb_steps_per_epochs` steps, noise multiplier sigma, PRV
+    accountant (upper bound). What a model actually spent is
+    `model.get_epsilon()`.
+
+    Returns:
+        `(epsilon, delta)` with delta from the model's `DPParameters`.
+    """
+    meta = model.dataset_metadata
+    accountant = PRVAccountant()
+    steps = int(round(epochs * meta.nb_steps_per_epochs))
+    accountant.compose(model.noise_multiplier, meta.batch_size / meta.nb_samples_train, steps)
+    delta = model.dp_parameters.delta
+    return accountant.get_epsilon(delta), delta
+
+
+# -- the model mixin --------------------------------------------------------------------
+class LipschitzDPMixin(PoissonBatchMixin, PrivacyTrackingMixin):
+    """Clipless DP `train_step` for Lipschitz networks (see the module docstring)."""
+
+    def _init_lipschitz(self, dp_parameters, dataset_metadata, debug) -> None:
+        if not isinstance(dp_parameters, DPParameters):
+            raise DPConfigError(
+                "Expected dp_parameters to be a torchdp_keras.lipschitz.DPParameters. "
+                f"Received: dp_parameters={dp_parameters!r}"
+            )
+        if dp_parameters.noisify_strategy not in NOISIFY_STRATEGIES:
+            raise NoisifyStrategyError(
+                f"Expected noisify_strategy in {NOISIFY_STRATEGIES}. Received: "
+                f"noisify_strategy={dp_parameters.noisify_strategy!r}"
+            )
+        if not isinstance(dataset_metadata, DatasetMetadata):
+            raise DPConfigError(
+                "Expected dataset_metadata to be a torchdp_keras.lipschitz.DatasetMetadata. "
+                f"Received: dataset_metadata={dataset_metadata!r}"
+            )
+        self._init_privacy_tracking()
+        self.dp_parameters = dp_parameters
+        self.dataset_metadata = dataset_metadata
+        self.debug = bool(debug)
+        self._noise_multiplier = float(dp_parameters.noise_multiplier)
+        self._target_delta = dp_parameters.delta
+        self._train_size = dataset_metadata.nb_samples_train
+        self._sampling_probability = dataset_metadata.batch_size / dataset_metadata.nb_samples_train
+        self._noise_generator = None
+        self._noise_seed = secrets.randbits(63)  # OS entropy; the global torch RNG is untouched
+        self._poisson_expected_batch_size = None
+        self._optimizer_accumulation_steps = 1
+        self._accumulation_steps = 1
+        self._dp_loss = None
+
+    def _check_dp_layers(self) -> None:
+        """Only DP layers; the first one enforces the input bound."""
+        layers = _dp_layers(self)
+        bad = [f"{self.name}/{layer.name}" for layer in layers if not isinstance(layer, DPLayer)]
+        if bad:
+            raise UnsupportedLayerError(
+                "Lipschitz DP models accept only the layers of torchdp_keras.lipschitz.layers "
+                "(their gradient bounds are what the noise is calibrated to; any other layer "
+                "could make an example's gradient larger than the bound, with no clipping to "
+                "catch it). Not allowed: " + ", ".join(bad),
+                layer_paths=bad,
+            )
+        if not layers:
+            return
+        first = layers[0]
+        max_norm = self.dataset_metadata.max_norm
+        if not isinstance(first, DP_BoundedInput) or first.max_norm > max_norm:
+            raise UnsupportedLayerError(
+                "Expected the first layer to be DP_BoundedInput(max_norm <= dataset_metadata."
+                f"max_norm={self.dataset_metadata.max_norm}): the gradient bounds assume "
+                "inputs of at most that norm, and only this layer guarantees it. Received: "
+                f"{self.name}/{first.name} ({type(first).__name__})",
+                layer_paths=[f"{self.name}/{first.name}"],
+            )
+
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma of every step."""
+        return self._noise_multiplier
+
+    def _noise_generator_for(self, device) -> torch.Generator:
+        if self._noise_generator is None or self._noise_generator.device != torch.device(device):
+            self._noise_generator = torch.Generator(device=device)
+            self._noise_generator.manual_seed(self._noise_seed)
+        return self._noise_generator
+
+    def _reset_accumulation(self) -> None:  # fit() hook; no accumulation here
+        pass
+
+    def _loss_lipschitz_constant(self) -> float:
+        if self._dp_loss is None:
+            raise DPConfigError(
+                f"Model '{self.name}' is not compiled with a Lipschitz DP loss: compile it "
+                "with one of torchdp_keras.lipschitz.losses (e.g. DP_TauCategoricalCrossentropy)."
+            )
+        return float(self._dp_loss.get_L())
+
+    def compile(self, optimizer="rmsprop", loss=None, *args, **kwargs):
+        """As `keras.Model.compile`; the loss must be a Lipschitz DP loss (it has `get_L()`)."""
+        if not callable(getattr(loss, "get_L", None)):
+            raise DPConfigError(
+                "Expected a loss with a known Lipschitz constant, one of "
+                "torchdp_keras.lipschitz.losses (DP_TauCategoricalCrossentropy, "
+                "DP_MulticlassHKR, DP_KCosineSimilarity, DP_MeanAbsoluteError). "
+                f"Received: loss={loss!r}"
+            )
+        if kwargs.get("jit_compile") is True:
+            raise DPConfigError("Expected jit_compile=False or 'auto'. Received: jit_compile=True")
+        kwargs["jit_compile"] = False
+        super().compile(optimizer, loss, *args, **kwargs)
+        self._dp_loss = loss
+
+    def compile_from_config(self, config):
+        config = serialization_lib.deserialize_keras_object(config)
+        self.compile(**config)
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+
+        def one_step_on_data(data):
+            return self.train_step(data[0])
+
+        self.train_function = one_step_on_data
+        return self.train_function
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, *args, **kwargs):
+        """As `keras.Model.fit`, with the metadata's batch size by default.
+
+        Pass a `PrivateDataLoader` for the Poisson sampling the epsilon
+        assumes; arrays are trained on shuffled batches of fixed size, with a
+        warning that the epsilon then assumes Poisson sampling at
+        `q = batch_size / n`.
+        """
+        from torchdp_keras.data import PrivateDataLoader
+
+        if not isinstance(x, PrivateDataLoader) and batch_size is None:
+            batch_size = self.dataset_metadata.batch_size
+        if isinstance(x, PrivateDataLoader) and x.gradient_accumulation_steps != 1:
+            raise DPConfigError(
+                "Expected PrivateDataLoader(gradient_accumulation_steps=1) for a Lipschitz DP "
+                f"model. Received: gradient_accumulation_steps={x.gradient_accumulation_steps}"
+            )
+        return super().fit(x, y, batch_size, epochs, *args, **kwargs)
+
+    def train_step(self, data):
+        x, y, sample_weight, mask = self._unpack(data)
+        if mask is not None and self._poisson_expected_batch_size is None:
+            raise DPConfigError(
+                "Received a PrivateDataLoader batch outside fit(): pass the loader to fit()."
+            )
+        if sample_weight is not None:
+            raise DPConfigError(
+                "Expected sample_weight=None: weights would scale an example's gradient "
+                "beyond the bound the noise is calibrated to."
+            )
+        trainable = list(self.trainable_variables)
+        with torch.enable_grad():
+            y_pred = self(x, training=True)
+            losses = self._dp_loss.call(
+                keras.ops.convert_to_tensor(y, dtype=y_pred.dtype), y_pred
+            )
+            losses = losses.reshape(losses.shape[0], -1).sum(1)
+            if mask is not None:
+                keep = keras.ops.convert_to_tensor(mask) > 0
+                losses = torch.where(keep, losses, torch.zeros_like(losses))
+            total = losses.sum()
+            grads = torch.autograd.grad(total, [v.value for v in trainable], allow_unused=True)
+        grads = [torch.zeros_like(v.value) if g is None else g for v, g in zip(trainable, grads)]
+        bounds = compute_gradient_bounds(self)
+        noisify = local_noisify if self.dp_parameters.noisify_strategy == "per-layer" else (
+            global_noisify
+        )
+        grads = noisify(self, bounds, trainable, grads)
+        batch = int(losses.shape[0])
+        normaliser = self._poisson_expected_batch_size if mask is not None else batch
+        grads = [g / max(1, normaliser) for g in grads]
+        with torch.no_grad():
+            self.optimizer.apply(grads, trainable)
+            for layer in _dp_layers(self):
+                layer.project()
+        self._record_step()
+        if self.debug:
+            logger.info("torchdp_keras.lipschitz: step %d, gradient bounds %s",
+                        self.dp_steps, bounds)
+        real = batch if mask is None else int(keep.sum())
+        self._loss_tracker.update_state(total.detach() / max(1, real), sample_weight=real)
+        if mask is not None:
+            if real == 0:
+                return self.get_metrics_result()
+            x, y, y_pred = tree.map_structure(lambda t: t[keep], (x, y, y_pred.detach()))
+        return self.compute_metrics(x, y, y_pred.detach(), sample_weight=None)
+
+    # -- diagnostics (deel-lipdp) ------------------------------------------------------
+    def _noise_stds(self) -> dict[str, float]:
+        bounds = compute_gradient_bounds(self)
+        per_layer = _layer_bounds(self, bounds)
+        sigma = self.noise_multiplier
+        if self.dp_parameters.noisify_strategy == "global":
+            std = sigma * math.sqrt(sum(c * c for c in per_layer.values()))
+            return {path: std for path in bounds}
+        total = sum(per_layer.values())
+        layer_of = {
+            v.path: layer.name for layer in _dp_layers(self) for v in layer.trainable_variables
+        }
+        return {p: sigma * math.sqrt(per_layer[layer_of[p]] * total) for p in bounds}
+
+    def _batch_gradients(self, data):
+        x, y = data[0], data[1]
+        with torch.enable_grad():
+            y_pred = self(x, training=True)
+            losses = self._dp_loss.call(keras.ops.convert_to_tensor(y, dtype=y_pred.dtype), y_pred)
+            total = losses.sum()
+            trainable = list(self.trainable_variables)
+            grads = torch.autograd.grad(total, [v.value for v in trainable], allow_unused=True)
+        return trainable, grads
+
+    def signal_to_noise_elementwise(self, data):
+        """Mean of |gradient entry| / noise std per variable, for a batch `(x, y)`.
+
+        Returns:
+            `(ratios, norms, bounds)`: dicts keyed by variable path.
+        """
+        trainable, grads = self._batch_gradients(data)
+        stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
+        ratios, norms = {}, {}
+        for v, g in zip(trainable, grads):
+            g = torch.zeros_like(v.value) if g is None else g
+            ratios[v.path] = float(g.abs().mean() / stds[v.path]) if stds[v.path] else math.inf
+            norms[v.path] = float(torch.linalg.vector_norm(g))
+        return ratios, norms, {p: bounds[p] for p in ratios}
+
+    def signal_to_noise_average(self, data):
+        """||summed gradient|| / expected noise norm per variable, for a batch `(x, y)`.
+
+        The batch should have the dataset's batch size, as in a training step.
+
+        Returns:
+            `(ratios, norms, bounds)`: dicts keyed by variable path.
+        """
+        trainable, grads = self._batch_gradients(data)
+        stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
+        ratios, norms = {}, {}
+        for v, g in zip(trainable, grads):
+            norm = 0.0 if g is None else float(torch.linalg.vector_norm(g))
+            noise_norm = stds[v.path] * math.sqrt(v.value.numel())
+            ratios[v.path] = norm / noise_norm if noise_norm else math.inf
+            norms[v.path] = norm
+        return ratios, norms, {p: bounds[p] for p in ratios}
+
+    # -- saving ------------------------------------------------------------------------
+    def _lipschitz_config(self) -> dict:
+        return {
+            "dp_parameters": dataclasses.asdict(self.dp_parameters),
+            "dataset_metadata": self.dataset_metadata.to_dict(),
+            "debug": self.debug,
+            PRIVACY_STATE_KEY: self._privacy_state(),
+        }
+
+    @staticmethod
+    def _pop_lipschitz_config(config: dict) -> tuple[dict, dict]:
+        dp = {
+            "dp_parameters": DPParameters(**config.pop("dp_parameters")),
+            "dataset_metadata": DatasetMetadata(**config.pop("dataset_metadata")),
+            "debug": config.pop("debug", False),
+        }
+        return dp, config.pop(PRIVACY_STATE_KEY, None)
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_Sequential(LipschitzDPMixin, keras.Sequential):  # noqa: N801 (deel-lipdp's name)
+    """A Sequential Lipschitz network trained with clipless DP (deel-lipdp's `DP_Sequential`).
+
+    Args:
+        layers: The layers (only `torchdp_keras.lipschitz.layers`; the first
+            one `DP_BoundedInput`).
+        dp_parameters: `DPParameters`.
+        dataset_metadata: `DatasetMetadata`.
+        debug: Log the gradient bounds at every step (logging, info level).
+        **kwargs: Passed to `keras.Sequential`.
+
+    Raises:
+        NoisifyStrategyError: `dp_parameters.noisify_strategy` is not
+            "global" or "per-layer" (a `TypeError`, as in deel-lipdp).
+        UnsupportedLayerError: a layer outside the Lipschitz DP layers, or no
+            `DP_BoundedInput` first; the message names the layers by path.
+
+    Example:
+        >>> from torchdp_keras.lipschitz import layers as L
+        >>> model = DP_Sequential(
+        ...     [keras.Input((4,)), L.DP_BoundedInput(max_norm=1.0),
+        ...      L.DP_SpectralDense(3)],
+        ...     dp_parameters=DPParameters("per-layer", 1.0, 1e-5),
+        ...     dataset_metadata=DatasetMetadata((4,), 3, 1000, 100, ["a", "b", "c"],
+        ...                                      10, 100, 1.0))
+    """
+
+    def __init__(self, layers=None, *, dp_parameters, dataset_metadata, debug=False, **kwargs):
+        super().__init__(layers=layers, **kwargs)
+        self._init_lipschitz(dp_parameters, dataset_metadata, debug)
+        self._check_dp_layers()
+
+    def add(self, layer, rebuild=True):
+        super().add(layer, rebuild=rebuild)
+        if hasattr(self, "dataset_metadata"):
+            self._check_dp_layers()
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._lipschitz_config())
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        dp, state = cls._pop_lipschitz_config(config)
+        layers = [
+            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
+            for c in config.pop("layers")
+        ]
+        build_input_shape = config.pop("build_input_shape", None)
+        model = cls(layers=layers, name=config.get("name"), **dp)
+        if not model._functional and build_input_shape:
+            model.build(build_input_shape)
+        model._restore_privacy_state(state)
+        return model
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_Model(LipschitzDPMixin, keras.Model):  # noqa: N801 (deel-lipdp's name)
+    """A Lipschitz network given as a list of layers, called in order (deel-lipdp's `DP_Model`).
+
+    Args:
+        dp_layers: The layers, applied one after the other (the first one
+            `DP_BoundedInput`).
+        *args: Passed to `keras.Model`.
+        dp_parameters: `DPParameters`.
+        dataset_metadata: `DatasetMetadata`.
+        debug: Log the gradient bounds at every step.
+        **kwargs: Passed to `keras.Model`.
+
+    Raises:
+        NoisifyStrategyError, UnsupportedLayerError: as `DP_Sequential`.
+    """
+
+    def __init__(self, dp_layers, *args, dp_parameters, dataset_metadata, debug=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dp_layers = list(dp_layers)
+        self._init_lipschitz(dp_parameters, dataset_metadata, debug)
+        self._check_dp_layers()
+
+    def call(self, inputs, training=None):
+        x = inputs
+        for layer in self.dp_layers:
+            x = layer(x)
+        return x
+
+    def get_config(self):
+        config = {
+            "name": self.name,
+            "dp_layers": [keras.saving.serialize_keras_object(layer) for layer in self.dp_layers],
+        }
+        config.update(self._lipschitz_config())
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        dp, state = cls._pop_lipschitz_config(config)
+        layers = [
+            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
+            for c in config.pop("dp_layers")
+        ]
+        model = cls(layers, name=config.get("name"), **dp)
+        model._restore_privacy_state(state)
+        return model

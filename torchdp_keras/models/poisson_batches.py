@@ -1,0 +1,65 @@
+"""Keras hooks every DP model needs to take `PrivateDataLoader` batches.
+
+A loader batch is a dict `{POISSON_BATCH_KEY: {"x", "y", "sample_weight",
+"mask"}}`: padded to a fixed shape, with `mask` 0 on padding rows. Keras's own
+`test_step` and symbolic build would take the dict for the model's inputs;
+these versions unwrap it and drop the padding.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import tree
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+from torchdp_keras.data import unpack_poisson_batch
+
+
+class PoissonBatchMixin:
+    """`_unpack`, `test_step` and `_symbolic_build` for Poisson loader batches."""
+
+    def _unpack(self, data):
+        """`(x, y, sample_weight, mask)`; mask is None unless a Poisson batch."""
+        poisson = unpack_poisson_batch(data)
+        if poisson is not None:
+            return poisson
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        return x, y, sample_weight, None
+
+    def test_step(self, data):
+        x, y, sample_weight, mask = self._unpack(data)
+        if mask is None:
+            return super().test_step(data)
+        keep = keras.ops.convert_to_tensor(mask) > 0
+        if not bool(keep.any()):
+            return self.get_metrics_result()
+        x, y, sample_weight = tree.map_structure(
+            lambda t: None if t is None else t[keep], (x, y, sample_weight)
+        )
+        return super().test_step((x, y, sample_weight))
+
+    def _symbolic_build(self, iterator=None, data_batch=None):
+        # Keras peeks at the first batch to build metrics; a Poisson batch is
+        # unwrapped to the (x, y, sample_weight) Keras expects.
+        if data_batch is None and iterator is not None and self._needs_symbolic_build():
+            for _, _, data_or_iterator in iterator:
+                if isinstance(data_or_iterator, (list, tuple)):
+                    data_batch = data_or_iterator[0]
+                else:
+                    data_batch = next(data_or_iterator)
+                break
+        if data_batch is None:
+            return super()._symbolic_build(iterator=iterator)
+        x, y, sample_weight, _ = self._unpack(data_batch)
+        parts = [x, y, sample_weight]
+        while parts[-1] is None:
+            parts.pop()
+        return super()._symbolic_build(data_batch=tuple(parts))
+
+    def _needs_symbolic_build(self) -> bool:
+        """Keras's condition for building from a peeked batch."""
+        return (
+            not all(layer.built for layer in self._flatten_layers())
+            or (self._compile_metrics is not None and not self._compile_metrics.built)
+            or (self._compile_loss is not None and not self._compile_loss.built)
+        )
