@@ -71,6 +71,15 @@ def test_private_dataframe_smoke(capsys):
     assert 0 < result["epsilon"] < float("inf")
 
 
+@needs_mnist
+def test_lipschitz_mnist_smoke(capsys):
+    result = _load("examples/lipschitz_mnist.py").main(
+        ["--smoke", "--seed", "0", "--data", MNIST, "--epsilon", "8"]
+    )
+    assert _last_line(capsys).startswith("lipschitz_mnist: test accuracy")
+    assert result["epsilon"] <= 8.0 + 1e-9 and result["ratio"] > 0
+
+
 @pytest.mark.parametrize(
     "script",
     [
@@ -79,6 +88,7 @@ def test_private_dataframe_smoke(capsys):
         "mnist_best.py",
         "dp_keras_config.py",
         "private_dataframe.py",
+        "lipschitz_mnist.py",
     ],
 )
 def test_examples_have_help(script):

@@ -71,3 +71,22 @@ def test_plain_keras_behaviour_is_unchanged_after_dp_training():
     keras.utils.set_random_seed(9)
     again = keras.ops.convert_to_numpy(plain(x, training=True))
     np.testing.assert_array_equal(reference, again)
+
+
+def test_lipschitz_step_leaves_threads_and_global_rng_alone():
+    from torchdp_keras.lipschitz import DatasetMetadata, DP_Sequential, DPParameters
+    from torchdp_keras.lipschitz import layers as L
+    from torchdp_keras.lipschitz.losses import DP_MeanAbsoluteError
+
+    model = DP_Sequential(
+        [keras.Input((6, 6, 1)), L.DP_BoundedInput(max_norm=1.0), L.DP_SpectralConv2D(2, 3),
+         L.DP_Flatten(), L.DP_SpectralDense(2)],
+        dp_parameters=DPParameters("global", 1.0, 1e-5),
+        dataset_metadata=DatasetMetadata((6, 6, 1), 2, 100, 10, ["a", "b"], 25, 4, 1.0),
+    )
+    model.compile(optimizer="sgd", loss=DP_MeanAbsoluteError())
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 1)).astype("float32")
+    model.train_on_batch(x, np.zeros((4, 2), "float32"))
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), rng), "the global torch RNG must be untouched"

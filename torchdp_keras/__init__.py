@@ -54,6 +54,7 @@ _SUBMODULES = (
     "callbacks",
     "config",
     "data",
+    "lipschitz",
     "models",
     "ops",
     "optimizers",
