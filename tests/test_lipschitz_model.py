@@ -311,3 +311,16 @@ def test_save_and_load_keeps_bounds_and_privacy_state(tmp_path):
     assert list(compute_gradient_bounds(loaded).values()) == pytest.approx(
         list(compute_gradient_bounds(model).values())
     )
+
+
+def test_dp_model_saves_and_loads(tmp_path):
+    model = _conv_net(model_cls=DP_Model)
+    model.compile(optimizer="sgd", loss=LL.DP_KCosineSimilarity(K=0.5))
+    x, y = _data(64, seed=0)
+    model.fit(x, y, epochs=1, verbose=0)
+    path = tmp_path / "lip_model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, DP_Model) and loaded.dp_steps == model.dp_steps
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)

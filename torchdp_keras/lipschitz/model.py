@@ -39,7 +39,7 @@ from torchdp_keras.accounting import PRVAccountant
 from torchdp_keras.callbacks import DPAccountant
 from torchdp_keras.errors import DPConfigError, DPError, UnsupportedLayerError
 from torchdp_keras.lipschitz.layers import DP_BoundedInput, DPLayer
-from torchdp_keras.models.poisson_batches import PoissonBatchMixin
+from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 
 logger = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def get_eps_delta(model, epochs: float) -> tuple[float, float]:
 
 
 # -- the model mixin --------------------------------------------------------------------
-class LipschitzDPMixin(PoissonBatchMixin, PrivacyTrackingMixin):
+class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     """Clipless DP `train_step` for Lipschitz networks (see the module docstring)."""
 
     def _init_lipschitz(self, dp_parameters, dataset_metadata, debug) -> None:
@@ -360,22 +360,6 @@ class LipschitzDPMixin(PoissonBatchMixin, PrivacyTrackingMixin):
         kwargs["jit_compile"] = False
         super().compile(optimizer, loss, *args, **kwargs)
         self._dp_loss = loss
-
-    def compile_from_config(self, config):
-        config = serialization_lib.deserialize_keras_object(config)
-        self.compile(**config)
-        if hasattr(self, "optimizer") and self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    def make_train_function(self, force=False):
-        if self.train_function is not None and not force:
-            return self.train_function
-
-        def one_step_on_data(data):
-            return self.train_step(data[0])
-
-        self.train_function = one_step_on_data
-        return self.train_function
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, *args, **kwargs):
         """As `keras.Model.fit`, with the metadata's batch size by default.
@@ -511,13 +495,18 @@ class LipschitzDPMixin(PoissonBatchMixin, PrivacyTrackingMixin):
         }
 
     @staticmethod
-    def _pop_lipschitz_config(config: dict) -> tuple[dict, dict]:
+    def _pop_lipschitz_config(config: dict, layers_key: str, custom_objects) -> tuple:
+        """(DP keyword arguments, privacy state, deserialised layers) from a config."""
         dp = {
             "dp_parameters": DPParameters(**config.pop("dp_parameters")),
             "dataset_metadata": DatasetMetadata(**config.pop("dataset_metadata")),
             "debug": config.pop("debug", False),
         }
-        return dp, config.pop(PRIVACY_STATE_KEY, None)
+        layers = [
+            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
+            for c in config.pop(layers_key)
+        ]
+        return dp, config.pop(PRIVACY_STATE_KEY, None), layers
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
@@ -566,11 +555,7 @@ class DP_Sequential(LipschitzDPMixin, keras.Sequential):  # noqa: N801 (deel-lip
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        dp, state = cls._pop_lipschitz_config(config)
-        layers = [
-            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
-            for c in config.pop("layers")
-        ]
+        dp, state, layers = cls._pop_lipschitz_config(config, "layers", custom_objects)
         build_input_shape = config.pop("build_input_shape", None)
         model = cls(layers=layers, name=config.get("name"), **dp)
         if not model._functional and build_input_shape:
@@ -619,11 +604,7 @@ class DP_Model(LipschitzDPMixin, keras.Model):  # noqa: N801 (deel-lipdp's name)
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        dp, state = cls._pop_lipschitz_config(config)
-        layers = [
-            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
-            for c in config.pop("dp_layers")
-        ]
+        dp, state, layers = cls._pop_lipschitz_config(config, "dp_layers", custom_objects)
         model = cls(layers, name=config.get("name"), **dp)
         model._restore_privacy_state(state)
         return model

@@ -27,12 +27,11 @@ import keras
 import numpy as np
 import torch
 from keras import tree
-from keras.src.saving import serialization_lib
 
 from torchdp_keras import _validation
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
-from torchdp_keras.models.poisson_batches import PoissonBatchMixin
+from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_noise_and_scale_
 from torchdp_keras.optimizers import find_dp_optimizer, private_apply
@@ -141,7 +140,7 @@ def _batch_size(x) -> int:
     raise DPConfigError("Expected a batch with at least one input tensor. Received: x=None")
 
 
-class DPTrainerMixin(PoissonBatchMixin, PrivacyTrackingMixin):
+class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     """DP-SGD `train_step` for Keras models on the torch backend.
 
     Put it before the Keras class in the bases and call `_init_dp` after the
@@ -292,31 +291,6 @@ class DPTrainerMixin(PoissonBatchMixin, PrivacyTrackingMixin):
                 "DPKerasConfig's. Received: gradient_accumulation_steps="
                 f"{accumulation} (optimizer), {config.gradient_accumulation_steps} (config)"
             )
-
-    def compile_from_config(self, config):
-        # Keras skips compiling a loaded model whose class overrides compile();
-        # ours only adds checks, so the saved compile config applies as is.
-        config = serialization_lib.deserialize_keras_object(config)
-        self.compile(**config)
-        if hasattr(self, "optimizer") and self.built:
-            self.optimizer.build(self.trainable_variables)
-
-    def make_train_function(self, force=False):
-        # The DP step compiles only its pure per-example part (see VmapEngine),
-        # so Keras must not wrap the whole step in torch.compile.
-        if self.train_function is not None and not force:
-            return self.train_function
-        if self.steps_per_execution > 1:
-            raise ValueError(
-                "`steps_per_execution` must be 1 with the PyTorch backend. "
-                f"Received: steps_per_execution={self.steps_per_execution}"
-            )
-
-        def one_step_on_data(data):
-            return self.train_step(data[0])
-
-        self.train_function = one_step_on_data
-        return self.train_function
 
     def _get_dp_engine(self):
         key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)

@@ -7,12 +7,12 @@ from keras import ops
 
 from torchdp_keras._validation import check_int
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.lipschitz.layers.base import DPLayer
+from torchdp_keras.lipschitz.layers.base import NormPreservingDPLayer
 
 __all__ = ["DP_FullSort", "DP_GroupSort"]
 
 
-class _PermutationMixin(DPLayer):
+class _PermutationMixin(NormPreservingDPLayer):
     """Bounds of a layer that permutes the values of each example.
 
     A permutation `y = P_x x` (the permutation may depend on `x`) keeps the
@@ -24,22 +24,6 @@ class _PermutationMixin(DPLayer):
     `||x|| <= X` and output gradient `<= G`: output `<= X`, input gradient
     `<= G`, no weights.
     """
-
-    def propagate_inputs(self, input_bound: float) -> float:
-        """Returns `input_bound`: a permutation keeps the norm."""
-        return float(input_bound)
-
-    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns `gradient_bound`: the gradient is permuted back."""
-        return float(gradient_bound)
-
-    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns 0: the layer has no weights."""
-        return 0.0
-
-    def has_parameters(self) -> bool:
-        """Returns False: the layer has no weights."""
-        return False
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")

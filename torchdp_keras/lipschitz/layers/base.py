@@ -44,3 +44,30 @@ class DPLayer:
 
     def project(self) -> None:
         """Restores the weight constraints the bounds rely on (after each step)."""
+
+
+class WeightlessDPLayer(DPLayer):
+    """A 1-Lipschitz layer without weights: input gradient `<= G`, weight gradient 0.
+
+    Subclasses state why they are 1-Lipschitz and give `propagate_inputs`.
+    """
+
+    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
+        """Returns `gradient_bound`: the layer is 1-Lipschitz."""
+        return float(gradient_bound)
+
+    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
+        """Returns 0: the layer has no weights."""
+        return 0.0
+
+    def has_parameters(self) -> bool:
+        """Returns False: the layer has no weights."""
+        return False
+
+
+class NormPreservingDPLayer(WeightlessDPLayer):
+    """A weightless 1-Lipschitz layer whose output norm is at most its input norm."""
+
+    def propagate_inputs(self, input_bound: float) -> float:
+        """Returns `input_bound`."""
+        return float(input_bound)

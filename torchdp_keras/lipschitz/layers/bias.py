@@ -10,7 +10,7 @@ from keras import ops
 
 from torchdp_keras._validation import check_positive
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.lipschitz.layers.base import DPLayer
+from torchdp_keras.lipschitz.layers.base import DPLayer, NormPreservingDPLayer
 
 __all__ = ["DP_AddBias", "DP_LayerCentering"]
 
@@ -119,7 +119,7 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_LayerCentering(keras.layers.Layer, DPLayer):
+class DP_LayerCentering(keras.layers.Layer, NormPreservingDPLayer):
     """Subtracts the mean over the spatial axes, channel by channel.
 
     For an input `(B, d1, ..., dk, C)` with `k >= 1`,
@@ -142,18 +142,3 @@ class DP_LayerCentering(keras.layers.Layer, DPLayer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def propagate_inputs(self, input_bound: float) -> float:
-        """Returns `input_bound`: an orthogonal projection never increases the norm."""
-        return float(input_bound)
-
-    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns `gradient_bound`: the projection is its own transpose."""
-        return float(gradient_bound)
-
-    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns 0: the layer has no weights."""
-        return 0.0
-
-    def has_parameters(self) -> bool:
-        """Returns False: the layer has no weights."""
-        return False

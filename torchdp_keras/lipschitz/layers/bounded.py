@@ -6,13 +6,13 @@ import keras
 from keras import ops
 
 from torchdp_keras._validation import check_positive
-from torchdp_keras.lipschitz.layers.base import DPLayer
+from torchdp_keras.lipschitz.layers.base import WeightlessDPLayer
 
 __all__ = ["DP_BoundedInput"]
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_BoundedInput(keras.layers.Layer, DPLayer):
+class DP_BoundedInput(keras.layers.Layer, WeightlessDPLayer):
     """Projects each example onto the L2 ball of radius `max_norm`.
 
     `y = x * min(1, max_norm / ||x||)`, the norm taken over all axes but the
@@ -56,18 +56,6 @@ class DP_BoundedInput(keras.layers.Layer, DPLayer):
     def propagate_inputs(self, input_bound: float) -> float:
         """Returns `min(input_bound, max_norm)`."""
         return min(float(input_bound), self.max_norm)
-
-    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns `gradient_bound` (the projection is 1-Lipschitz)."""
-        return float(gradient_bound)
-
-    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns 0: the layer has no weights."""
-        return 0.0
-
-    def has_parameters(self) -> bool:
-        """Returns False: the layer has no weights."""
-        return False
 
     def get_config(self) -> dict:
         config = super().get_config()

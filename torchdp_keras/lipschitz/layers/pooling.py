@@ -9,13 +9,13 @@ from keras import ops
 
 from torchdp_keras._validation import check_positive
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.lipschitz.layers.base import DPLayer
+from torchdp_keras.lipschitz.layers.base import WeightlessDPLayer
 from torchdp_keras.lipschitz.layers.spectral import _pair
 
 __all__ = ["DP_ScaledGlobalL2NormPooling2D", "DP_ScaledL2NormPooling2D"]
 
 
-class _L2NormPoolingMixin(DPLayer):
+class _L2NormPoolingMixin(WeightlessDPLayer):
     """Bounds of `y_i = sqrt(||x_{w_i}||^2 + eps)` over disjoint windows `w_i`.
 
     For one example with `||x|| <= X`, `n` output values and an output
@@ -47,18 +47,6 @@ class _L2NormPoolingMixin(DPLayer):
     def propagate_inputs(self, input_bound: float) -> float:
         """Returns `sqrt(input_bound**2 + n * eps)`, `n` the output values per example."""
         return math.sqrt(float(input_bound) ** 2 + self._outputs_per_example() * self.eps)
-
-    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns `gradient_bound`: the layer is 1-Lipschitz."""
-        return float(gradient_bound)
-
-    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns 0: the layer has no weights."""
-        return 0.0
-
-    def has_parameters(self) -> bool:
-        """Returns False: the layer has no weights."""
-        return False
 
 
 def _check_image_shape(input_shape, layer: str) -> None:

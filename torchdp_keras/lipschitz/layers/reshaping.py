@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import keras
 
-from torchdp_keras.lipschitz.layers.base import DPLayer
+from torchdp_keras.lipschitz.layers.base import NormPreservingDPLayer
 
 __all__ = ["DP_Flatten", "DP_Permute", "DP_Reshape"]
 
 
-class _IdentityBoundsMixin(DPLayer):
+class _IdentityBoundsMixin(NormPreservingDPLayer):
     """Bounds of a layer that rearranges each example's values without changing them.
 
     Flatten, Reshape and Permute move the entries of one example around and
@@ -18,22 +18,6 @@ class _IdentityBoundsMixin(DPLayer):
     `propagate_inputs(X) = X`, `backpropagate_inputs(X, G) = G`,
     `backpropagate_params = 0`.
     """
-
-    def propagate_inputs(self, input_bound: float) -> float:
-        """Returns `input_bound`: the values are only rearranged."""
-        return float(input_bound)
-
-    def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns `gradient_bound`: the gradient is rearranged back."""
-        return float(gradient_bound)
-
-    def backpropagate_params(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns 0: the layer has no weights."""
-        return 0.0
-
-    def has_parameters(self) -> bool:
-        """Returns False: the layer has no weights."""
-        return False
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")

@@ -1,22 +1,51 @@
-"""Keras hooks every DP model needs to take `PrivateDataLoader` batches.
+"""Keras hooks every DP model (per-example and Lipschitz) overrides the same way.
 
-A loader batch is a dict `{POISSON_BATCH_KEY: {"x", "y", "sample_weight",
-"mask"}}`: padded to a fixed shape, with `mask` 0 on padding rows. Keras's own
-`test_step` and symbolic build would take the dict for the model's inputs;
-these versions unwrap it and drop the padding.
+The train function runs `train_step` eagerly (each DP step compiles only what
+it can itself), a loaded model recompiles from its saved compile config, and
+`PrivateDataLoader` batches are unwrapped. A loader batch is a dict
+`{POISSON_BATCH_KEY: {"x", "y", "sample_weight", "mask"}}`: padded to a fixed
+shape, with `mask` 0 on padding rows. Keras's own `test_step` and symbolic
+build would take the dict for the model's inputs; these versions unwrap it
+and drop the padding.
 """
 
 from __future__ import annotations
 
 import keras
 from keras import tree
+from keras.src.saving import serialization_lib
 from keras.src.trainers.data_adapters import data_adapter_utils
 
 from torchdp_keras.data import unpack_poisson_batch
 
 
-class PoissonBatchMixin:
-    """`_unpack`, `test_step` and `_symbolic_build` for Poisson loader batches."""
+class DPKerasHooksMixin:
+    """`make_train_function`, `compile_from_config`; loader batches in the other hooks."""
+
+    def compile_from_config(self, config):
+        # Keras skips compiling a loaded model whose class overrides compile();
+        # ours only adds checks, so the saved compile config applies as is.
+        config = serialization_lib.deserialize_keras_object(config)
+        self.compile(**config)
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        # The DP step compiles only its pure per-example part (see VmapEngine),
+        # so Keras must not wrap the whole step in torch.compile.
+        if self.train_function is not None and not force:
+            return self.train_function
+        if self.steps_per_execution > 1:
+            raise ValueError(
+                "`steps_per_execution` must be 1 with the PyTorch backend. "
+                f"Received: steps_per_execution={self.steps_per_execution}"
+            )
+
+        def one_step_on_data(data):
+            return self.train_step(data[0])
+
+        self.train_function = one_step_on_data
+        return self.train_function
 
     def _unpack(self, data):
         """`(x, y, sample_weight, mask)`; mask is None unless a Poisson batch."""
