@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 from _common import EpsilonPlot, add_data_argument, images, load_mnist  # noqa: E402
 
 import torchdp_keras as tdk  # noqa: E402
@@ -87,8 +86,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=1000, help="expected batch size")
-    parser.add_argument("--learning-rate", type=float, default=0.02)
+    parser.add_argument("--batch-size", type=int, default=2000, help="expected batch size")
+    parser.add_argument("--learning-rate", type=float, default=0.005)
     parser.add_argument("--max-norm", type=float, default=10.0, help="input L2 bound")
     parser.add_argument("--tau", type=float, default=16.0, help="softmax temperature of the loss")
     parser.add_argument("--noisify-strategy", default="per-layer", choices=["per-layer", "global"])
