@@ -198,6 +198,26 @@ def get_noise_multiplier_coefs(model) -> dict[str, float]:
     return {name: math.sqrt(total / c) if c > 0 else 0.0 for name, c in per_layer.items()}
 
 
+def _noise_stds(model, gradient_bounds, strategy: str) -> dict[str, float]:
+    """`{variable.path: noise std}` of a step: the one formula both strategies use.
+
+    "global": `sigma * sqrt(sum_l C_l^2)` everywhere; "per-layer":
+    `sigma * sqrt(C_l * sum_k C_k)` on layer `l`'s variables.
+    """
+    sigma = model.noise_multiplier
+    per_layer = _layer_bounds(model, gradient_bounds)
+    if strategy == "global":
+        std = sigma * math.sqrt(sum(c * c for c in per_layer.values()))
+        return {path: std for path in gradient_bounds}
+    total = sum(per_layer.values())
+    return {
+        v.path: sigma * math.sqrt(per_layer[layer.name] * total)
+        for layer in _dp_layers(model)
+        if layer.has_parameters()
+        for v in layer.trainable_variables
+    }
+
+
 def _noise_like(gradient, std, generator):
     noise = torch.randn(gradient.shape, generator=generator, device=gradient.device)
     return gradient + std * noise.to(gradient.dtype)
@@ -218,17 +238,9 @@ def local_noisify(model, gradient_bounds, trainable_vars, gradients):
     Returns:
         The noisy gradients, in the same order.
     """
-    sigma = model.noise_multiplier
-    layer_of = {
-        v.path: layer.name for layer in _dp_layers(model) for v in layer.trainable_variables
-    }
-    per_layer = _layer_bounds(model, gradient_bounds)
-    total = sum(per_layer.values())
+    stds = _noise_stds(model, gradient_bounds, "per-layer")
     generator = model._noise_generator_for(gradients[0].device)
-    return [
-        _noise_like(g, sigma * math.sqrt(per_layer[layer_of[v.path]] * total), generator)
-        for v, g in zip(trainable_vars, gradients)
-    ]
+    return [_noise_like(g, stds[v.path], generator) for v, g in zip(trainable_vars, gradients)]
 
 
 def global_noisify(model, gradient_bounds, trainable_vars, gradients):
@@ -239,10 +251,9 @@ def global_noisify(model, gradient_bounds, trainable_vars, gradients):
 
     Args and returns: as `local_noisify`.
     """
-    per_layer = _layer_bounds(model, gradient_bounds)
-    std = model.noise_multiplier * math.sqrt(sum(c * c for c in per_layer.values()))
+    stds = _noise_stds(model, gradient_bounds, "global")
     generator = model._noise_generator_for(gradients[0].device)
-    return [_noise_like(g, std, generator) for g in gradients]
+    return [_noise_like(g, stds[v.path], generator) for v, g in zip(trainable_vars, gradients)]
 
 
 def get_eps_delta(model, epochs: float) -> tuple[float, float]:
@@ -430,17 +441,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
     # -- diagnostics (deel-lipdp) ------------------------------------------------------
     def _noise_stds(self) -> dict[str, float]:
-        bounds = compute_gradient_bounds(self)
-        per_layer = _layer_bounds(self, bounds)
-        sigma = self.noise_multiplier
-        if self.dp_parameters.noisify_strategy == "global":
-            std = sigma * math.sqrt(sum(c * c for c in per_layer.values()))
-            return {path: std for path in bounds}
-        total = sum(per_layer.values())
-        layer_of = {
-            v.path: layer.name for layer in _dp_layers(self) for v in layer.trainable_variables
-        }
-        return {p: sigma * math.sqrt(per_layer[layer_of[p]] * total) for p in bounds}
+        return _noise_stds(self, compute_gradient_bounds(self), self.dp_parameters.noisify_strategy)
 
     def _batch_gradients(self, data):
         x, y = data[0], data[1]
