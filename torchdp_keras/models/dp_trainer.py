@@ -174,6 +174,8 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self._dp_engine = None
         self._poisson_expected_batch_size = None
         self._accumulation_steps = 1
+        self._nonfinite_examples = 0
+        self._nonfinite_logged_at = None
         self._reset_accumulation()
 
     # -- read-only DP settings ----------------------------------------------
@@ -276,8 +278,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 raise DPConfigError(
                     f"Expected the DP optimizer's settings to match those of model "
                     f"'{self.name}' (give them in one place: the model, or the optimizer "
-                    "on a torchdp_keras.Model). Received (model, optimizer): "
-                    + ", ".join(clashes)
+                    "on a torchdp_keras.Model). Received (model, optimizer): " + ", ".join(clashes)
                 )
         accumulation = settings["gradient_accumulation_steps"]
         config = self._dp_keras_config
@@ -358,6 +359,33 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             self._dp_engine = self._fall_back_to_vmap(error)
             return self._dp_engine.clipped_batch(**kwargs)
 
+    @property
+    def nonfinite_examples(self) -> int:
+        """Clipping units left out so far because their gradient was NaN or inf.
+
+        Such a unit contributes exactly zero to its step (so every step stays
+        finite and the sensitivity bound `l2_norm_clip` still holds). The count
+        itself depends on the data and is not privatised: it is for debugging
+        the input pipeline, not for publication.
+        """
+        return self._nonfinite_examples
+
+    def _report_nonfinite(self, count: int) -> None:
+        """Warns (in the logs) about units left out, at most once per 100 steps."""
+        self._nonfinite_examples += count
+        step = self._dp_steps_taken
+        if self._nonfinite_logged_at is None or step - self._nonfinite_logged_at >= 100:
+            self._nonfinite_logged_at = step
+            logger.warning(
+                "torchdp_keras: %d example(s) of this batch had a non-finite (NaN or inf) "
+                "gradient or loss and were left out of the update (%d so far in model '%s', "
+                "DP step %d). Check the inputs and the loss; this count is not private.",
+                count,
+                self._nonfinite_examples,
+                self.name,
+                step,
+            )
+
     def _noise_generator_for(self, device: torch.device) -> torch.Generator:
         if self._noise_generator is None or self._noise_generator.device != device:
             generator = torch.Generator(device=device)
@@ -435,6 +463,8 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             loss_scale=loss_scale,
             unit_mask=mask,
         )
+        if result.num_nonfinite:
+            self._report_nonfinite(result.num_nonfinite)
         update_due = self._accumulate(result.summed, num_units)
         reg_loss, reg_grads = self._weight_regularization(trainable_variables)
         if update_due:

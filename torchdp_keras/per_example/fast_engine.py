@@ -33,6 +33,7 @@ then uses the per-example engine):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 import keras
@@ -342,33 +343,45 @@ class FastEngine:
                 "The fast path clips every example on its own (num_microbatches=None).",
                 layer_paths=[],
             )
-        keep = None
-        if unit_mask is not None:
-            keep = to_tensor(unit_mask) > 0
-            # Padding rows take the first real row's inputs, so that no padding
-            # value (even a non-finite one) reaches the forward pass; they are
-            # then removed exactly by zero weights and masked gradients.
-            real = torch.nonzero(keep).flatten()
-            if real.numel():
-                x, y = tree.map_structure(
-                    lambda t: (
-                        None
-                        if t is None
-                        else torch.where(keep.view(-1, *[1] * (t.ndim - 1)), t, t[real[0]])
-                    ),
-                    (x, y),
-                )
-            weights = keep.to(torch.float32)
-            if sample_weight is not None:
-                weights = to_tensor(sample_weight) * weights.view(
-                    -1, *[1] * (to_tensor(sample_weight).ndim - 1)
-                )
-            sample_weight = weights
+        keep = None if unit_mask is None else to_tensor(unit_mask) > 0
         device = self._trainable[0].value.device
-        with per_example_call_context(device, rng_seed):
-            return self._clipped_batch(
-                x, y, sample_weight, batch_size, keep, l2_norm_clip, loss_scale
+        first_pass = None
+        for _ in range(2):
+            masked = (
+                (x, y, sample_weight) if keep is None else _exclude_rows(x, y, sample_weight, keep)
             )
+            if keep is not None and not bool(keep.any()) and first_pass is not None:
+                # Every example was non-finite: nothing to clip or sum.
+                return dataclasses.replace(
+                    first_pass,
+                    summed=[torch.zeros_like(v.value) for v in self._trainable],
+                    unit_norms=torch.zeros_like(first_pass.unit_norms),
+                    loss_sum=first_pass.loss_sum.new_zeros(()),
+                    num_nonfinite=int(first_pass.num_nonfinite),
+                )
+            with per_example_call_context(device, rng_seed):
+                result = self._clipped_batch(*masked, batch_size, keep, l2_norm_clip, loss_scale)
+            bad = ~torch.isfinite(result.unit_norms)
+            if not bool(bad.any()):
+                if first_pass is None:
+                    return result
+                # Predictions of the examples as they are, for the metrics.
+                return dataclasses.replace(
+                    result, y_pred=first_pass.y_pred, num_nonfinite=first_pass.num_nonfinite
+                )
+            if first_pass is not None:
+                break
+            # A non-finite example (NaN or inf in its gradient) would make every
+            # clipped sum NaN through 0 * inf. The batch runs again with it
+            # excluded like a padding row (inputs replaced, weight 0, gradient
+            # rows zeroed), with the same random-layer seed, so that the other
+            # examples are computed exactly as before.
+            first_pass = dataclasses.replace(result, num_nonfinite=int(bad.sum()))
+            keep = ~bad if keep is None else keep & ~bad
+        raise RuntimeError(  # not reachable: the excluded rows are copies of finite ones
+            "torchdp_keras: the fast clipping path still produced non-finite per-example "
+            "norms after excluding the non-finite examples."
+        )
 
     def _clipped_batch(self, x, y, sample_weight, batch_size, keep, l2_norm_clip, loss_scale):
         taps: list = []
@@ -439,6 +452,31 @@ class FastEngine:
                 value = scope.get_current_value(var)
                 if value is not None:
                     var.assign(value)
+
+
+def _exclude_rows(x, y, sample_weight, keep: torch.Tensor):
+    """Inputs with the rows where `keep` is False neutralised, and weights 0 there.
+
+    Those rows take the first kept row's inputs, so that no value of theirs
+    (padding, or a non-finite example) reaches the forward pass; their zero
+    weight and masked gradients then remove them exactly.
+    """
+    to_tensor = keras.ops.convert_to_tensor
+    real = torch.nonzero(keep).flatten()
+    if real.numel():
+        x, y = tree.map_structure(
+            lambda t: (
+                None
+                if t is None
+                else torch.where(keep.view(-1, *[1] * (t.ndim - 1)), t, t[real[0]])
+            ),
+            (x, y),
+        )
+    weights = keep.to(torch.float32)
+    if sample_weight is not None:
+        sample_weight = to_tensor(sample_weight)
+        weights = sample_weight * weights.view(-1, *[1] * (sample_weight.ndim - 1))
+    return x, y, weights
 
 
 def describe_slow_layers(engine: FastEngine) -> str | None:

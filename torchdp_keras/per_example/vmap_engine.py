@@ -48,6 +48,9 @@ class ClippedBatch:
         unit_norms: The unclipped gradient norm of every unit (float64).
         y_pred: The model's training-mode predictions for the whole batch.
         loss_sum: The sum of the units' losses (padding excluded).
+        num_nonfinite: Units left out because their gradient (or, in the
+            per-example engine, their loss) was not finite: NaN or inf from a
+            bad example. They contribute exactly zero to `summed`.
     """
 
     summed: list[torch.Tensor]
@@ -55,11 +58,17 @@ class ClippedBatch:
     unit_norms: torch.Tensor
     y_pred: Any
     loss_sum: torch.Tensor
+    num_nonfinite: int = 0
 
 
 def _leading_dims(tree_):
     """vmap `in_dims` for a pytree: 0 for every tensor, None elsewhere."""
     return torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, tree_)
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A `(k,)` mask shaped to broadcast over the rows of a `(k, ...)` tensor."""
+    return mask.view(-1, *[1] * (like.ndim - 1))
 
 
 def _to_units(value, num_units):
@@ -226,10 +235,7 @@ class VmapEngine:
                     grads = [g / loss_scale for g in grads]
                 if unit_mask is not None:
                     keep = unit_mask[window]
-                    grads = [
-                        torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
-                        for g in grads
-                    ]
+                    grads = [torch.where(_rows(keep, g), g, torch.zeros_like(g)) for g in grads]
                     unit_losses = torch.where(keep, unit_losses, torch.zeros_like(unit_losses))
                 seed_iter = iter(seed_states)
                 non_trainable_values = [
@@ -296,12 +302,22 @@ class VmapEngine:
                 from the data in its training pass.
         """
         summed = None
+        num_nonfinite = 0
         losses, norms, predictions = [], [], []
         for grads, unit_losses, y_pred in self._iter_chunks(
             x, y, sample_weight, num_units, rng_seed, loss_scale, unit_mask
         ):
             # One fused pass (csrc/ kernel when built): norms, factors, sums.
             part, sq_norms = clipped_sum_and_norms(grads, l2_norm_clip)
+            bad = ~(torch.isfinite(sq_norms) & torch.isfinite(unit_losses))
+            if bool(bad.any()):
+                # A non-finite unit would turn the whole sum into NaN (0 * inf
+                # is NaN): its gradient is replaced by zeros and the sum is
+                # taken again. It then contributes nothing, within any bound.
+                grads = [torch.where(_rows(bad, g), torch.zeros_like(g), g) for g in grads]
+                unit_losses = torch.where(bad, torch.zeros_like(unit_losses), unit_losses)
+                part, _ = clipped_sum_and_norms(grads, l2_norm_clip)
+                num_nonfinite += int(bad.sum())
             summed = part if summed is None else [a.add_(b) for a, b in zip(summed, part)]
             losses.append(unit_losses)
             norms.append(torch.sqrt(sq_norms))
@@ -316,6 +332,7 @@ class VmapEngine:
             unit_norms=torch.cat(norms),
             y_pred=y_pred,
             loss_sum=unit_losses.sum(),
+            num_nonfinite=num_nonfinite,
         )
 
     def _raise_if_data_updated_state(self):
