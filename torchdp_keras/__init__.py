@@ -23,6 +23,7 @@ from torchdp_keras.errors import (
     DPConfigError,
     DPError,
     PrivacyBudgetExceededError,
+    PrivacyStateError,
     UnsupportedLayerError,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "DPConfigError",
     "DPError",
     "PrivacyBudgetExceededError",
+    "PrivacyStateError",
     "UnsupportedLayerError",
     *sorted(_LAZY),
 ]

@@ -96,6 +96,23 @@ def check_bool(value, name: str) -> bool:
     return value
 
 
+def check_secure_mode(secure_mode, seed) -> bool:
+    """Returns `secure_mode` (a bool); a seed contradicts it.
+
+    Secure mode draws noise and samples from the OS CSPRNG so that nobody can
+    predict or reproduce them; a fixed seed would make both reproducible by
+    anyone who reads it.
+    """
+    secure_mode = check_bool(secure_mode, "secure_mode")
+    if secure_mode and seed is not None:
+        raise DPConfigError(
+            "Expected seed=None with secure_mode=True: secure mode draws noise and "
+            "samples from the operating system's CSPRNG, which cannot be seeded. "
+            f"Received: seed={seed!r}, secure_mode=True"
+        )
+    return secure_mode
+
+
 def units_per_batch(batch_size: int, num_microbatches: int | None) -> int:
     """Returns the number of clipping units (examples or microbatches).
 

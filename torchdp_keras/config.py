@@ -59,6 +59,9 @@ class DPKerasConfig:
             engine (memory versus speed); None: the whole batch. The result
             does not depend on it.
         seed: Seed of the noise (an int64 >= 0); None: OS entropy.
+        secure_mode: Noise and Poisson sampling from the OS CSPRNG (see
+            `torchdp_keras.secure_random`); requires `seed=None`. Not in JAX
+            Privacy.
 
     Example:
         >>> config = DPKerasConfig(epsilon=3.0, delta=1e-5, clipping_norm=1.0,
@@ -81,6 +84,7 @@ class DPKerasConfig:
     rescale_to_unit_norm: bool = True
     microbatch_size: int | None = None
     seed: int | None = None
+    secure_mode: bool = False
 
     def __post_init__(self):
         if not _is_real(self.epsilon) or math.isnan(self.epsilon) or self.epsilon <= 0:
@@ -96,7 +100,7 @@ class DPKerasConfig:
                 f"<= train_size. Received: effective_batch_size={self.effective_batch_size}, "
                 f"train_size={self.train_size}"
             )
-        for name in ("poisson_sampling_in_fit", "rescale_to_unit_norm"):
+        for name in ("poisson_sampling_in_fit", "rescale_to_unit_norm", "secure_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise DPConfigError(
                     f"Expected {name} to be True or False. Received: {name}={getattr(self, name)!r}"
@@ -111,6 +115,12 @@ class DPKerasConfig:
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= _INT64_MAX):
             raise DPConfigError(
                 f"Expected seed to be None or an int64 >= 0. Received: seed={self.seed!r}"
+            )
+        if self.secure_mode and self.seed is not None:
+            raise DPConfigError(
+                "Expected seed=None with secure_mode=True: secure mode draws noise and "
+                "samples from the operating system's CSPRNG, which cannot be seeded. "
+                f"Received: seed={self.seed!r}, secure_mode=True"
             )
         if self.noise_multiplier is not None:
             sigma = self.noise_multiplier

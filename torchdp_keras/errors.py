@@ -14,6 +14,7 @@ __all__ = [
     "DPConfigError",
     "DPError",
     "PrivacyBudgetExceededError",
+    "PrivacyStateError",
     "UnsupportedLayerError",
 ]
 
@@ -56,4 +57,14 @@ class PrivacyBudgetExceededError(DPError, RuntimeError):
 
     Raised before the step that would overspend (for example past
     `DPKerasConfig.train_steps`), counted across several `fit` calls.
+    """
+
+
+class PrivacyStateError(DPError, ValueError):
+    """A saved privacy state does not belong to the model it is loaded into.
+
+    Raised by `load_model`/`load_weights` (and `keras.callbacks.BackupAndRestore`)
+    when the state was written by a model with other weights, another
+    accountant, another sampling probability, or is malformed. Accepting it
+    would report an epsilon for a history this model did not have.
     """

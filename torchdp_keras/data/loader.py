@@ -89,10 +89,16 @@ class PrivateDataLoader(keras.utils.PyDataset):
             draw with q = k * b / n, split into k physical batches.
         steps_per_epoch: Updates per epoch; default n // (k * b) (so an epoch
             is n / b physical steps).
+        secure_mode: Draw the samples from the OS CSPRNG (no seed allowed);
+            required by DP models built with `secure_mode=True`.
 
     Guarantee: every update's examples are an independent Poisson sample of
     the whole dataset with rate `sampling_probability`, as the DP-SGD
-    analysis assumes.
+    analysis assumes. Updates are numbered over the model's whole training:
+    `fit` starts the loader at the model's `dp_steps`, and update `u` is the
+    sampler's draw `(0, u)`. A model restored with its privacy state (e.g. by
+    `keras.callbacks.BackupAndRestore`) therefore continues with new draws,
+    even with a fixed seed, instead of replaying the samples of the first run.
 
     Example:
         >>> loader = PrivateDataLoader(feature_df=x, label_df=y, batch_size=64)  # doctest: +SKIP
@@ -109,6 +115,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
         seed: int | None = None,
         gradient_accumulation_steps: int = 1,
         steps_per_epoch: int | None = None,
+        secure_mode: bool = False,
     ):
         super().__init__()
         batch_size = check_int(batch_size, "batch_size")
@@ -137,11 +144,14 @@ class PrivateDataLoader(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         effective = self.batch_size * self.gradient_accumulation_steps
-        self._sampler = PoissonSampler(self.num_examples, effective, seed=seed)
+        self._sampler = PoissonSampler(
+            self.num_examples, effective, seed=seed, secure_mode=secure_mode
+        )
         if steps_per_epoch is None:
             steps_per_epoch = max(1, self.num_examples // effective)
         self.updates_per_epoch = check_int(steps_per_epoch, "steps_per_epoch")
         self.epoch = 0
+        self._first_update = 0
         self._last_draw = (None, None)
 
     # -- what the accountant needs -----------------------------------------------
@@ -155,6 +165,17 @@ class PrivateDataLoader(keras.utils.PyDataset):
         """q = expected_batch_size / num_examples."""
         return self._sampler.sampling_probability
 
+    @property
+    def secure_mode(self) -> bool:
+        """Whether the samples come from the OS CSPRNG."""
+        return self._sampler.secure_mode
+
+    def start_at(self, update: int) -> None:
+        """Numbers the next epoch's first update `update` (fit calls it with `dp_steps`)."""
+        self._first_update = check_int(update, "update", 0)
+        self.epoch = 0
+        self._last_draw = (None, None)
+
     # -- PyDataset -----------------------------------------------------------------
     def __len__(self) -> int:
         return self.updates_per_epoch * self.gradient_accumulation_steps
@@ -163,9 +184,9 @@ class PrivateDataLoader(keras.utils.PyDataset):
         self.epoch += 1
 
     def _draw(self, update: int) -> np.ndarray:
-        key = (self.epoch, update)
+        key = self._first_update + self.epoch * self.updates_per_epoch + update
         if self._last_draw[0] != key:
-            self._last_draw = (key, self._sampler.sample(self.epoch, update))
+            self._last_draw = (key, self._sampler.sample(0, key))
         return self._last_draw[1]
 
     def __getitem__(self, index: int):

@@ -8,7 +8,9 @@ keeps the set of shapes the model sees small.
 
 Draws are a pure function of `(entropy, epoch, step)`: the same seed gives
 the same batches, in any order of access, and different steps use
-independent streams (numpy's SeedSequence spawning).
+independent streams (numpy's SeedSequence spawning). In secure mode every
+draw comes from the OS CSPRNG instead (`torchdp_keras.secure_random`) and
+nothing is reproducible.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import secrets
 
 import numpy as np
 
-from torchdp_keras._validation import check_int
+from torchdp_keras._validation import check_int, check_secure_mode
 from torchdp_keras.errors import DPConfigError
+from torchdp_keras.secure_random import secure_poisson_sample
 
 
 class PoissonSampler:
@@ -30,6 +33,7 @@ class PoissonSampler:
         expected_batch_size: The expected number of examples per draw; q =
             expected_batch_size / num_examples.
         seed: Seed (int >= 0) for reproducible draws; None: OS entropy.
+        secure_mode: Draw every sample from the OS CSPRNG (no seed allowed).
 
     Example:
         >>> sampler = PoissonSampler(1000, 50, seed=0)
@@ -38,7 +42,14 @@ class PoissonSampler:
         0.05
     """
 
-    def __init__(self, num_examples: int, expected_batch_size: int, *, seed: int | None = None):
+    def __init__(
+        self,
+        num_examples: int,
+        expected_batch_size: int,
+        *,
+        seed: int | None = None,
+        secure_mode: bool = False,
+    ):
         self.num_examples = check_int(num_examples, "num_examples", 1)
         self.expected_batch_size = check_int(expected_batch_size, "expected_batch_size", 1)
         if self.expected_batch_size > self.num_examples:
@@ -48,6 +59,7 @@ class PoissonSampler:
             )
         if seed is not None:
             seed = check_int(seed, "seed", 0)
+        self.secure_mode = check_secure_mode(secure_mode, seed)
         self.seed = seed
         self._entropy = seed if seed is not None else secrets.randbits(128)
 
@@ -58,6 +70,8 @@ class PoissonSampler:
 
     def sample(self, epoch: int, step: int) -> np.ndarray:
         """Sorted indices of the examples included at `(epoch, step)`."""
+        if self.secure_mode:
+            return secure_poisson_sample(self.num_examples, self.sampling_probability)
         sequence = np.random.SeedSequence([self._entropy, epoch, step])
         rng = np.random.Generator(np.random.PCG64(sequence))
         return np.flatnonzero(rng.random(self.num_examples) < self.sampling_probability)

@@ -492,12 +492,15 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             "dp_parameters": dataclasses.asdict(self.dp_parameters),
             "dataset_metadata": self.dataset_metadata.to_dict(),
             "debug": self.debug,
-            PRIVACY_STATE_KEY: self._privacy_state(),
         }
 
     @staticmethod
     def _pop_lipschitz_config(config: dict, layers_key: str, custom_objects) -> tuple:
-        """(DP keyword arguments, privacy state, deserialised layers) from a config."""
+        """(DP keyword arguments, privacy state, deserialised layers) from a config.
+
+        The privacy state is saved with the weights (`save_own_variables`);
+        configs written before 0.2 carried it here, and are still read.
+        """
         dp = {
             "dp_parameters": DPParameters(**config.pop("dp_parameters")),
             "dataset_metadata": DatasetMetadata(**config.pop("dataset_metadata")),

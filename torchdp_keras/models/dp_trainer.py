@@ -33,7 +33,7 @@ from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
-from torchdp_keras.ops import add_noise_and_scale_
+from torchdp_keras.ops import add_noise_and_scale_, add_secure_noise_and_scale_
 from torchdp_keras.optimizers import find_dp_optimizer, private_apply
 from torchdp_keras.per_example import (
     FastEngine,
@@ -56,6 +56,7 @@ DP_CONFIG_KEYS = (
     "use_xla",
     "seed",
     "clipping_mode",
+    "secure_mode",
 )
 CLIPPING_MODES = ("auto", "fast", "vmap")
 # The settings a DP optimizer may carry instead of the model.
@@ -71,6 +72,7 @@ def validate_dp_arguments(
     seed=None,
     clipping_mode="auto",
     layer_registry=None,
+    secure_mode=False,
     required=True,
 ) -> dict:
     """Checks the DP keyword arguments and returns them normalised.
@@ -94,6 +96,7 @@ def validate_dp_arguments(
             seed=seed,
             clipping_mode=clipping_mode,
             layer_registry=layer_registry,
+            secure_mode=secure_mode,
         )
         return {**settings, "l2_norm_clip": None, "noise_multiplier": None}
     if clipping_mode not in CLIPPING_MODES:
@@ -117,20 +120,8 @@ def validate_dp_arguments(
         ),
         "use_xla": _validation.check_bool(use_xla, "use_xla"),
         "seed": _validation.check_seed(seed),
+        "secure_mode": _validation.check_secure_mode(secure_mode, seed),
     }
-
-
-def warn_if_seed_restored(config: dict) -> None:
-    """Warns when a saved model comes back with a fixed noise seed."""
-    if config.get("seed") is not None:
-        warnings.warn(
-            f"torchdp_keras: this DP model was saved with seed={config['seed']}. "
-            "Its noise stream restarts from the beginning after loading, so "
-            "continued training would reuse the noise of the first run. For "
-            "training that continues a previous run, rebuild the model with "
-            "seed=None (fresh OS entropy).",
-            stacklevel=3,
-        )
 
 
 def _batch_size(x) -> int:
@@ -166,16 +157,17 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self._dp_seed = settings["seed"]
         self._clipping_mode = settings["clipping_mode"]
         self._layer_registry = settings["layer_registry"]
+        self._secure_mode = settings["secure_mode"]
         entropy = self._dp_seed if self._dp_seed is not None else secrets.randbits(128)
         noise_seed, layer_seed = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
         self._noise_seed = int(noise_seed)
-        self._noise_generator = None
         self._layer_rng = random.Random(int(layer_seed))
         self._dp_engine = None
         self._poisson_expected_batch_size = None
         self._accumulation_steps = 1
         self._nonfinite_examples = 0
         self._nonfinite_logged_at = None
+        self._rebuilt_from_config = False
         self._reset_accumulation()
 
     # -- read-only DP settings ----------------------------------------------
@@ -205,6 +197,16 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         return self._layer_registry
 
     @property
+    def secure_mode(self) -> bool:
+        """Whether noise (and Poisson sampling in fit) come from the OS CSPRNG.
+
+        In secure mode the Gaussian noise is drawn with
+        `torchdp_keras.secure_random` (resistant to floating-point attacks),
+        fit() accepts only secure `PrivateDataLoader`s, and nothing is seeded.
+        """
+        return self._secure_mode
+
+    @property
     def use_xla(self) -> bool:
         """Whether the DP step is compiled with torch.compile (TF Privacy's name)."""
         return self._use_xla
@@ -215,12 +217,12 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             "use_xla": self._use_xla,
             "seed": self._dp_seed,
             "clipping_mode": self._clipping_mode,
+            "secure_mode": self._secure_mode,
         }
 
     def get_config(self):
         config = super().get_config()
         config.update(self._dp_config())
-        config[PRIVACY_STATE_KEY] = self._privacy_state()
         return config
 
     # -- Keras hooks ----------------------------------------------------------
@@ -359,6 +361,20 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             self._dp_engine = self._fall_back_to_vmap(error)
             return self._dp_engine.clipped_batch(**kwargs)
 
+    def _warn_if_noise_restarts(self) -> None:
+        """A seeded model rebuilt from its config alone restarts its noise stream."""
+        if not self._privacy_state_restored and self._dp_steps_taken == 0:
+            self._warn_once(
+                "seed-restart",
+                f"model '{self.name}' was rebuilt from its config with seed={self._dp_seed} "
+                "but without its privacy state, so its noise restarts at update 0: if its "
+                "weights come from an earlier run with this seed, continued training "
+                "repeats that run's noise (and its epsilon does not count the earlier "
+                "updates). Restore it with keras.models.load_model or load_weights (which "
+                "carry the privacy state), or rebuild it with seed=None.",
+            )
+        self._rebuilt_from_config = False
+
     @property
     def nonfinite_examples(self) -> int:
         """Clipping units left out so far because their gradient was NaN or inf.
@@ -386,12 +402,17 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 step,
             )
 
-    def _noise_generator_for(self, device: torch.device) -> torch.Generator:
-        if self._noise_generator is None or self._noise_generator.device != device:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self._noise_seed)
-            self._noise_generator = generator
-        return self._noise_generator
+    def _noise_key(self) -> int:
+        """The key of this update's noise stream: a function of (noise seed, update number).
+
+        Counter-based, so that a model restored with its privacy state (its
+        update count) continues with fresh noise and never repeats the noise of
+        an update it already released. Without a seed, the noise seed is OS
+        entropy drawn when the model is built and never saved: a restored model
+        draws new entropy.
+        """
+        sequence = np.random.SeedSequence([self._noise_seed, self._dp_steps_taken])
+        return int(sequence.generate_state(1, np.uint64)[0]) & (2**62 - 1)
 
     def _weight_regularization(self, trainable_variables):
         """Returns (loss, gradients) of the weight regularizers (not private data)."""
@@ -447,6 +468,8 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         else:
             real_examples = batch_size
         self._check_budget_before_step(batch_size, poisson=mask is not None)
+        if self._rebuilt_from_config and self._dp_seed is not None:
+            self._warn_if_noise_restarts()
         num_units = _validation.units_per_batch(batch_size, self._num_microbatches)
         optimizer = self.optimizer
         loss_scale = 1.0
@@ -469,7 +492,6 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         reg_loss, reg_grads = self._weight_regularization(trainable_variables)
         if update_due:
             noise_std = self._noise_multiplier * self._l2_norm_clip
-            generator = self._noise_generator_for(result.summed[0].device)
             # Normalise by the expected batch of the update under Poisson
             # sampling (never the realised one, which depends on the data),
             # else by the number of clipping units accumulated.
@@ -477,18 +499,19 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             normaliser = normaliser or self._accum_units
             scale = normaliser * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
             # Noise and normalisation in one pass, in place (every tensor here
-            # is this step's own); the noise stream's key comes from the
-            # model's generator, so a fixed seed reproduces the run.
-            noise_key = int(
-                torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
-            )
-            grads = add_noise_and_scale_(
-                self._accum_grads,
-                noise_std,
-                1.0 / scale,
-                seed=noise_key,
-                portable=self._accum_grads[0].device.type != "cpu",
-            )
+            # is this step's own). Secure mode: OS CSPRNG; otherwise a stream
+            # keyed by (noise seed, update number), so a fixed seed reproduces
+            # the run and a restored model never repeats released noise.
+            if self._secure_mode:
+                grads = add_secure_noise_and_scale_(self._accum_grads, noise_std, 1.0 / scale)
+            else:
+                grads = add_noise_and_scale_(
+                    self._accum_grads,
+                    noise_std,
+                    1.0 / scale,
+                    seed=self._noise_key(),
+                    portable=self._accum_grads[0].device.type != "cpu",
+                )
             if reg_grads is not None:
                 grads = [g if r is None else g.add_(r) for g, r in zip(grads, reg_grads)]
             if loss_scale != 1.0:

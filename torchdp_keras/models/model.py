@@ -13,7 +13,6 @@ from torchdp_keras.models.dp_trainer import (
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
     validate_dp_arguments,
-    warn_if_seed_restored,
 )
 
 
@@ -34,6 +33,9 @@ class DPModel(DPTrainerMixin, keras.Model):
         seed: Seed of the noise and of the random layers; None: OS entropy.
         clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
         layer_registry: The `LayerRegistry` of fast-clipping rules.
+        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
+            the OS CSPRNG, with the floating-point attack mitigation; a seed
+            is then an error.
         **kwargs: Passed to `keras.Model`.
 
     Example:
@@ -76,6 +78,7 @@ class DPModel(DPTrainerMixin, keras.Model):
         seed=None,
         clipping_mode="auto",
         layer_registry=None,
+        secure_mode=False,
         **kwargs,
     ):
         settings = validate_dp_arguments(
@@ -87,6 +90,7 @@ class DPModel(DPTrainerMixin, keras.Model):
             seed=seed,
             clipping_mode=clipping_mode,
             layer_registry=layer_registry,
+            secure_mode=secure_mode,
         )
         if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
             raise DPConfigError(
@@ -107,10 +111,10 @@ class DPModel(DPTrainerMixin, keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        warn_if_seed_restored(config)
         privacy_state = config.pop(PRIVACY_STATE_KEY, None)
         model = super().from_config(config, custom_objects=custom_objects)
         model._restore_privacy_state(privacy_state)
+        model._rebuilt_from_config = True
         return model
 
 

@@ -15,14 +15,19 @@ a value that could be below the truth.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
+import numpy as np
+
 from torchdp_keras.accounting import PRVAccountant, default_delta
 from torchdp_keras.accounting.base import check_delta
-from torchdp_keras.errors import DPConfigError, PrivacyBudgetExceededError
+from torchdp_keras.errors import DPConfigError, PrivacyBudgetExceededError, PrivacyStateError
 
 PRIVACY_STATE_KEY = "privacy_state"
+# Version of the saved privacy state (1: in the model config, before 0.2).
+STATE_FORMAT = 2
 
 
 def num_examples(x) -> int | None:
@@ -54,6 +59,7 @@ class PrivacyTrackingMixin:
             dp_keras_config.sampling_probability if dp_keras_config else None
         )
         self._warned_once = frozenset()
+        self._privacy_state_restored = False
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned_once:
@@ -181,6 +187,7 @@ class PrivacyTrackingMixin:
                 sample_weight=kwargs.pop("sample_weight", None),
                 seed=None if config.seed is None else config.seed + 1,
                 gradient_accumulation_steps=config.gradient_accumulation_steps,
+                secure_mode=config.secure_mode,
             )
             y, batch_size = None, None
         self._reset_accumulation()
@@ -298,27 +305,138 @@ class PrivacyTrackingMixin:
                 "physical batches. Received: PrivateDataLoader("
                 f"gradient_accumulation_steps={loader.gradient_accumulation_steps})"
             )
+        if getattr(self, "_secure_mode", False) and not loader.secure_mode:
+            raise DPConfigError(
+                f"Expected PrivateDataLoader(secure_mode=True) for model '{self.name}', "
+                "which was built with secure_mode=True: its noise comes from the OS "
+                "CSPRNG and its samples must too. Received: PrivateDataLoader("
+                "secure_mode=False)"
+            )
+        loader.start_at(self._dp_steps_taken)
         self._sampling_probability = loader.sampling_probability
         self._poisson_expected_batch_size = loader.expected_batch_size
         self._accumulation_steps = loader.gradient_accumulation_steps
 
     # -- persistence -----------------------------------------------------------------
+    # The privacy state travels with the weights (`save_own_variables`), so
+    # that `model.save`, `save_weights` and `keras.callbacks.BackupAndRestore`
+    # all carry it: a resumed run continues the accountant history and the
+    # update count that keys the noise. It is stored as UTF-8 JSON in a uint8
+    # array and read back with `json.loads` only (no pickle, no code).
+    def _weights_fingerprint(self) -> list:
+        return [[list(map(int, w.shape)), str(w.dtype)] for w in self.weights]
+
     def _privacy_state(self) -> dict:
         return {
+            "format": STATE_FORMAT,
             "accountant": self._accountant.state_dict(),
             "dp_steps_taken": self._dp_steps_taken,
             "unaccounted_steps": self._unaccounted_steps,
             "train_size": self._train_size,
             "target_delta": self._target_delta,
             "sampling_probability": self._sampling_probability,
+            "nonfinite_examples": getattr(self, "_nonfinite_examples", 0),
+            "weights": self._weights_fingerprint(),
         }
+
+    def save_own_variables(self, store):
+        """Saves the model's own variables and its privacy state (see Keras)."""
+        super().save_own_variables(store)
+        encoded = json.dumps(self._privacy_state(), sort_keys=True).encode("utf-8")
+        store[PRIVACY_STATE_KEY] = np.frombuffer(encoded, dtype=np.uint8).copy()
+
+    def load_own_variables(self, store):
+        """Loads the model's own variables and restores its privacy state.
+
+        Raises:
+            PrivacyStateError: the saved state belongs to another model (other
+                weights), another accountant or another sampling probability,
+                or is malformed; nothing is loaded then.
+        """
+        keys = list(store.keys())
+        if PRIVACY_STATE_KEY not in keys:
+            super().load_own_variables(store)
+            return
+        state = _decode_state(store[PRIVACY_STATE_KEY])
+        self._check_privacy_state(state)
+        super().load_own_variables({k: store[k] for k in keys if k != PRIVACY_STATE_KEY})
+        self._restore_privacy_state(state)
+
+    def _check_privacy_state(self, state: dict) -> None:
+        """Refuses a state that was not written by a model like this one."""
+        if state.get("format") != STATE_FORMAT:
+            raise PrivacyStateError(
+                f"Expected a privacy state of format {STATE_FORMAT}. Received: "
+                f"format={state.get('format')!r}"
+            )
+        saved = state.get("weights")
+        if self.built and saved != self._weights_fingerprint():
+            raise PrivacyStateError(
+                f"The saved privacy state belongs to another model: its weights are "
+                f"{_describe(saved)}, model '{self.name}' has "
+                f"{_describe(self._weights_fingerprint())}. Load it into the model that "
+                "wrote it."
+            )
+        accountant = state.get("accountant")
+        kind = accountant.get("accountant") if isinstance(accountant, dict) else accountant
+        if kind != self._accountant.name:
+            raise PrivacyStateError(
+                f"Expected the state of a {self._accountant.name!r} accountant. "
+                f"Received: accountant={kind!r}"
+            )
+        config = self._dp_keras_config
+        saved_q = state.get("sampling_probability")
+        if config is not None and saved_q is not None and saved_q != config.sampling_probability:
+            raise PrivacyStateError(
+                "The saved privacy state was spent at another sampling probability than "
+                f"this model's DPKerasConfig plans. Received: sampling_probability={saved_q} "
+                f"(saved), {config.sampling_probability} (config)"
+            )
 
     def _restore_privacy_state(self, state: dict | None) -> None:
         if not state:
             return
-        self._accountant.load_state_dict(state["accountant"])
-        self._dp_steps_taken = int(state["dp_steps_taken"])
-        self._unaccounted_steps = int(state["unaccounted_steps"])
+        try:
+            self._accountant.load_state_dict(state["accountant"])
+            self._dp_steps_taken = _count(state["dp_steps_taken"], "dp_steps_taken")
+            self._unaccounted_steps = _count(state["unaccounted_steps"], "unaccounted_steps")
+            nonfinite = _count(state.get("nonfinite_examples", 0), "nonfinite_examples")
+        except (KeyError, TypeError, DPConfigError) as error:
+            raise PrivacyStateError(f"Malformed privacy state: {error}") from error
+        if hasattr(self, "_nonfinite_examples"):
+            self._nonfinite_examples = nonfinite
         self._train_size = state.get("train_size")
         self._target_delta = state.get("target_delta")
         self._sampling_probability = state.get("sampling_probability")
+        self._privacy_state_restored = True
+
+
+def _count(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PrivacyStateError(f"Expected {name} to be an int >= 0. Received: {name}={value!r}")
+    return value
+
+
+def _describe(fingerprint) -> str:
+    if not isinstance(fingerprint, list):
+        return repr(fingerprint)
+    return "[" + ", ".join(f"{tuple(shape)}" for shape, _ in fingerprint) + "]"
+
+
+def _decode_state(raw) -> dict:
+    """The state dict from its stored uint8 array; JSON only."""
+    array = np.asarray(raw)
+    if array.dtype != np.uint8 or array.ndim != 1:
+        raise PrivacyStateError(
+            f"Expected the privacy state as a 1-D uint8 array of JSON. Received: an array "
+            f"of dtype {array.dtype} and shape {array.shape}"
+        )
+    try:
+        state = json.loads(array.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PrivacyStateError(f"The saved privacy state is not valid JSON: {error}") from error
+    if not isinstance(state, dict):
+        raise PrivacyStateError(
+            f"Expected the privacy state to be a JSON object. Received: {type(state).__name__}"
+        )
+    return state

@@ -12,7 +12,6 @@ from torchdp_keras.models.dp_trainer import (
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
     validate_dp_arguments,
-    warn_if_seed_restored,
 )
 
 
@@ -37,6 +36,9 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         seed: Seed of the noise and of the random layers; None: OS entropy.
         clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
         layer_registry: The `LayerRegistry` of fast-clipping rules.
+        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
+            the OS CSPRNG, with the floating-point attack mitigation; a seed
+            is then an error.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`).
 
     Example:
@@ -60,6 +62,7 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         seed=None,
         clipping_mode="auto",
         layer_registry=None,
+        secure_mode=False,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -81,6 +84,7 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
             seed=seed,
             clipping_mode=clipping_mode,
             layer_registry=layer_registry,
+            secure_mode=secure_mode,
         )
         kwargs.setdefault("name", f"private_{model.name}")
         super().__init__(**kwargs)
@@ -105,13 +109,11 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         config.update(self._dp_config())
         if self._dp_keras_config is not None:
             config["dp_keras_config"] = self._dp_keras_config.to_dict()
-        config[PRIVACY_STATE_KEY] = self._privacy_state()
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        warn_if_seed_restored(config)
         model = keras.saving.deserialize_keras_object(
             config.pop("model"), custom_objects=custom_objects
         )
@@ -126,6 +128,7 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
             }
         private = cls(model=model, **dp, **config)
         private._restore_privacy_state(privacy_state)
+        private._rebuilt_from_config = True
         return private
 
 
@@ -139,6 +142,7 @@ def _resolve_settings(
     seed,
     clipping_mode,
     layer_registry,
+    secure_mode=False,
 ):
     """Returns (config with a resolved sigma or None, validated DP settings)."""
     if config is None:
@@ -156,6 +160,7 @@ def _resolve_settings(
             seed=seed,
             clipping_mode=clipping_mode,
             layer_registry=layer_registry,
+            secure_mode=secure_mode,
         )
     if not isinstance(config, DPKerasConfig):
         raise DPConfigError(
@@ -167,6 +172,7 @@ def _resolve_settings(
         "noise_multiplier": noise_multiplier,
         "num_microbatches": num_microbatches,
         "seed": seed,
+        "secure_mode": secure_mode or None,
     }
     clashing = {k: v for k, v in given.items() if v is not None}
     if clashing:
@@ -182,6 +188,7 @@ def _resolve_settings(
         seed=config.seed,
         clipping_mode=clipping_mode,
         layer_registry=layer_registry,
+        secure_mode=config.secure_mode,
     )
     return config, settings
 
@@ -196,6 +203,7 @@ def make_private(
     seed: int | None = None,
     clipping_mode: str = "auto",
     layer_registry=None,
+    secure_mode: bool = False,
 ) -> PrivateKerasModel:
     """Returns a DP-SGD model that shares the layers and weights of `model`.
 
@@ -214,6 +222,9 @@ def make_private(
         seed: Seed of the noise and of the random layers; None: OS entropy.
         clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
         layer_registry: The `LayerRegistry` of fast-clipping rules.
+        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
+            the OS CSPRNG, with the floating-point attack mitigation; a seed
+            is then an error.
 
     Returns:
         A `PrivateKerasModel` wrapping `model`.
@@ -233,4 +244,5 @@ def make_private(
         seed=seed,
         clipping_mode=clipping_mode,
         layer_registry=layer_registry,
+        secure_mode=secure_mode,
     )

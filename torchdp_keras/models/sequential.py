@@ -11,7 +11,6 @@ from torchdp_keras.models.dp_trainer import (
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
     validate_dp_arguments,
-    warn_if_seed_restored,
 )
 
 
@@ -44,6 +43,9 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
             (per-example gradients of the whole model).
         layer_registry: The `LayerRegistry` of fast-clipping rules; default
             `make_default_layer_registry()`.
+        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
+            the OS CSPRNG, with the floating-point attack mitigation; a seed
+            is then an error. Slower; for production releases.
         **kwargs: Passed to `keras.Sequential` (`name`, `trainable`).
 
     Example:
@@ -64,6 +66,7 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         seed=None,
         clipping_mode="auto",
         layer_registry=None,
+        secure_mode=False,
         **kwargs,
     ):
         settings = validate_dp_arguments(
@@ -74,6 +77,7 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
             seed=seed,
             clipping_mode=clipping_mode,
             layer_registry=layer_registry,
+            secure_mode=secure_mode,
         )
         self._dp_checks_on_add = False
         super().__init__(layers=layers, **kwargs)
@@ -95,7 +99,6 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        warn_if_seed_restored(config)
         dp = {key: config.pop(key) for key in DP_CONFIG_KEYS if key in config}
         privacy_state = config.pop(PRIVACY_STATE_KEY, None)
         layers = []
@@ -116,4 +119,5 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         ):
             model.build(build_input_shape)
         model._restore_privacy_state(privacy_state)
+        model._rebuilt_from_config = True
         return model

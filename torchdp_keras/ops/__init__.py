@@ -13,6 +13,7 @@ from torchdp_keras.ops.clip_noise import (
 )
 from torchdp_keras.ops.fused import (
     add_noise_and_scale_,
+    add_secure_noise_and_scale_,
     clip_and_noise,
     clipped_sum_and_norms,
     extension_info,
@@ -22,6 +23,7 @@ __all__ = [
     "CLIP_SAFETY_MARGIN",
     "add_gaussian_noise",
     "add_noise_and_scale_",
+    "add_secure_noise_and_scale_",
     "clip_and_noise",
     "clipped_sum_and_norms",
     "extension_info",

@@ -6,6 +6,8 @@
         (the clipped sums, the per-example squared norms in float64)
     add_noise_and_scale_(tensors, noise_std, scale, *, seed=None, offset=0)
         t <- (t + N(0, noise_std^2 I)) * scale, in place
+    add_secure_noise_and_scale_(tensors, noise_std, scale)
+        the same with noise from the OS CSPRNG (secure mode, never seeded)
 
 `per_example_grads` is a list of tensors of shape (B, ...); example i's norm
 is taken over row i of all of them together, and clipped with the same
@@ -38,6 +40,8 @@ from torchdp_keras.ops.clip_noise import add_gaussian_noise, clip_factors, per_u
 
 logger = logging.getLogger(__name__)
 
+# Values of secure noise drawn on the host at once.
+_SECURE_CHUNK = 1 << 20
 _OPS = ("clipped_sum", "add_noise_and_scale_", "clip_and_noise")
 _STATE: dict = {}
 
@@ -214,6 +218,42 @@ def add_noise_and_scale_(
         )
     else:
         reference_add_noise_and_scale_(tensors, noise_std, scale, seed, offset)
+    return tensors
+
+
+def add_secure_noise_and_scale_(
+    tensors: Sequence[torch.Tensor], noise_std: float, scale: float = 1.0
+) -> list[torch.Tensor]:
+    """`t <- (t + N(0, noise_std^2 I)) * scale` in place, with secure noise.
+
+    The noise comes from `torchdp_keras.secure_random.secure_gaussian`: the
+    operating system's CSPRNG, Box-Muller in float64, 4 normals summed per
+    value against floating-point attacks. It is drawn on the host in chunks
+    of 2^20 values (never a model-sized buffer) and copied to each tensor's
+    device and dtype. There is no seed: nothing can reproduce or predict it.
+
+    Example:
+        >>> t = [torch.zeros(3)]
+        >>> _ = add_secure_noise_and_scale_(t, 1.0, 0.5)  # t[0] ~ N(0, 0.25)
+    """
+    from torchdp_keras.secure_random import secure_gaussian
+
+    tensors = list(tensors)
+    _check(noise_std=noise_std)
+    with torch.no_grad():
+        for t in tensors:
+            if noise_std > 0:
+                flat = t.view(-1) if t.is_contiguous() else None
+                if flat is None:
+                    noise = secure_gaussian(t.numel(), noise_std).reshape(t.shape)
+                    t.add_(torch.from_numpy(noise).to(device=t.device, dtype=t.dtype))
+                else:
+                    for start in range(0, flat.numel(), _SECURE_CHUNK):
+                        part = flat[start : start + _SECURE_CHUNK]
+                        noise = torch.from_numpy(secure_gaussian(part.numel(), noise_std))
+                        part.add_(noise.to(device=t.device, dtype=t.dtype))
+            if scale != 1:
+                t.mul_(scale)
     return tensors
 
 
