@@ -12,7 +12,7 @@ import math
 import numbers
 from typing import Any
 
-from torchdp_keras._validation import check_int, check_positive
+from torchdp_keras._validation import check_int, check_positive, check_secure_mode
 from torchdp_keras.accounting.analysis import calibrate_noise_multiplier, make_accountant
 from torchdp_keras.errors import DPConfigError
 
@@ -116,12 +116,7 @@ class DPKerasConfig:
             raise DPConfigError(
                 f"Expected seed to be None or an int64 >= 0. Received: seed={self.seed!r}"
             )
-        if self.secure_mode and self.seed is not None:
-            raise DPConfigError(
-                "Expected seed=None with secure_mode=True: secure mode draws noise and "
-                "samples from the operating system's CSPRNG, which cannot be seeded. "
-                f"Received: seed={self.seed!r}, secure_mode=True"
-            )
+        check_secure_mode(self.secure_mode, self.seed)
         if self.noise_multiplier is not None:
             sigma = self.noise_multiplier
             if not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
