@@ -19,6 +19,7 @@ import json
 import math
 import warnings
 
+import keras
 import numpy as np
 
 from torchdp_keras.accounting import PRVAccountant, default_delta
@@ -193,6 +194,15 @@ class PrivacyTrackingMixin:
         self._reset_accumulation()
         self._poisson_expected_batch_size = None
         if isinstance(x, PrivateDataLoader):
+            if kwargs.get("shuffle", False) is not False:
+                raise DPConfigError(
+                    "Expected shuffle=False (or unset) with a PrivateDataLoader: each of "
+                    "its updates is already a fresh Poisson sample, and Keras shuffling "
+                    "its batches would mix the physical batches of different updates "
+                    f"(one example could then count twice in one update). Received: "
+                    f"shuffle={kwargs['shuffle']!r}"
+                )
+            kwargs["shuffle"] = False
             self._use_loader(x, y, batch_size, config)
             n = train_size = x.num_examples
         else:
@@ -260,6 +270,8 @@ class PrivacyTrackingMixin:
             isinstance(cb, DPAccountant) for cb in callbacks
         ):
             callbacks.insert(0, DPAccountant(log_fn=None))
+        # Last, so that it runs after keras.callbacks.BackupAndRestore.
+        callbacks.append(_ResumeSync(self, x if isinstance(x, PrivateDataLoader) else None))
         return super().fit(
             x,
             y,
@@ -409,6 +421,29 @@ class PrivacyTrackingMixin:
         self._target_delta = state.get("target_delta")
         self._sampling_probability = state.get("sampling_probability")
         self._privacy_state_restored = True
+
+
+class _ResumeSync(keras.callbacks.Callback):
+    """Re-applies this fit's settings after a callback restored a privacy state.
+
+    `keras.callbacks.BackupAndRestore` loads the weights (and with them the
+    saved privacy state) in `on_train_begin`, after fit() has read its input.
+    The accountant history and the update count come from the file; the
+    sampling probability, training-set size and delta of the updates to come
+    are this fit's, and the loader numbers its draws from the restored update
+    count (else a resumed run would replay the samples of the first one).
+    """
+
+    def __init__(self, model, loader):
+        super().__init__()
+        self._settings = (model._sampling_probability, model._train_size, model._target_delta)
+        self._loader = loader
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        model._sampling_probability, model._train_size, model._target_delta = self._settings
+        if self._loader is not None:
+            self._loader.start_at(model._dp_steps_taken)
 
 
 def _count(value, name: str) -> int:
