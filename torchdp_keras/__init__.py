@@ -43,6 +43,9 @@ _LAZY = {
     "SublayerRule": "torchdp_keras.per_example",
     "make_default_layer_registry": "torchdp_keras.per_example",
     "PrivateDataLoader": "torchdp_keras.data",
+    "ModelProblem": "torchdp_keras.model_checks",
+    "validate": "torchdp_keras.model_checks",
+    "fix": "torchdp_keras.model_fix",
     "RDPAccountant": "torchdp_keras.accounting",
     "PRVAccountant": "torchdp_keras.accounting",
     "calibrate_noise_multiplier": "torchdp_keras.accounting",
@@ -52,6 +55,7 @@ _LAZY = {
 }
 _SUBMODULES = (
     "accounting",
+    "auditing",
     "callbacks",
     "config",
     "data",
@@ -98,6 +102,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from torchdp_keras.config import DPKerasConfig  # noqa: F401
     from torchdp_keras.data import PrivateDataLoader  # noqa: F401
+    from torchdp_keras.model_checks import ModelProblem, validate  # noqa: F401
+    from torchdp_keras.model_fix import fix  # noqa: F401
     from torchdp_keras.models import (  # noqa: F401
         DPModel,
         DPSequential,

@@ -10,6 +10,7 @@ the moving statistics it updates are released without noise.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 from torchdp_keras._backend import check_torch_backend
@@ -18,7 +19,7 @@ check_torch_backend()
 
 import keras  # noqa: E402
 
-from torchdp_keras.errors import UnsupportedLayerError  # noqa: E402
+from torchdp_keras.errors import DPConfigError, UnsupportedLayerError  # noqa: E402
 
 
 def iter_layers(
@@ -64,41 +65,210 @@ def example_mixing_layers(
     return [
         path
         for path, layer in iter_layers(model, prefix=prefix, include_root=include_root)
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+        if _mixes_examples(layer)
     ]
 
 
-def check_per_example_privacy(
-    model: keras.layers.Layer, *, prefix: str | None = None, include_root: bool = False
-) -> None:
-    """Raises `UnsupportedLayerError` naming every layer that mixes examples.
+def _mixes_examples(layer) -> bool:
+    return isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelProblem:
+    """One reason why a model cannot be trained privately as it is.
+
+    Attributes:
+        path: The layer's path in the model ("model/block/layer").
+        layer: The layer's class name.
+        reason: What breaks, and why it breaks the privacy guarantee.
+        fix: How to change the model (or the clipping mode).
+    """
+
+    path: str
+    layer: str
+    reason: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.layer}): {self.reason} Fix: {self.fix}"
+
+
+_BATCH_NORM_REASON = (
+    "normalises each example with the mean and variance of the whole batch, so one "
+    "example's gradient depends on the others and clipping it no longer bounds that "
+    "example's influence; its moving statistics are also updated from the data without "
+    "noise."
+)
+_BATCH_NORM_FIX = (
+    "replace it with keras.layers.GroupNormalization or keras.layers.LayerNormalization "
+    "(which normalise each example on its own; torchdp_keras.fix(model) does it), or "
+    "freeze it with `layer.trainable = False` to use fixed statistics."
+)
+_STATEFUL_REASON = (
+    "is stateful: its state carries over from one batch to the next, so the output on "
+    "an example depends on the examples of earlier batches, whose influence is then "
+    "neither clipped nor accounted, and the state itself is computed from the data "
+    "without noise."
+)
+_STATEFUL_FIX = "build it with stateful=False (the state then restarts with every sequence)."
+
+
+def find_problems(
+    model: keras.layers.Layer,
+    *,
+    clipping_mode: str = "auto",
+    layer_registry=None,
+    prefix: str | None = None,
+    include_root: bool = False,
+) -> list[ModelProblem]:
+    """Every reason why `model` cannot be trained with DP-SGD as it is, in model order.
+
+    Checked: layers that mix the examples of a batch (BatchNormalization in
+    training mode), stateful recurrent layers, and, for
+    `clipping_mode="fast"`, layers the fast clipping path cannot handle
+    (no rule in `layer_registry`, weights shared by several calls or layers).
+    In "auto" mode such layers are not problems: the model trains with
+    per-example gradients instead. The fast path is only checked on built
+    Sequential and functional models (others are checked at the first step).
 
     Args:
-        model: The Keras model (or layer) to check.
-        prefix: Path of `model` in the error message (default: its name).
+        model: A Keras model or layer.
+        clipping_mode: "auto", "fast" or "vmap".
+        layer_registry: The fast path's rules (default: the built-in registry).
+        prefix: Path of `model` (default: its name).
         include_root: Check `model` itself too, not only what it contains.
+    """
+    problems = []
+    for path, layer in iter_layers(model, prefix=prefix, include_root=include_root):
+        kind = type(layer).__name__
+        if _mixes_examples(layer):
+            problems.append(ModelProblem(path, kind, _BATCH_NORM_REASON, _BATCH_NORM_FIX))
+        if isinstance(layer, keras.layers.RNN) and getattr(layer, "stateful", False):
+            problems.append(ModelProblem(path, kind, _STATEFUL_REASON, _STATEFUL_FIX))
+    if clipping_mode == "fast" and isinstance(model, keras.Model) and model.built:
+        problems.extend(_fast_path_problems(model, layer_registry))
+    return problems
+
+
+def _fast_path_problems(model: keras.Model, layer_registry) -> list[ModelProblem]:
+    from torchdp_keras.per_example import FastEngine, make_default_layer_registry
+    from torchdp_keras.per_example.fast_engine import FastPathUnsupported
+
+    registry = layer_registry if layer_registry is not None else make_default_layer_registry()
+    try:
+        FastEngine(model, registry, fallback=None)
+    except FastPathUnsupported as error:
+        fix = (
+            "use clipping_mode='auto' (per-example gradients for the layers the fast "
+            "path cannot take) or 'vmap', or register a LayerRule for the layer."
+        )
+        found = dict(iter_layers(model))
+        order = {path: i for i, path in enumerate(found)}
+        problems = []
+        for path, detail in sorted(
+            error.problems or [(model.name, str(error))],
+            key=lambda problem: order.get(problem[0], -1),
+        ):
+            kind = type(found.get(path, model)).__name__
+            detail = detail.removeprefix(f"{kind}: ")
+            problems.append(
+                ModelProblem(
+                    path,
+                    kind,
+                    f"{detail} (the fast clipping path computes each example's gradient "
+                    "norm layer by layer and must see every weight once per example).",
+                    fix,
+                )
+            )
+        return problems
+    return []
+
+
+def problems_error(problems: list[ModelProblem]) -> UnsupportedLayerError:
+    """One error that lists every problem by path, with the reason and the fix."""
+    listed = "\n".join(f"  - {problem}" for problem in problems)
+    return UnsupportedLayerError(
+        "This model cannot be trained with per-example privacy as it is:\n" + listed,
+        layer_paths=list(dict.fromkeys(problem.path for problem in problems)),
+    )
+
+
+def check_per_example_privacy(
+    model: keras.layers.Layer,
+    *,
+    prefix: str | None = None,
+    include_root: bool = False,
+    clipping_mode: str = "auto",
+    layer_registry=None,
+) -> None:
+    """Raises `UnsupportedLayerError` listing every problem `find_problems` finds.
 
     Raises:
-        UnsupportedLayerError: at least one layer mixes examples; the message
-            lists all of them by path, with the reason and the fix.
+        UnsupportedLayerError: the message lists all problems by layer path,
+            with the privacy reason and the fix.
     """
-    paths = example_mixing_layers(model, prefix=prefix, include_root=include_root)
-    if paths:
-        listed = "\n".join(f"  - {p} (BatchNormalization)" for p in paths)
-        raise UnsupportedLayerError(
-            "These layers mix the examples of a batch, which breaks per-example "
-            "privacy:\n"
-            f"{listed}\n"
-            "BatchNormalization normalises each example with the mean and "
-            "variance of the whole batch, so one example's gradient depends on "
-            "the others and clipping it no longer bounds that example's "
-            "influence; its moving statistics are also updated from the data "
-            "without noise. Replace it with keras.layers.GroupNormalization or "
-            "keras.layers.LayerNormalization (which normalise each example on "
-            "its own), or freeze it with `layer.trainable = False` to use fixed "
-            "statistics.",
-            layer_paths=paths,
+    problems = find_problems(
+        model,
+        clipping_mode=clipping_mode,
+        layer_registry=layer_registry,
+        prefix=prefix,
+        include_root=include_root,
+    )
+    if problems:
+        raise problems_error(problems)
+
+
+def validate(
+    model: keras.layers.Layer,
+    *,
+    clipping_mode: str | None = None,
+    layer_registry=None,
+    strict: bool = True,
+) -> list[ModelProblem]:
+    """Checks that `model` can be trained with DP-SGD; collects every problem at once.
+
+    DP models run the same check when they are built and before their first
+    step; call it yourself to see every problem of a model before wrapping it.
+
+    Args:
+        model: A Keras model (plain or DP).
+        clipping_mode: "auto", "fast" or "vmap"; default: the DP model's own
+            mode, or "auto" for a plain model.
+        layer_registry: The fast path's rules (default: the DP model's, or the
+            built-in registry).
+        strict: Raise if there is any problem (default); False: return them.
+
+    Returns:
+        The problems found (empty when the model is fine).
+
+    Raises:
+        UnsupportedLayerError: `strict` and some layer cannot be trained
+            privately; the message lists every one by path, with the reason
+            and the fix, and `error.layer_paths` holds the paths.
+
+    Example:
+        >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
+        ...                           keras.layers.BatchNormalization()])
+        >>> [p.layer for p in validate(model, strict=False)]
+        ['BatchNormalization']
+    """
+    if not isinstance(model, keras.layers.Layer):
+        raise DPConfigError(
+            f"Expected model to be a keras.Model. Received: model={type(model).__name__}"
         )
+    if clipping_mode is None:
+        clipping_mode = getattr(model, "clipping_mode", "auto")
+    if clipping_mode not in ("auto", "fast", "vmap"):
+        raise DPConfigError(
+            "Expected clipping_mode in ('auto', 'fast', 'vmap'). "
+            f"Received: clipping_mode={clipping_mode!r}"
+        )
+    if layer_registry is None:
+        layer_registry = getattr(model, "layer_registry", None)
+    problems = find_problems(model, clipping_mode=clipping_mode, layer_registry=layer_registry)
+    if strict and problems:
+        raise problems_error(problems)
+    return problems
 
 
 def seed_state_ids(model: keras.layers.Layer) -> set[int]:

@@ -298,9 +298,15 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     def _get_dp_engine(self):
         key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)
         if self._dp_engine is None or self._dp_engine.variable_key != key:
-            check_per_example_privacy(self)
+            self._check_model()
             self._dp_engine = self._build_engine()
         return self._dp_engine
+
+    def _check_model(self) -> None:
+        """`torchdp_keras.validate` with this model's clipping mode: every problem at once."""
+        check_per_example_privacy(
+            self, clipping_mode=self._clipping_mode, layer_registry=self._layer_registry
+        )
 
     def _vmap_engine(self) -> VmapEngine:
         return VmapEngine(

@@ -8,7 +8,6 @@ from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
 
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import (
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
@@ -106,7 +105,7 @@ class DPModel(DPTrainerMixin, keras.Model):
         else:
             super().__init__(*args, **kwargs)
         self._init_dp(settings)
-        check_per_example_privacy(self)
+        self._check_model()
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -6,7 +6,6 @@ import keras
 
 from torchdp_keras.config import DPKerasConfig
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import (
     DP_CONFIG_KEYS,
     PRIVACY_STATE_KEY,
@@ -90,9 +89,9 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         super().__init__(**kwargs)
         self.model = model
         self._init_dp(settings, dp_keras_config=config)
-        check_per_example_privacy(self)
         if model.built:
             self.built = True
+        self._check_model()
 
     def call(self, inputs, training=None):
         return self.model(inputs, training=training)

@@ -82,7 +82,7 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         self._dp_checks_on_add = False
         super().__init__(layers=layers, **kwargs)
         self._init_dp(settings)
-        check_per_example_privacy(self)
+        self._check_model()
         self._dp_checks_on_add = True
 
     def add(self, layer, rebuild=True):

@@ -59,7 +59,15 @@ _SEPARABLE_REDUCTIONS = {"sum_over_batch_size": True, "sum": False}  # value: sc
 
 
 class FastPathUnsupported(UnsupportedLayerError):
-    """The model (or this batch) is outside the fast path's scope."""
+    """The model (or this batch) is outside the fast path's scope.
+
+    Attributes:
+        problems: `(layer path, what is wrong)` for each offending layer.
+    """
+
+    def __init__(self, message: str, layer_paths=(), problems=()):
+        super().__init__(message, layer_paths=layer_paths)
+        self.problems = tuple(problems)
 
 
 def graph_of(model) -> Functional | None:
@@ -137,17 +145,20 @@ class FastEngine:
                 continue
             path = paths.get(id(layer), layer.name)
             if uses > 1:
-                problems.append(f"{path} (called {uses} times: shared weights)")
+                problems.append((path, f"called {uses} times: shared weights"))
                 continue
             self._assign_rule(layer, path, registry, fallback, problems, covered)
         missing = [v.path for v in model.trainable_variables if id(v) not in covered]
         if missing and not problems:
-            problems.append("weights not owned by any layer of the graph: " + ", ".join(missing))
+            problems.append(
+                (model.name, "weights not owned by any layer of the graph: " + ", ".join(missing))
+            )
         if problems:
             raise FastPathUnsupported(
                 "These layers cannot take the fast clipping path:\n"
-                + "\n".join(f"  - {p}" for p in problems),
-                layer_paths=[p.split(" ")[0] for p in problems],
+                + "\n".join(f"  - {path} ({detail})" for path, detail in problems),
+                layer_paths=[path for path, _ in problems],
+                problems=problems,
             )
         self._trainable = list(model.trainable_variables)
         self._non_trainable = list(model.non_trainable_variables)
@@ -166,8 +177,11 @@ class FastEngine:
             owned = [id(w) for child in children for w in child.trainable_weights]
             if sorted(owned) != sorted(id(w) for w in weights) or len(set(owned)) != len(owned):
                 problems.append(
-                    f"{path} ({type(layer).__name__}: registered with SublayerRule, but its "
-                    "sublayers do not own each of its trainable weights exactly once)"
+                    (
+                        path,
+                        f"{type(layer).__name__}: registered with SublayerRule, but its "
+                        "sublayers do not own each of its trainable weights exactly once",
+                    )
                 )
                 return
             self._sublayers[id(layer)] = children
@@ -179,13 +193,13 @@ class FastEngine:
             return
         if rule is None:
             if fallback is None:
-                problems.append(f"{path} ({type(layer).__name__}: no rule in the registry)")
+                problems.append((path, f"{type(layer).__name__}: no rule in the registry"))
                 return
             rule = fallback
             self.slow_layers.append(f"{path} ({type(layer).__name__})")
         reused = [w.path for w in weights if id(w) in covered]
         if reused:
-            problems.append(f"{path} (weights used by another layer too: {', '.join(reused)})")
+            problems.append((path, f"weights used by another layer too: {', '.join(reused)}"))
             return
         self._rules[id(layer)] = rule
         covered.update(id(w) for w in weights)
