@@ -4,7 +4,8 @@ Each step-time bench runs twice, with glibc's default allocator and with
 `--tuned-malloc` (see `_timing.py`); the memory bench runs once. Every bench
 runs in its own process. The script prints a Markdown table, writes it to
 `benches/results.md` (and every bench's raw summary to `benches/results.json`),
-then runs the fused-kernel and PRV-accountant benches and adds their rows;
+then runs the fused-kernel, PRV-accountant and secure-mode benches and adds
+their rows;
 when matplotlib is installed, it draws
 `docs/benchmarks.png` (DP step / plain Keras step per bench, with targets).
 
@@ -146,6 +147,27 @@ def prv_rows(quick):
     ]
 
 
+def secure_rows(quick):
+    extra = ["--steps", "6", "--params", str(1 << 20)] if quick else []
+    summary = run("bench_secure_mode.py", extra, False, False)
+    if summary is None:
+        return None, [("secure_mode=True DP step", "default", None, "", "")]
+    rows = []
+    for key, label in (("tutorial_cnn", "tutorial CNN, batch 250"), ("mlp", "MLP, batch 64")):
+        seeded, secure = summary[key]["seeded"], summary[key]["secure_mode=True"]
+        rows.append(
+            (
+                f"secure_mode=True DP step, {label} ({summary[key]['weights']} weights)",
+                "default",
+                f"{secure[1]:.2f}x seeded",
+                "<= 1.5" if key == "tutorial_cnn" else "reported",
+                f"{secure[0]:.1f} ms vs {seeded[0]:.1f} ms; "
+                f"{summary['secure_ns_per_value']:.0f} ns per noise value",
+            )
+        )
+    return summary, rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -185,8 +207,11 @@ def main(argv=None) -> int:
 
     # Rows of the other benches: (label, malloc, shown value, target, detail).
     other_rows = []
-    for script, make_rows in (("bench_fused_ops.py", fused_rows), ("bench_prv_accountant.py",
-                                                                    prv_rows)):
+    for script, make_rows in (
+        ("bench_fused_ops.py", fused_rows),
+        ("bench_prv_accountant.py", prv_rows),
+        ("bench_secure_mode.py", secure_rows),
+    ):
         summary, extra_rows = make_rows(args.quick)
         raw[script] = summary
         other_rows += extra_rows
