@@ -59,6 +59,7 @@ _SUBMODULES = (
     "callbacks",
     "config",
     "data",
+    "distributed",
     "lipschitz",
     "models",
     "ops",

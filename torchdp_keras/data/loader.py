@@ -16,10 +16,13 @@ exactly: they contribute zero to gradients, loss and metrics.
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 
-from torchdp_keras._validation import check_int
+from torchdp_keras import distributed
+from torchdp_keras._validation import check_int, check_secure_mode
 from torchdp_keras.data.sampling import PoissonSampler, padded_size
 from torchdp_keras.errors import DPConfigError
 
@@ -100,6 +103,14 @@ class PrivateDataLoader(keras.utils.PyDataset):
     `keras.callbacks.BackupAndRestore`) therefore continues with new draws,
     even with a fixed seed, instead of replaying the samples of the first run.
 
+    Under `torch.distributed` (process group initialised before the loader
+    is built; every rank passes the whole dataset), `batch_size` is the
+    global expected physical batch: every rank draws the same global sample
+    (rank 0's seed or OS entropy; in secure mode rank 0's draw, broadcast)
+    and keeps the sampled indices at positions rank, rank + W, ...; each
+    sampled example is trained on by exactly one rank, and
+    `sampling_probability` is the global q.
+
     Example:
         >>> loader = PrivateDataLoader(feature_df=x, label_df=y, batch_size=64)  # doctest: +SKIP
         >>> dp_model.fit(loader, epochs=5, target_delta=1e-5)  # doctest: +SKIP
@@ -144,6 +155,12 @@ class PrivateDataLoader(keras.utils.PyDataset):
         self.batch_size = int(batch_size)
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         effective = self.batch_size * self.gradient_accumulation_steps
+        # Under torch.distributed every rank draws the same global sample
+        # (rank 0's seed, or rank 0's secure draws) and keeps its share of it.
+        self._rank, self._world = distributed.process_group()
+        if self._world > 1 and not secure_mode:
+            check_secure_mode(secure_mode, seed)
+            seed = distributed.shared_entropy(None if seed is None else check_int(seed, "seed", 0))
         self._sampler = PoissonSampler(
             self.num_examples, effective, seed=seed, secure_mode=secure_mode
         )
@@ -184,17 +201,38 @@ class PrivateDataLoader(keras.utils.PyDataset):
         self.epoch += 1
 
     def _draw(self, update: int) -> np.ndarray:
+        """This rank's examples of update `update` of the epoch (all of them on one process)."""
         key = self._first_update + self.epoch * self.updates_per_epoch + update
         if self._last_draw[0] != key:
-            self._last_draw = (key, self._sampler.sample(0, key))
+            drawn = self._sampler.sample(0, key)
+            if self._world > 1:
+                if self.secure_mode:  # rank 0's draw: a CSPRNG cannot be shared by a seed
+                    drawn = self._broadcast_draw(drawn)
+                drawn = drawn[self._rank :: self._world]
+            self._last_draw = (key, drawn)
         return self._last_draw[1]
+
+    def _broadcast_draw(self, drawn: np.ndarray) -> np.ndarray:
+        import torch
+
+        included = torch.zeros(self.num_examples, dtype=torch.uint8)
+        included[torch.from_numpy(drawn)] = 1
+        device = distributed._device()
+        included = included.to(device)
+        torch.distributed.broadcast(included, src=0)
+        return np.flatnonzero(included.cpu().numpy())
+
+    @property
+    def physical_batch_size(self) -> int:
+        """Expected examples per physical batch on this rank (batch_size / world size)."""
+        return math.ceil(self.batch_size / self._world)
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"Expected 0 <= index < {len(self)}. Received: index={index}")
         update, part = divmod(index, self.gradient_accumulation_steps)
         chunk = np.array_split(self._draw(update), self.gradient_accumulation_steps)[part]
-        size = padded_size(len(chunk), self.batch_size, self.num_examples)
+        size = padded_size(len(chunk), self.physical_batch_size, self.num_examples)
         rows = np.concatenate([chunk, np.zeros(size - len(chunk), dtype=chunk.dtype)])
         mask = np.zeros(size, dtype="float32")
         mask[: len(chunk)] = 1.0

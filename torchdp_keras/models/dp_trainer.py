@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from keras import tree
 
-from torchdp_keras import _validation
+from torchdp_keras import _validation, distributed
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
@@ -168,6 +168,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self._nonfinite_examples = 0
         self._nonfinite_logged_at = None
         self._rebuilt_from_config = False
+        self._distributed_synced = False
         self._reset_accumulation()
 
     # -- read-only DP settings ----------------------------------------------
@@ -474,6 +475,9 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         else:
             real_examples = batch_size
         self._check_budget_before_step(batch_size, poisson=mask is not None)
+        rank, world = distributed.process_group()
+        if world > 1 and not self._distributed_synced:
+            self._sync_ranks()
         if self._rebuilt_from_config and self._dp_seed is not None:
             self._warn_if_noise_restarts()
         num_units = _validation.units_per_batch(batch_size, self._num_microbatches)
@@ -498,26 +502,21 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         reg_loss, reg_grads = self._weight_regularization(trainable_variables)
         if update_due:
             noise_std = self._noise_multiplier * self._l2_norm_clip
+            units = self._accum_units
+            if world > 1:
+                # Rank 0 alone noises its clipped sum; one all-reduce sums the
+                # ranks' sums (noise once per update) and their clipping units.
+                if rank == 0:
+                    self._add_noise_and_scale(noise_std, 1.0)
+                (units,) = distributed.all_reduce_sum_(self._accum_grads, [units])
+                noise_std = 0.0
             # Normalise by the expected batch of the update under Poisson
             # sampling (never the realised one, which depends on the data),
-            # else by the number of clipping units accumulated.
+            # else by the number of clipping units accumulated (on all ranks).
             normaliser = self._poisson_expected_batch_size if mask is not None else None
-            normaliser = normaliser or self._accum_units
+            normaliser = normaliser or units
             scale = normaliser * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
-            # Noise and normalisation in one pass, in place (every tensor here
-            # is this step's own). Secure mode: OS CSPRNG; otherwise a stream
-            # keyed by (noise seed, update number), so a fixed seed reproduces
-            # the run and a restored model never repeats released noise.
-            if self._secure_mode:
-                grads = add_secure_noise_and_scale_(self._accum_grads, noise_std, 1.0 / scale)
-            else:
-                grads = add_noise_and_scale_(
-                    self._accum_grads,
-                    noise_std,
-                    1.0 / scale,
-                    seed=self._noise_key(),
-                    portable=self._accum_grads[0].device.type != "cpu",
-                )
+            grads = self._add_noise_and_scale(noise_std, 1.0 / scale)
             if reg_grads is not None:
                 grads = [g if r is None else g.add_(r) for g, r in zip(grads, reg_grads)]
             if loss_scale != 1.0:
@@ -527,6 +526,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             self._reset_accumulation()
             self._record_step()
 
+        before = self._metric_state() if world > 1 else None
         loss = result.loss_sum / max(1, num_units if mask is None else real_examples)
         if reg_loss is not None:
             loss = loss + reg_loss
@@ -534,19 +534,67 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
         y_pred = result.y_pred
         if mask is not None:
-            if real_examples == 0:
-                return self.get_metrics_result()
             keep = keras.ops.convert_to_tensor(mask) > 0
             x, y, sample_weight, y_pred = tree.map_structure(
                 lambda t: None if t is None else t[keep], (x, y, sample_weight, y_pred)
             )
-        compile_loss = self._compile_loss
-        if compile_loss is not None and compile_loss.metrics:
-            # Per-output loss trackers of multi-output models: the per-unit
-            # calls ran in a stateless scope, so update them on the batch.
-            with torch.no_grad():
-                compile_loss(y, y_pred, sample_weight)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = None
+        if real_examples:
+            compile_loss = self._compile_loss
+            if compile_loss is not None and compile_loss.metrics:
+                # Per-output loss trackers of multi-output models: the per-unit
+                # calls ran in a stateless scope, so update them on the batch.
+                with torch.no_grad():
+                    compile_loss(y, y_pred, sample_weight)
+            logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if before is not None:
+            self._sum_metric_updates(before)
+            logs = None
+        return logs if logs is not None else self.get_metrics_result()
+
+    # -- torch.distributed (see torchdp_keras.distributed) -----------------------------
+    def _add_noise_and_scale(self, noise_std: float, scale: float) -> list:
+        """The accumulated sum, noised and scaled in one pass, in place.
+
+        Secure mode: OS CSPRNG; otherwise a stream keyed by (noise seed,
+        update number), so a fixed seed reproduces the run and a restored
+        model never repeats released noise.
+        """
+        if self._secure_mode:
+            return add_secure_noise_and_scale_(self._accum_grads, noise_std, scale)
+        return add_noise_and_scale_(
+            self._accum_grads,
+            noise_std,
+            scale,
+            seed=self._noise_key(),
+            portable=self._accum_grads[0].device.type != "cpu",
+        )
+
+    def _sync_ranks(self) -> None:
+        """Before the first data-parallel step: rank 0's weights everywhere."""
+        distributed.check_same(self._dp_steps_taken, "dp_steps")
+        variables = list(self.variables)
+        if self.optimizer is not None and self.optimizer.built:
+            variables += list(self.optimizer.variables)
+        distributed.broadcast_([v.value for v in variables])
+        self._layer_rng.seed(distributed.shared_entropy(self._layer_rng.getrandbits(63)))
+        self._distributed_synced = True
+
+    def _metric_variables(self) -> list:
+        return [v for metric in self.metrics for v in metric.variables]
+
+    def _metric_state(self) -> list:
+        return [v.value.detach().clone() for v in self._metric_variables()]
+
+    def _sum_metric_updates(self, before: list) -> None:
+        """Adds every rank's change of the metric state to the state before this step."""
+        variables = self._metric_variables()
+        if not variables:
+            return
+        deltas = [(v.value.detach() - b).to(torch.float64) for v, b in zip(variables, before)]
+        distributed.all_reduce_sum_(deltas)
+        for v, b, d in zip(variables, before, deltas):
+            v.assign((b.to(torch.float64) + d).to(b.dtype))
 
     def predict(
         self, x, batch_size=None, verbose="auto", steps=None, callbacks=None, *, label_columns=None
