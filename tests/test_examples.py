@@ -146,3 +146,34 @@ def test_fused_ops_benchmark_runs(capsys):
     )
     assert summary["clipped_sum"]["256"]["torch"] > 0
     assert "noise of 2^9 values" in capsys.readouterr().out
+
+
+def test_distributed_mnist_smoke_under_torchrun():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={port}",
+        os.path.join(ROOT, "examples", "distributed_mnist.py"),
+        "--smoke", "--seed", "0", "--data", MNIST,
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, KERAS_BACKEND="torch"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("distributed_mnist:"))
+    assert "2 process(es)" in line and "epsilon" in line
+
+
+def test_secure_mode_benchmark_runs(capsys):
+    bench = _load("benches/bench_secure_mode.py")
+    summary = bench.main(["--steps", "2", "--warmup", "1", "--params", "4096", "--data", MNIST,
+                          "--max-ratio", "1000"])
+    assert summary["tutorial_cnn"]["secure_mode=True"][0] > 0
+    assert "ns per value" in capsys.readouterr().out
