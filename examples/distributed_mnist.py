@@ -43,7 +43,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=512, help="global expected batch")
     parser.add_argument("--noise-multiplier", type=float, default=1.1)
     parser.add_argument("--l2-norm-clip", type=float, default=1.0)
-    parser.add_argument("--learning-rate", type=float, default=2.0)
+    parser.add_argument("--learning-rate", type=float, default=0.5)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--smoke", action="store_true", help="a few steps on 4,096 examples")
