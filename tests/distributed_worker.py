@@ -17,6 +17,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from helpers import zero_gradient_model  # noqa: E402
 from keras import layers  # noqa: E402
 
 import torchdp_keras as tdk  # noqa: E402
@@ -35,18 +36,6 @@ def mlp(seed: int, **dp):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    return model
-
-
-def zero_gradient_model(**dp):
-    model = tdk.DPSequential(
-        [
-            keras.Input((WIDTH,)),
-            layers.Dense(WIDTH, kernel_initializer="zeros", bias_initializer="zeros"),
-        ],
-        **dp,
-    )
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
     return model
 
 
@@ -91,7 +80,7 @@ def main_scenario(rank: int, world: int) -> dict:
         model.train_on_batch(x[:40][half], y[:40][half])
         out[f"one_step_{mode}"] = weights(model)
     # B: noise of one update with zero gradients: std sigma * C / B_global.
-    model = zero_gradient_model(l2_norm_clip=1.5, noise_multiplier=1.3, seed=rank)
+    model = zero_gradient_model(WIDTH, l2_norm_clip=1.5, noise_multiplier=1.3, seed=rank)
     xs = np.random.default_rng(rank).normal(size=(25, WIDTH)).astype("float32")
     before = weights(model)
     model.train_on_batch(xs, np.zeros((25, WIDTH), "float32"))

@@ -197,3 +197,33 @@ def philox_normals(seed: int, first: int, count: int) -> np.ndarray:
     sin = np.select([q == 0, q == 1, q == 2], [s, c, -s], -c)
     cos = np.select([q == 0, q == 1, q == 2], [c, -s, -c], s)
     return np.where((n & np.uint64(1)) == 1, radius * sin, radius * cos)
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Scale(keras.layers.Layer):
+    """A weighted layer that no built-in fast-clipping rule covers: x * w."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="w")
+
+    def call(self, x):
+        return x * self.w
+
+
+def zero_gradient_model(width: int = 100, **dp) -> keras.Model:
+    """A compiled DPSequential whose MSE gradient on zero targets is exactly 0.
+
+    Zero weights and targets: one SGD(1.0) step moves the weights by minus
+    the noise over the normaliser, so the update *is* the noise.
+    """
+    import torchdp_keras as tdk
+
+    model = tdk.DPSequential(
+        [
+            keras.Input((width,)),
+            keras.layers.Dense(width, kernel_initializer="zeros", bias_initializer="zeros"),
+        ],
+        **dp,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    return model

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import torch
+from helpers import Scale
 from keras import layers
 
 import torchdp_keras as tdk
@@ -609,15 +610,6 @@ def test_padding_and_sample_weights_on_the_fast_path():
     for a, b in zip(results["fast"][0], results["vmap"][0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert results["fast"][1] == pytest.approx(results["vmap"][1], rel=1e-5)
-
-
-@keras.saving.register_keras_serializable(package="tests")
-class Scale(layers.Layer):
-    def build(self, input_shape):
-        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="w")
-
-    def call(self, x):
-        return x * self.w
 
 
 class ScaleRule(LayerRule):

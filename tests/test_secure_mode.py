@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import torch
+from helpers import zero_gradient_model
 from keras import layers
 from scipy import stats
 
@@ -174,15 +175,7 @@ def test_dp_model_with_secure_config_is_secure():
 
 
 def _zero_gradient_model(**kwargs):
-    model = tdk.DPSequential(
-        [
-            keras.Input((WIDTH,)),
-            layers.Dense(WIDTH, kernel_initializer="zeros", bias_initializer="zeros"),
-        ],
-        **kwargs,
-    )
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
-    return model
+    return zero_gradient_model(WIDTH, **kwargs)
 
 
 def _update(model, x, y):

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from helpers import Scale
 from keras import layers
 
 import torchdp_keras as tdk
@@ -10,17 +11,6 @@ from torchdp_keras.errors import DPConfigError, UnsupportedLayerError
 from torchdp_keras.model_fix import num_groups
 
 DP = {"l2_norm_clip": 1.0, "noise_multiplier": 1.0}
-
-
-@keras.saving.register_keras_serializable(package="tests")
-class Scale(layers.Layer):
-    """A weighted layer the fast path has no rule for."""
-
-    def build(self, input_shape):
-        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="w")
-
-    def call(self, x):
-        return x * self.w
 
 
 def _troubled_functional():

@@ -21,11 +21,20 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def to_float(value) -> float:
+    """`float(value)` of a real number; +-inf if it is too large for a float (e.g. 10**400)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_positive(value, name: str) -> float:
     """Returns `value` as a float; it must be a finite number > 0."""
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+    number = to_float(value) if _is_real(value) else math.nan
+    if not math.isfinite(number) or number <= 0:
         raise DPConfigError(f"Expected {name} > 0 and finite. Received: {name}={value!r}")
-    return float(value)
+    return number
 
 
 def check_int(value, name: str, minimum: int = 1) -> int:
@@ -44,9 +53,10 @@ def check_l2_norm_clip(value, name: str = "l2_norm_clip") -> float:
             f"Expected {name} to be a number > 0. Received: {name}={value!r} "
             f"of type {type(value).__name__}"
         )
-    if not math.isfinite(value) or value <= 0:
+    number = to_float(value)
+    if not math.isfinite(number) or number <= 0:
         raise DPConfigError(f"Expected {name} > 0 and finite. Received: {name}={value!r}")
-    return float(value)
+    return number
 
 
 def check_noise_multiplier(value, name: str = "noise_multiplier") -> float:
@@ -56,9 +66,10 @@ def check_noise_multiplier(value, name: str = "noise_multiplier") -> float:
             f"Expected {name} to be a number >= 0. Received: {name}={value!r} "
             f"of type {type(value).__name__}"
         )
-    if not math.isfinite(value) or value < 0:
+    number = to_float(value)
+    if not math.isfinite(number) or number < 0:
         raise DPConfigError(f"Expected {name} >= 0 and finite. Received: {name}={value!r}")
-    return float(value)
+    return number
 
 
 def check_optional_positive_int(value, name: str) -> int | None:

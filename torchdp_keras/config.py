@@ -12,7 +12,7 @@ import math
 import numbers
 from typing import Any
 
-from torchdp_keras._validation import check_int, check_positive, check_secure_mode
+from torchdp_keras._validation import check_int, check_positive, check_secure_mode, to_float
 from torchdp_keras.accounting.analysis import calibrate_noise_multiplier, make_accountant
 from torchdp_keras.errors import DPConfigError
 
@@ -87,9 +87,9 @@ class DPKerasConfig:
     secure_mode: bool = False
 
     def __post_init__(self):
-        if not _is_real(self.epsilon) or math.isnan(self.epsilon) or self.epsilon <= 0:
+        if not _is_real(self.epsilon) or math.isnan(to_float(self.epsilon)) or self.epsilon <= 0:
             raise DPConfigError(f"Expected epsilon > 0. Received: epsilon={self.epsilon!r}")
-        if not _is_real(self.delta) or not 0 < self.delta < 1:
+        if not _is_real(self.delta) or not 0 < to_float(self.delta) < 1:
             raise DPConfigError(f"Expected 0 < delta < 1. Received: delta={self.delta!r}")
         check_positive(self.clipping_norm, "clipping_norm")
         for name in ("batch_size", "gradient_accumulation_steps", "train_steps", "train_size"):
@@ -119,7 +119,7 @@ class DPKerasConfig:
         check_secure_mode(self.secure_mode, self.seed)
         if self.noise_multiplier is not None:
             sigma = self.noise_multiplier
-            if not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
+            if not _is_real(sigma) or not math.isfinite(to_float(sigma)) or sigma < 0:
                 raise DPConfigError(
                     "Expected noise_multiplier >= 0 and finite. "
                     f"Received: noise_multiplier={sigma!r}"

@@ -10,7 +10,13 @@ from __future__ import annotations
 import math
 import numbers
 
-from torchdp_keras._validation import check_int, check_positive
+from torchdp_keras._validation import (
+    check_bool,
+    check_int,
+    check_optional_positive_int,
+    check_positive,
+    to_float,
+)
 from torchdp_keras.accounting.base import Accountant, check_delta, check_event
 from torchdp_keras.accounting.rdp import RDPAccountant
 from torchdp_keras.errors import DPConfigError
@@ -42,14 +48,34 @@ def default_delta(n: int) -> float:
     return 1.0 / float(n) ** 1.1
 
 
-def _run_shape(n, batch_size, epochs) -> tuple[float, int]:
-    """(sampling_probability, steps) of `epochs` epochs of batches of `batch_size` of `n`."""
-    n = check_int(n, "n")
-    batch_size = check_int(batch_size, "batch_size")
-    epochs = check_positive(epochs, "epochs")
+def _run_shape(n, batch_size, epochs, names=("n", "batch_size", "epochs")) -> tuple[float, int]:
+    """(sampling_probability, steps) of `epochs` epochs of batches of `batch_size` of `n`.
+
+    `names` are the caller's names of the three arguments, for the error messages.
+    """
+    n_name, batch_name, epochs_name = names
+    n = check_int(n, n_name)
+    batch_size = check_int(batch_size, batch_name)
+    epochs = check_positive(epochs, epochs_name)
     if batch_size > n:
-        raise DPConfigError(f"Expected batch_size <= n. Received: batch_size={batch_size}, n={n}")
-    return batch_size / n, int(math.ceil(epochs * n / batch_size))
+        raise DPConfigError(
+            f"Expected {batch_name} <= {n_name}. Received: {batch_name}={batch_size}, {n_name}={n}"
+        )
+    steps = math.inf
+    for exact in (lambda: epochs * n / batch_size, lambda: epochs * (n / batch_size)):
+        try:
+            steps = exact()
+        except OverflowError:  # n beyond float range
+            continue
+        if math.isfinite(steps):
+            break
+    if not math.isfinite(steps):
+        raise DPConfigError(
+            f"Expected a number of steps ({epochs_name} * {n_name} / {batch_name}) "
+            f"that fits in a float. Received: {epochs_name}={epochs!r}, {n_name}={n}, "
+            f"{batch_name}={batch_size}"
+        )
+    return batch_size / n, int(math.ceil(steps))
 
 
 def compute_dp_sgd_privacy(
@@ -114,7 +140,9 @@ def get_privacy_budget(
         >>> round(get_privacy_budget(60000, 250, 15, 1.3, 1e-5, accountant="rdp"), 3)
         0.942
     """
-    q, steps = _run_shape(sample_size, batch_size, num_epochs)
+    q, steps = _run_shape(
+        sample_size, batch_size, num_epochs, ("sample_size", "batch_size", "num_epochs")
+    )
     return _epsilon_for(noise_multiplier, q, steps, target_delta, accountant)
 
 
@@ -152,7 +180,7 @@ def calibrate_noise_multiplier(
     if (
         not isinstance(target_epsilon, numbers.Real)
         or isinstance(target_epsilon, bool)
-        or math.isnan(target_epsilon)
+        or math.isnan(to_float(target_epsilon))
         or target_epsilon <= 0
     ):
         raise DPConfigError(
@@ -165,7 +193,7 @@ def calibrate_noise_multiplier(
         raise DPConfigError(
             f"Expected accountant in {ACCOUNTANTS}. Received: accountant={accountant!r}"
         )
-    if math.isinf(target_epsilon) or q == 0 or steps == 0:
+    if math.isinf(to_float(target_epsilon)) or q == 0 or steps == 0:
         return 0.0
 
     def fits(sigma):
@@ -228,10 +256,12 @@ def compute_dp_sgd_privacy_statement(
     Returns:
         The statement, several lines of text.
     """
-    q, steps = _run_shape(number_of_examples, batch_size, num_epochs)
+    names = ("number_of_examples", "batch_size", "num_epochs")
+    q, steps = _run_shape(number_of_examples, batch_size, num_epochs, names)
     delta = check_delta(delta)
-    sigma = float(noise_multiplier)
-    check_event(sigma, q, steps)
+    sigma, _, _ = check_event(noise_multiplier, q, steps)
+    used_microbatching = check_bool(used_microbatching, "used_microbatching")
+    k = check_optional_positive_int(max_examples_per_user, "max_examples_per_user")
     effective_sigma = sigma / 2.0 if used_microbatching else sigma
     epochs_rounded = int(math.ceil(num_epochs))
 
@@ -246,7 +276,7 @@ def compute_dp_sgd_privacy_statement(
         + ("with microbatching" if used_microbatching else "without microbatching")
         + (
             f", and at most {max_examples_per_user} examples per user."
-            if max_examples_per_user
+            if k is not None
             else ", and no bound on the number of examples per user."
         ),
         "",
@@ -266,14 +296,13 @@ def compute_dp_sgd_privacy_statement(
         "    Epsilon with each example occurring once per epoch (shuffled batches, "
         f"no amplification): {eps('prv', 1.0, epochs_rounded):.3f}",
     ]
-    if max_examples_per_user:
-        k = check_int(max_examples_per_user, "max_examples_per_user")
+    if k is not None:
         # A user's k examples are each sampled with probability q; their clipped
         # sum has norm <= k*C. By joint convexity of the hockey-stick divergence
         # this is dominated by one event of probability 1-(1-q)^k with
         # sensitivity k*C, i.e. noise multiplier sigma/k.
-        user_q = 1.0 - (1.0 - q) ** k
-        user_sigma = effective_sigma / k
+        user_q = 1.0 - (1.0 - q) ** to_float(k)
+        user_sigma = effective_sigma / to_float(k)
         lines += [
             "",
             f"User-level DP with add-or-remove-one-user adjacency at delta = {delta}, "

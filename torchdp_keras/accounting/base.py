@@ -19,6 +19,7 @@ import math
 import numbers
 from typing import Any
 
+from torchdp_keras._validation import to_float
 from torchdp_keras.errors import DPConfigError
 
 STATE_VERSION = 1
@@ -26,14 +27,14 @@ STATE_VERSION = 1
 
 def check_delta(delta) -> float:
     """Returns `delta` as a float in (0, 1) or raises `DPConfigError`."""
-    if (
-        not isinstance(delta, numbers.Real)
-        or isinstance(delta, bool)
-        or not math.isfinite(delta)
-        or not 0 < delta < 1
-    ):
+    number = (
+        to_float(delta)
+        if isinstance(delta, numbers.Real) and not isinstance(delta, bool)
+        else math.nan
+    )
+    if not 0 < number < 1:
         raise DPConfigError(f"Expected 0 < delta < 1. Received: delta={delta!r}")
-    return float(delta)
+    return number
 
 
 def check_event(noise_multiplier, sampling_probability, steps) -> tuple[float, float, int]:
@@ -41,7 +42,7 @@ def check_event(noise_multiplier, sampling_probability, steps) -> tuple[float, f
     if (
         not isinstance(noise_multiplier, numbers.Real)
         or isinstance(noise_multiplier, bool)
-        or not math.isfinite(noise_multiplier)
+        or not math.isfinite(to_float(noise_multiplier))
         or noise_multiplier < 0
     ):
         raise DPConfigError(
@@ -161,7 +162,15 @@ class Accountant(abc.ABC):
                 f"Expected accountant state version {STATE_VERSION}. "
                 f"Received: version={state.get('version')!r}"
             )
-        history = [check_event(*event) for event in state["history"]]
+        events = state["history"]
+        if not isinstance(events, (list, tuple)) or not all(
+            isinstance(event, (list, tuple)) and len(event) == 3 for event in events
+        ):
+            raise DPConfigError(
+                "Expected history to be a list of [noise_multiplier, sampling_probability, "
+                f"steps] events. Received: history={events!r}"
+            )
+        history = [check_event(*event) for event in events]
         self._history = history
 
     def __repr__(self) -> str:

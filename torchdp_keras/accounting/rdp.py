@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import special
 
+from torchdp_keras._validation import to_float
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.errors import DPConfigError
 
@@ -76,7 +77,8 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
 
 
 def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
-    z0 = sigma * sigma * math.log(1.0 / q - 1.0) + 0.5
+    # log(1/q - 1) written so that it does not overflow for tiny q.
+    z0 = sigma * sigma * (math.log1p(-q) - math.log(q)) + 0.5
     log_pos = [-math.inf, -math.inf]  # the two series, positive and negative parts
     log_neg = [-math.inf, -math.inf]
     i = 0
@@ -102,6 +104,8 @@ def _log_a_fractional(q: float, sigma: float, alpha: float) -> float:
             + math.log(0.5)
             + _log_erfc((z0 - j) / (math.sqrt(2.0) * sigma))
         )
+        if math.isnan(s0) or math.isnan(s1) or max(s0, s1) == math.inf:
+            return math.inf  # sigma^2 so small that the terms overflow: A_alpha is beyond float64
         target = log_pos if coef > 0 else log_neg
         target[0] = _log_add(target[0], s0)
         target[1] = _log_add(target[1], s1)
@@ -124,7 +128,8 @@ def subsampled_gaussian_rdp(
         orders: RDP orders alpha > 1 (integer or fractional).
 
     Returns:
-        An array of RDP values, one per order (inf when sigma == 0 < q).
+        An array of RDP values, one per order (inf when sigma == 0 < q, or when sigma is
+        so small, below about 1e-154, that sigma^2 underflows or the series overflows).
 
     Example:
         >>> round(float(subsampled_gaussian_rdp(1.0, 1.0, [2.0])[0]), 6)
@@ -134,9 +139,9 @@ def subsampled_gaussian_rdp(
     orders = np.asarray(orders, dtype=np.float64)
     if q == 0:
         return np.zeros_like(orders)
-    if sigma == 0:
+    if sigma * sigma == 0:  # sigma == 0, or so small that sigma^2 underflows: no noise
         return np.full_like(orders, np.inf)
-    if q == 1.0:
+    if q == 1.0 or math.isinf(sigma * sigma):  # the full-batch value (0.0 if sigma^2 overflows)
         return orders / (2.0 * sigma * sigma)
     out = np.empty_like(orders)
     for idx, alpha in enumerate(orders):
@@ -184,7 +189,10 @@ def rdp_to_epsilon(
 
 
 def _check_orders(orders) -> tuple[float, ...]:
-    values = tuple(float(a) for a in orders)
+    try:
+        values = tuple(to_float(a) for a in orders)
+    except (TypeError, ValueError):
+        values = ()
     if not values or any(not math.isfinite(a) or a <= 1 for a in values):
         raise DPConfigError(f"Expected RDP orders > 1. Received: orders={orders!r}")
     return values
@@ -224,7 +232,9 @@ class RDPAccountant(Accountant):
         """The total RDP of the history, one value per order."""
         total = np.zeros(len(self.orders))
         for sigma, q, n in self._grouped_history():
-            total = total + n * subsampled_gaussian_rdp(q, sigma, self.orders)
+            rdp = subsampled_gaussian_rdp(q, sigma, self.orders)
+            with np.errstate(invalid="ignore", over="ignore"):  # n may be beyond float range
+                total = total + np.where(rdp == 0, 0.0, to_float(n) * rdp)
         return total
 
     def get_epsilon_and_order(self, delta: float) -> tuple[float, float]:

@@ -59,6 +59,9 @@ DP_CONFIG_KEYS = (
     "secure_mode",
 )
 CLIPPING_MODES = ("auto", "fast", "vmap")
+# Largest noise std the step accepts: float32 noise values (up to ~40 std in
+# the fused kernel's tails) and their sum with the clipped gradients stay finite.
+MAX_NOISE_STD = 1e36
 # The settings a DP optimizer may carry instead of the model.
 _OPTIMIZER_KEYS = ("l2_norm_clip", "noise_multiplier", "num_microbatches")
 
@@ -99,7 +102,7 @@ def validate_dp_arguments(
             secure_mode=secure_mode,
         )
         return {**settings, "l2_norm_clip": None, "noise_multiplier": None}
-    if clipping_mode not in CLIPPING_MODES:
+    if not isinstance(clipping_mode, str) or clipping_mode not in CLIPPING_MODES:
         raise DPConfigError(
             f"Expected clipping_mode in {CLIPPING_MODES}. Received: clipping_mode={clipping_mode!r}"
         )
@@ -110,11 +113,19 @@ def validate_dp_arguments(
             "Expected layer_registry to be a torchdp_keras.LayerRegistry. "
             f"Received: layer_registry={layer_registry!r}"
         )
+    l2_norm_clip = _validation.check_l2_norm_clip(l2_norm_clip)
+    noise_multiplier = _validation.check_noise_multiplier(noise_multiplier)
+    if noise_multiplier * l2_norm_clip > MAX_NOISE_STD:
+        raise DPConfigError(
+            f"Expected noise_multiplier * l2_norm_clip <= {MAX_NOISE_STD:g}: the noise is "
+            "added in float32, where a larger standard deviation overflows to inf. "
+            f"Received: noise_multiplier={noise_multiplier}, l2_norm_clip={l2_norm_clip}"
+        )
     return {
         "clipping_mode": clipping_mode,
         "layer_registry": layer_registry,
-        "l2_norm_clip": _validation.check_l2_norm_clip(l2_norm_clip),
-        "noise_multiplier": _validation.check_noise_multiplier(noise_multiplier),
+        "l2_norm_clip": l2_norm_clip,
+        "noise_multiplier": noise_multiplier,
         "num_microbatches": _validation.check_optional_positive_int(
             num_microbatches, "num_microbatches"
         ),

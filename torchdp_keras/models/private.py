@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from torchdp_keras import _validation
 from torchdp_keras.config import DPKerasConfig
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.models.dp_trainer import (
@@ -171,7 +172,7 @@ def _resolve_settings(
         "noise_multiplier": noise_multiplier,
         "num_microbatches": num_microbatches,
         "seed": seed,
-        "secure_mode": secure_mode or None,
+        "secure_mode": _validation.check_bool(secure_mode, "secure_mode") or None,
     }
     clashing = {k: v for k, v in given.items() if v is not None}
     if clashing:
