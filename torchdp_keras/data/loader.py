@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from torchdp_keras import distributed
-from torchdp_keras._validation import check_int, check_secure_mode
+from torchdp_keras._validation import check_int
 from torchdp_keras.data.sampling import PoissonSampler, padded_size
 from torchdp_keras.errors import DPConfigError
 
@@ -159,7 +159,6 @@ class PrivateDataLoader(keras.utils.PyDataset):
         # (rank 0's seed, or rank 0's secure draws) and keeps its share of it.
         self._rank, self._world = distributed.process_group()
         if self._world > 1 and not secure_mode:
-            check_secure_mode(secure_mode, seed)
             seed = distributed.shared_entropy(None if seed is None else check_int(seed, "seed", 0))
         self._sampler = PoissonSampler(
             self.num_examples, effective, seed=seed, secure_mode=secure_mode

@@ -324,7 +324,6 @@ class PrivacyTrackingMixin:
                 "CSPRNG and its samples must too. Received: PrivateDataLoader("
                 "secure_mode=False)"
             )
-        loader.start_at(self._dp_steps_taken)
         self._sampling_probability = loader.sampling_probability
         self._poisson_expected_batch_size = loader.expected_batch_size
         self._accumulation_steps = loader.gradient_accumulation_steps

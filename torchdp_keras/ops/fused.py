@@ -229,8 +229,8 @@ def add_secure_noise_and_scale_(
     The noise comes from `torchdp_keras.secure_random.secure_gaussian`: the
     operating system's CSPRNG, Box-Muller in float64, 4 normals summed per
     value against floating-point attacks. It is drawn on the host in chunks
-    of 2^20 values (never a model-sized buffer) and copied to each tensor's
-    device and dtype. There is no seed: nothing can reproduce or predict it.
+    of 2^20 values (never a model-sized host buffer) and copied to each
+    tensor's device and dtype. There is no seed: nothing can reproduce or predict it.
 
     Example:
         >>> t = [torch.zeros(3)]
@@ -243,15 +243,16 @@ def add_secure_noise_and_scale_(
     with torch.no_grad():
         for t in tensors:
             if noise_std > 0:
-                flat = t.view(-1) if t.is_contiguous() else None
-                if flat is None:
-                    noise = secure_gaussian(t.numel(), noise_std).reshape(t.shape)
-                    t.add_(torch.from_numpy(noise).to(device=t.device, dtype=t.dtype))
-                else:
-                    for start in range(0, flat.numel(), _SECURE_CHUNK):
-                        part = flat[start : start + _SECURE_CHUNK]
-                        noise = torch.from_numpy(secure_gaussian(part.numel(), noise_std))
-                        part.add_(noise.to(device=t.device, dtype=t.dtype))
+                # A strided tensor gets its noise through a contiguous buffer.
+                target = t if t.is_contiguous() else torch.zeros(t.shape, dtype=t.dtype,
+                                                                 device=t.device)
+                flat = target.view(-1)
+                for start in range(0, flat.numel(), _SECURE_CHUNK):
+                    part = flat[start : start + _SECURE_CHUNK]
+                    noise = torch.from_numpy(secure_gaussian(part.numel(), noise_std))
+                    part.add_(noise.to(device=t.device, dtype=t.dtype))
+                if target is not t:
+                    t.add_(target)
             if scale != 1:
                 t.mul_(scale)
     return tensors
