@@ -32,7 +32,13 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
 import torch  # noqa: E402
-from _timing import interleaved, reexec_with_tuned_malloc, summarize, write_summary  # noqa: E402
+from _timing import (  # noqa: E402
+    interleaved,
+    print_table,
+    reexec_with_tuned_malloc,
+    summarize,
+    write_summary,
+)
 from bench_step_time import DEFAULT_DATA, compile_model, load_batches, tutorial_layers  # noqa: E402
 from keras import layers  # noqa: E402
 
@@ -69,22 +75,15 @@ def mlp_layers():
     ]
 
 
-def step_times(make_layers, batches, rounds, warmup) -> dict[str, tuple[float, float]]:
+def step_times(make_layers, batches, rounds, warmup) -> tuple[dict, int]:
+    """(summary, number of weights) of the seeded and secure DP steps."""
     seeded = tdk.DPSequential(make_layers(), l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
     secure = tdk.DPSequential(make_layers(), l2_norm_clip=1.0, noise_multiplier=1.1,
                               secure_mode=True)
     secure.set_weights(seeded.get_weights())
     models = {SEEDED: compile_model(seeded), SECURE: compile_model(secure)}
     steps = {name: (lambda i, m=m: m.train_on_batch(*batches[i])) for name, m in models.items()}
-    summary = summarize(interleaved(steps, rounds, warmup), SEEDED)
-    return {**summary, "weights": seeded.count_params()}
-
-
-def _print(title, summary):
-    print(title)
-    for name in (SEEDED, SECURE):
-        ms, ratio = summary[name]
-        print(f"  {name:18s} {ms:10.2f} ms  {ratio:6.2f}x seeded")
+    return summarize(interleaved(steps, rounds, warmup), SEEDED), seeded.count_params()
 
 
 def main(argv=None) -> dict:
@@ -102,22 +101,22 @@ def main(argv=None) -> dict:
     keras.utils.set_random_seed(0)
     summary = {}
     summary["noise"] = noise_times(args.params, max(3, args.steps // 4))
-    _print(f"Noise on {args.params} floats", summary["noise"])
+    print_table(f"Noise on {args.params} floats", summary["noise"], SEEDED)
     ns_per_value = 1e6 * summary["noise"][SECURE][0] / args.params
     print(f"  secure noise: {ns_per_value:.0f} ns per value")
     summary["secure_ns_per_value"] = ns_per_value
     summary["sampling"] = sampling_times(args.steps * 5)
-    _print("Poisson sample of 60,000 examples, q = 256/60000", summary["sampling"])
+    print_table("Poisson sample of 60,000 examples, q = 256/60000", summary["sampling"], SEEDED)
     total = args.warmup + args.steps
-    summary["tutorial_cnn"] = step_times(
-        tutorial_layers, load_batches(args.data, 250, total), args.steps, args.warmup
-    )
-    _print(f"Tutorial CNN DP step, batch 250 ({summary['tutorial_cnn']['weights']} weights)",
-           summary["tutorial_cnn"])
-    summary["mlp"] = step_times(
-        mlp_layers, load_batches(args.data, 64, total), args.steps, args.warmup
-    )
-    _print(f"MLP DP step, batch 64 ({summary['mlp']['weights']} weights)", summary["mlp"])
+    for key, title, make_layers, batch in (
+        ("tutorial_cnn", "Tutorial CNN DP step, batch 250", tutorial_layers, 250),
+        ("mlp", "MLP DP step, batch 64", mlp_layers, 64),
+    ):
+        timed, weights = step_times(
+            make_layers, load_batches(args.data, batch, total), args.steps, args.warmup
+        )
+        print_table(f"{title} ({weights} weights)", timed, SEEDED)
+        summary[key] = {**timed, "weights": weights}
     ratio = summary["tutorial_cnn"][SECURE][1]
     summary["passed"] = ratio <= args.max_ratio
     if not summary["passed"]:
