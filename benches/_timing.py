@@ -16,6 +16,7 @@ more temporaries at once) more.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -65,6 +66,21 @@ TUNED_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 32),
     "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
 }
+
+
+def add_timing_arguments(
+    parser: argparse.ArgumentParser, *, steps: int, warmup: int, max_ratio: float | None
+) -> None:
+    """The options every step-time bench shares: rounds, warm-up, target, allocator, JSON.
+
+    `max_ratio=None` leaves out `--max-ratio` (a bench with no target of its own).
+    """
+    parser.add_argument("--steps", type=int, default=steps, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=warmup)
+    if max_ratio is not None:
+        parser.add_argument("--max-ratio", type=float, default=max_ratio)
+    parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
+    parser.add_argument("--json", default=None, help="also write the summary to this file")
 
 
 def tuned_malloc_active() -> bool:

@@ -30,6 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
+    add_timing_arguments,
     interleaved,
     print_table,
     reexec_with_tuned_malloc,
@@ -132,10 +133,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--steps", type=int, default=40, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
-    parser.add_argument("--json", default=None, help="also write the summary to this file")
+    add_timing_arguments(parser, steps=40, warmup=4, max_ratio=None)
     args = parser.parse_args(argv)
     if args.tuned_malloc and argv is None:
         reexec_with_tuned_malloc()

@@ -33,6 +33,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
+    add_timing_arguments,
     interleaved,
     print_table,
     reexec_with_tuned_malloc,
@@ -89,12 +90,8 @@ def step_times(make_layers, batches, rounds, warmup) -> tuple[dict, int]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="MNIST .npz in keras layout")
-    parser.add_argument("--steps", type=int, default=20, help="timed rounds per contender")
-    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--params", type=int, default=1 << 22, help="floats in the noise bench")
-    parser.add_argument("--max-ratio", type=float, default=1.5)
-    parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
-    parser.add_argument("--json", default=None, help="also write the summary to this file")
+    add_timing_arguments(parser, steps=20, warmup=3, max_ratio=1.5)
     args = parser.parse_args(argv)
     if args.tuned_malloc and argv is None:
         reexec_with_tuned_malloc()

@@ -24,6 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
+    add_timing_arguments,
     finish,
     interleaved,
     print_table,
@@ -94,13 +95,9 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA, help="MNIST .npz in keras layout")
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--steps", type=int, default=60, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True for all")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--max-ratio", type=float, default=1.3)
-    parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
-    parser.add_argument("--json", default=None, help="also write the summary to this file")
+    add_timing_arguments(parser, steps=60, warmup=5, max_ratio=1.3)
     args = parser.parse_args(argv)
     if args.tuned_malloc and argv is None:
         reexec_with_tuned_malloc()

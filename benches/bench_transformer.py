@@ -24,6 +24,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
+    add_timing_arguments,
     finish,
     interleaved,
     print_table,
@@ -54,11 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=20000)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--max-ratio", type=float, default=1.4)
-    parser.add_argument("--tuned-malloc", action="store_true", help="see _timing.py")
-    parser.add_argument("--json", default=None, help="also write the summary to this file")
+    add_timing_arguments(parser, steps=30, warmup=3, max_ratio=1.4)
     args = parser.parse_args(argv)
     if args.tuned_malloc and argv is None:
         reexec_with_tuned_malloc()
