@@ -402,25 +402,13 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 "Expected sample_weight=None: weights would scale an example's gradient "
                 "beyond the bound the noise is calibrated to."
             )
-        trainable = list(self.trainable_variables)
-        with torch.enable_grad():
-            y_pred = self(x, training=True)
-            losses = self._dp_loss.call(
-                keras.ops.convert_to_tensor(y, dtype=y_pred.dtype), y_pred
-            )
-            losses = losses.reshape(losses.shape[0], -1).sum(1)
-            if mask is not None:
-                keep = keras.ops.convert_to_tensor(mask) > 0
-                losses = torch.where(keep, losses, torch.zeros_like(losses))
-            total = losses.sum()
-            grads = torch.autograd.grad(total, [v.value for v in trainable], allow_unused=True)
-        grads = [torch.zeros_like(v.value) if g is None else g for v, g in zip(trainable, grads)]
+        keep = None if mask is None else keras.ops.convert_to_tensor(mask) > 0
+        trainable, grads, y_pred, total, batch = self._summed_loss_gradients(x, y, keep)
         bounds = compute_gradient_bounds(self)
         noisify = local_noisify if self.dp_parameters.noisify_strategy == "per-layer" else (
             global_noisify
         )
         grads = noisify(self, bounds, trainable, grads)
-        batch = int(losses.shape[0])
         normaliser = self._poisson_expected_batch_size if mask is not None else batch
         grads = [g / max(1, normaliser) for g in grads]
         with torch.no_grad():
@@ -443,14 +431,27 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     def _noise_stds(self) -> dict[str, float]:
         return _noise_stds(self, compute_gradient_bounds(self), self.dp_parameters.noisify_strategy)
 
-    def _batch_gradients(self, data):
-        x, y = data[0], data[1]
+    def _summed_loss_gradients(self, x, y, keep=None):
+        """Gradients of the summed per-example loss (rows where `keep` is False left out).
+
+        Returns:
+            `(trainable, grads, y_pred, total, batch)`; a weight the loss does not
+            reach gets a zero gradient.
+        """
+        trainable = list(self.trainable_variables)
         with torch.enable_grad():
             y_pred = self(x, training=True)
             losses = self._dp_loss.call(keras.ops.convert_to_tensor(y, dtype=y_pred.dtype), y_pred)
+            losses = losses.reshape(losses.shape[0], -1).sum(1)
+            if keep is not None:
+                losses = torch.where(keep, losses, torch.zeros_like(losses))
             total = losses.sum()
-            trainable = list(self.trainable_variables)
             grads = torch.autograd.grad(total, [v.value for v in trainable], allow_unused=True)
+        grads = [torch.zeros_like(v.value) if g is None else g for v, g in zip(trainable, grads)]
+        return trainable, grads, y_pred, total, int(losses.shape[0])
+
+    def _batch_gradients(self, data):
+        trainable, grads, *_ = self._summed_loss_gradients(data[0], data[1])
         return trainable, grads
 
     def signal_to_noise_elementwise(self, data):
@@ -463,7 +464,6 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
         ratios, norms = {}, {}
         for v, g in zip(trainable, grads):
-            g = torch.zeros_like(v.value) if g is None else g
             ratios[v.path] = float(g.abs().mean() / stds[v.path]) if stds[v.path] else math.inf
             norms[v.path] = float(torch.linalg.vector_norm(g))
         return ratios, norms, {p: bounds[p] for p in ratios}
@@ -480,7 +480,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
         ratios, norms = {}, {}
         for v, g in zip(trainable, grads):
-            norm = 0.0 if g is None else float(torch.linalg.vector_norm(g))
+            norm = float(torch.linalg.vector_norm(g))
             noise_norm = stds[v.path] * math.sqrt(v.value.numel())
             ratios[v.path] = norm / noise_norm if noise_norm else math.inf
             norms[v.path] = norm
