@@ -46,11 +46,13 @@ def test_tf_privacy_tutorial_smoke(capsys):
 
 
 @needs_mnist
-def test_mnist_best_smoke(capsys):
+@pytest.mark.parametrize("model", ["scatternet", "cnn"])
+def test_mnist_best_smoke(capsys, model):
     result = _load("examples/mnist_best.py").main(
-        ["--smoke", "--seed", "0", "--data", MNIST, "--epsilon", "3"]
+        ["--smoke", "--seed", "0", "--data", MNIST, "--epsilon", "3", "--model", model]
     )
-    assert _last_line(capsys).startswith("mnist_best: test accuracy")
+    line = _last_line(capsys)
+    assert line.startswith("mnist_best: test accuracy") and f"model={model}" in line
     assert result["epsilon"] <= 3.0 + 1e-9  # the calibrated run never overspends
 
 
