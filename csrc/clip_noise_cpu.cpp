@@ -8,11 +8,11 @@
 //       float noise_std, int seed, int offset) -> Tensor[]
 //
 // grads[k] has shape (B, ...); example i's norm is taken over row i of every
-// tensor together. When an example's rows take at most 4 MiB, the CPU
-// clipped sum reads each example once from memory: one thread takes an
-// example, accumulates its squared norm in double, and adds factor * row into
-// the thread's own accumulator while the row is still in cache; the
-// per-thread accumulators are summed at the end. Larger examples take two
+// tensor together. When an example's rows fit in half the core's L2 cache
+// (at most 4 MiB), the CPU clipped sum reads each example once from memory:
+// one thread takes an example, accumulates its squared norm in double, and
+// adds factor * row into the thread's own accumulator while the row is still
+// in cache; the per-thread accumulators are summed at the end. Larger examples take two
 // reads, the floor for them: the norms, then one gemv. Noise number n
 // of a call is philox_normal(seed, offset + n), n running over the elements
 // of the tensors in order (see clip_noise.h): the same on CPU and CUDA.
@@ -20,6 +20,10 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <vector>
@@ -85,10 +89,22 @@ inline double squared_norm_loop(const scalar_t* row, int64_t width) {
 
 // float32 rows: sums of squares of 8 values in float (relative error about
 // 10 roundings, 6e-7, below the clip margin, as ops.clip_noise.squared_row_norms),
-// the blocks summed in double.
+// the blocks summed in double. Four independent 8-lane blocks per 256 values,
+// so that the additions of one block do not wait on each other's results.
 TDK_CLONES double squared_norm_f32(const float* row, int64_t width) {
-  double partial[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  constexpr int kLanes = 32;
+  double partial[kLanes] = {};
   int64_t j = 0;
+  for (; j + 8 * kLanes <= width; j += 8 * kLanes) {
+    float block[kLanes] = {};
+    for (int step = 0; step < 8; ++step) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const float v = row[j + step * kLanes + lane];
+        block[lane] += v * v;
+      }
+    }
+    for (int lane = 0; lane < kLanes; ++lane) partial[lane] += static_cast<double>(block[lane]);
+  }
   for (; j + 64 <= width; j += 64) {
     float block[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     for (int step = 0; step < 8; ++step) {
@@ -99,8 +115,8 @@ TDK_CLONES double squared_norm_f32(const float* row, int64_t width) {
     }
     for (int lane = 0; lane < 8; ++lane) partial[lane] += static_cast<double>(block[lane]);
   }
-  double total = ((partial[0] + partial[1]) + (partial[2] + partial[3])) +
-                 ((partial[4] + partial[5]) + (partial[6] + partial[7]));
+  double total = 0.0;
+  for (int lane = 0; lane < kLanes; ++lane) total += partial[lane];
   return total + squared_norm_loop(row + j, width - j);
 }
 TDK_CLONES double squared_norm_f64(const double* row, int64_t width) {
@@ -175,8 +191,19 @@ void clipped_sum_two_reads(const std::vector<at::Tensor>& rows, double l2_norm_c
   }
 }
 
-// Rows of at most this many bytes per example take the one-read kernel.
-constexpr int64_t kOneReadBytes = 4 << 20;
+// Rows of at most this many bytes per example take the one-read kernel: the
+// row and the thread's accumulator (as large) must both stay in the core's L2
+// cache, so half of L2 as the OS reports it, at most 4 MiB (1 MiB if unknown).
+int64_t one_read_bytes() {
+  static const int64_t limit = [] {
+    int64_t l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+    return l2 > 0 ? std::min<int64_t>(l2 / 2, int64_t{4} << 20) : int64_t{1} << 20;
+  }();
+  return limit;
+}
 
 template <typename scalar_t>
 void add_noise_and_scale_kernel(scalar_t* data, int64_t numel, double noise_std, double scale,
@@ -232,7 +259,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> clipped_sum_cpu(at::TensorList g
     row_bytes += r.size(1) * static_cast<int64_t>(r.element_size());
   }
   std::vector<at::Tensor> sums;
-  if (row_bytes <= kOneReadBytes) {
+  if (row_bytes <= one_read_bytes()) {
     const int64_t threads = at::get_num_threads();
     std::vector<at::Tensor> accumulators;
     for (const auto& r : rows) {
