@@ -12,10 +12,11 @@
 // (at most 4 MiB), the CPU clipped sum reads each example once from memory:
 // one thread takes an example, accumulates its squared norm in double, and
 // adds factor * row into the thread's own accumulator while the row is still
-// in cache; the per-thread accumulators are summed at the end. Larger examples take two
-// reads, the floor for them: the norms, then one gemv. Noise number n
-// of a call is philox_normal(seed, offset + n), n running over the elements
-// of the tensors in order (see clip_noise.h): the same on CPU and CUDA.
+// in cache; the per-thread accumulators are summed at the end. Larger
+// examples take two reads, the floor for them: the norms, then one gemv.
+// Noise number n of a call is philox_normal(seed, offset + n), n running over
+// the elements of the tensors in order (see clip_noise.h): the same on CPU
+// and CUDA.
 
 #include <torch/extension.h>
 
@@ -89,8 +90,9 @@ inline double squared_norm_loop(const scalar_t* row, int64_t width) {
 
 // float32 rows: sums of squares of 8 values in float (relative error about
 // 10 roundings, 6e-7, below the clip margin, as ops.clip_noise.squared_row_norms),
-// the blocks summed in double. Four independent 8-lane blocks per 256 values,
-// so that the additions of one block do not wait on each other's results.
+// the blocks summed in double. 32 float lanes (four vector registers) per block
+// of 256 values, so that consecutive additions do not wait on each other; the
+// last < 256 values are summed in double.
 TDK_CLONES double squared_norm_f32(const float* row, int64_t width) {
   constexpr int kLanes = 32;
   double partial[kLanes] = {};
@@ -104,16 +106,6 @@ TDK_CLONES double squared_norm_f32(const float* row, int64_t width) {
       }
     }
     for (int lane = 0; lane < kLanes; ++lane) partial[lane] += static_cast<double>(block[lane]);
-  }
-  for (; j + 64 <= width; j += 64) {
-    float block[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int step = 0; step < 8; ++step) {
-      for (int lane = 0; lane < 8; ++lane) {
-        const float v = row[j + step * 8 + lane];
-        block[lane] += v * v;
-      }
-    }
-    for (int lane = 0; lane < 8; ++lane) partial[lane] += static_cast<double>(block[lane]);
   }
   double total = 0.0;
   for (int lane = 0; lane < kLanes; ++lane) total += partial[lane];
