@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from _common import EpsilonPlot, add_data_argument, images, load_mnist, tanh_cnn  # noqa: E402
 from _scattering import group_normalize, scattering  # noqa: E402
 
@@ -69,7 +70,7 @@ def scatternet_linear(name: str = "scatternet_linear") -> keras.Sequential:
     )
 
 
-def features(model: str, x) -> object:
+def features(model: str, x: np.ndarray) -> np.ndarray:
     """The model's inputs from uint8 images: fixed per-image transforms only."""
     x = images(x)
     if model == "scatternet":

@@ -73,9 +73,8 @@ def test_filters_are_wavelets_and_an_averaging_filter():
         assert np.all(gram[~np.eye(S.L, dtype=bool)] < 0.99)
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_scattering_equals_the_direct_computation(seed):
-    rng = np.random.default_rng(seed)
+def test_scattering_equals_the_direct_computation():
+    rng = np.random.default_rng(0)
     images = rng.random((2, 28, 28)).astype(np.float32)
     images[1, :6] = 0.0  # a digit-like zero border on one of them
     ours = S.scattering(images)

@@ -450,17 +450,13 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         grads = [torch.zeros_like(v.value) if g is None else g for v, g in zip(trainable, grads)]
         return trainable, grads, y_pred, total, int(losses.shape[0])
 
-    def _batch_gradients(self, data):
-        trainable, grads, *_ = self._summed_loss_gradients(data[0], data[1])
-        return trainable, grads
-
     def signal_to_noise_elementwise(self, data):
         """Mean of |gradient entry| / noise std per variable, for a batch `(x, y)`.
 
         Returns:
             `(ratios, norms, bounds)`: dicts keyed by variable path.
         """
-        trainable, grads = self._batch_gradients(data)
+        trainable, grads, *_ = self._summed_loss_gradients(data[0], data[1])
         stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
         ratios, norms = {}, {}
         for v, g in zip(trainable, grads):
@@ -476,7 +472,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         Returns:
             `(ratios, norms, bounds)`: dicts keyed by variable path.
         """
-        trainable, grads = self._batch_gradients(data)
+        trainable, grads, *_ = self._summed_loss_gradients(data[0], data[1])
         stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
         ratios, norms = {}, {}
         for v, g in zip(trainable, grads):
