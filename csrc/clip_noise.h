@@ -71,11 +71,30 @@ TDK_HOST_DEVICE Philox4x32 philox4x32_10(uint64_t counter, uint64_t seed) {
   return out;
 }
 
-// A uniform in (0, 1] from 53 random bits: (k + 1) / 2^53.
+// Bit casts written with memcpy (exact, and understood by both compilers).
+TDK_HOST_DEVICE double bits_to_double(uint64_t bits) {
+  double value;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+TDK_HOST_DEVICE uint64_t double_to_bits(double value) {
+  uint64_t bits;
+  memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// A uniform in (0, 1] from 53 random bits: (k + 1) / 2^53. k = hi * 2^32 + lo
+// is converted exactly without an int64 -> double instruction (which AVX2
+// lacks): 2^52 + x has x's bits as its mantissa for x < 2^52, so
+// (2^52 + x) - 2^52 = x exactly, for hi < 2^21 and lo < 2^32 alike.
 TDK_HOST_DEVICE double uniform53(uint32_t high, uint32_t low) {
   const uint64_t bits = ((static_cast<uint64_t>(high) << 32) | low) >> 11;
-  // bits < 2^53: the signed conversion is exact (and fast on every CPU).
-  return (static_cast<double>(static_cast<int64_t>(bits)) + 1.0) * (1.0 / 9007199254740992.0);
+  const uint64_t kTwo52 = 0x4330000000000000ull;  // the bits of 2^52
+  const double hi = bits_to_double(kTwo52 | (bits >> 32)) - 4503599627370496.0;
+  const double lo = bits_to_double(kTwo52 | (bits & 0xFFFFFFFFull)) - 4503599627370496.0;
+  // hi * 2^32 + lo = k < 2^53 and k + 1 <= 2^53: every step is exact.
+  return (hi * 4294967296.0 + lo + 1.0) * (1.0 / 9007199254740992.0);
 }
 
 // ------------------------------------------- log, sin, cos with basic operations
@@ -83,16 +102,16 @@ TDK_HOST_DEVICE double uniform53(uint32_t high, uint32_t low) {
 // (exact, from the bits), log(m) = 2 atanh(s), s = (m - 1) / (m + 1),
 // |s| <= 0.1716, by its odd series to s^19 (truncation below 1e-16).
 TDK_HOST_DEVICE double log_basic(double u) {
-  // frexp by bit manipulation (exact): u = m0 * 2^e0 with m0 in [1, 2).
-  uint64_t bits;
-  memcpy(&bits, &u, sizeof(bits));
-  int exponent = static_cast<int>((bits >> 52) & 0x7FF) - 1023;
-  bits = (bits & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull;
-  double m;
-  memcpy(&m, &bits, sizeof(m));
-  const bool high = m >= 1.41421356237309504880;  // into [sqrt(1/2), sqrt(2))
-  m = high ? m * 0.5 : m;
-  exponent += high ? 1 : 0;
+  // u = m * 2^e with m in [sqrt(1/2), sqrt(2)), from the bits (exact; integer
+  // operations only, so that loops over it vectorise): mantissas at or above
+  // sqrt(2)'s take the exponent of [1/2, 1) instead of [1, 2).
+  const uint64_t bits = double_to_bits(u);
+  const uint64_t mantissa = bits & 0x000FFFFFFFFFFFFFull;
+  const uint64_t high = mantissa >= 0x6A09E667F3BCDull ? 1u : 0u;  // sqrt(2) = 0x3FF6A09E667F3BCD
+  const double m = bits_to_double(mantissa | (0x3FF0000000000000ull - (high << 52)));
+  // The exponent as a double, exactly (2^52 + x - 2^52 = x for x < 2^52).
+  const double e = (bits_to_double(0x4330000000000000ull | ((bits >> 52) + high)) -
+                    4503599627370496.0) - 1023.0;
   const double s = (m - 1.0) / (m + 1.0);
   const double s2 = s * s;
   double series = 1.0 / 19.0;
@@ -108,7 +127,6 @@ TDK_HOST_DEVICE double log_basic(double u) {
   const double log_m = 2.0 * s * series;
   // e * log(2), with log(2) split so that e * kLn2Hi is exact.
   const double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
-  const double e = static_cast<double>(exponent);
   return e * kLn2Hi + (log_m + e * kLn2Lo);
 }
 
@@ -148,10 +166,14 @@ TDK_HOST_DEVICE void sincos_turn(double x, double* sin_out, double* cos_out) {
   const double remainder = x - 0.25 * static_cast<double>(q);  // exact, in [-1/8, 1/8]
   const double t = remainder * kTwoPi;
   const double s = sin_small(t), c = cos_small(t);
-  // Quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s); the signs
-  // are exact negations (written as selects, so that loops vectorise).
-  *sin_out = ((q & 1) ? c : s) * ((q & 2) ? -1.0 : 1.0);
-  *cos_out = ((q & 1) ? s : c) * (((q + 1) & 2) ? -1.0 : 1.0);
+  // Quadrant q: (sin, cos) = (s, c), (c, -s), (-s, -c), (-c, s): a choice and
+  // exact negations, written as bit operations so that loops vectorise.
+  const uint64_t swap = 0ull - static_cast<uint64_t>(q & 1);  // all ones for odd q
+  const uint64_t s_bits = double_to_bits(s), c_bits = double_to_bits(c);
+  const uint64_t sin_sign = static_cast<uint64_t>((q >> 1) & 1) << 63;
+  const uint64_t cos_sign = static_cast<uint64_t>(((q + 1) >> 1) & 1) << 63;
+  *sin_out = bits_to_double(((c_bits & swap) | (s_bits & ~swap)) ^ sin_sign);
+  *cos_out = bits_to_double(((s_bits & swap) | (c_bits & ~swap)) ^ cos_sign);
 }
 
 // Normals 2c and 2c + 1 of the stream (seed): one Philox call, one log and

@@ -62,12 +62,16 @@ void check_noise(double noise_std, int64_t seed, int64_t offset, const char* op)
   (void)seed;  // any 64-bit value is a key
 }
 
-// The two hot loops, built twice on x86-64 (AVX2 and baseline, chosen at
-// load time by the CPU; AVX2 brings no FMA, and nothing here is contracted).
+// The hot loops, built for several instruction sets on x86-64 and chosen at
+// load time by the CPU (neither target brings FMA, and nothing here is
+// contracted, so every clone rounds alike). The memory-bound loops stop at
+// AVX2; the noise generator, which is compute-bound, also gets AVX-512.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define TDK_CLONES __attribute__((target_clones("avx2", "default")))
+#define TDK_NOISE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TDK_CLONES
+#define TDK_NOISE_CLONES
 #endif
 
 // Squared norm of one row, accumulated in double over four lanes.
@@ -197,6 +201,19 @@ int64_t one_read_bytes() {
   return limit;
 }
 
+// Stream normals 2 * first .. 2 * (first + pairs) - 1 into normals[]: one
+// Philox call, one log and one sincos per pair, written in bit operations and
+// selects (clip_noise.h) so that this loop vectorises. Its own function (not
+// inlined into the caller) so that each clone vectorises it for its target.
+TDK_NOISE_CLONES void normal_pairs(uint64_t seed, uint64_t first, int64_t pairs,
+                                   double* normals) {
+#pragma omp simd
+  for (int64_t k = 0; k < pairs; ++k) {
+    philox_normal_pair(seed, first + static_cast<uint64_t>(k), &normals[2 * k],
+                       &normals[2 * k + 1]);
+  }
+}
+
 template <typename scalar_t>
 void add_noise_and_scale_kernel(scalar_t* data, int64_t numel, double noise_std, double scale,
                                 uint64_t seed, uint64_t first) {
@@ -209,7 +226,7 @@ void add_noise_and_scale_kernel(scalar_t* data, int64_t numel, double noise_std,
     return;
   }
   // One Philox call, one log and one sincos per pair of stream numbers,
-  // computed a block at a time in a loop the compiler can vectorise.
+  // computed a block at a time by the vectorised normal_pairs.
   constexpr int64_t kPairs = 256;
   at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
     double normals[2 * kPairs];
@@ -220,11 +237,7 @@ void add_noise_and_scale_kernel(scalar_t* data, int64_t numel, double noise_std,
       const int64_t skip = static_cast<int64_t>(n & 1);  // start mid-pair
       const int64_t take = std::min<int64_t>(end - j, 2 * kPairs - skip);
       const int64_t pairs = (skip + take + 1) / 2;
-#pragma omp simd
-      for (int64_t k = 0; k < pairs; ++k) {
-        philox_normal_pair(seed, pair + static_cast<uint64_t>(k), &normals[2 * k],
-                           &normals[2 * k + 1]);
-      }
+      normal_pairs(seed, pair, pairs, normals);
       for (int64_t k = 0; k < take; ++k) {
         data[j + k] = static_cast<scalar_t>(
             (static_cast<double>(data[j + k]) + noise_std * normals[skip + k]) * scale);

@@ -569,17 +569,12 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
         Secure mode: OS CSPRNG; otherwise a stream keyed by (noise seed,
         update number), so a fixed seed reproduces the run and a restored
-        model never repeats released noise.
+        model never repeats released noise. With the extension the stream is
+        the kernel's Philox one, the same on CPU and CUDA.
         """
         if self._secure_mode:
             return add_secure_noise_and_scale_(self._accum_grads, noise_std, scale)
-        return add_noise_and_scale_(
-            self._accum_grads,
-            noise_std,
-            scale,
-            seed=self._noise_key(),
-            portable=self._accum_grads[0].device.type != "cpu",
-        )
+        return add_noise_and_scale_(self._accum_grads, noise_std, scale, seed=self._noise_key())
 
     def _sync_ranks(self) -> None:
         """Before the first data-parallel step: rank 0's weights everywhere."""
