@@ -81,13 +81,11 @@ def run(script, extra, tuned, quick):
 
 
 def one_read_bytes() -> int:
-    """The CPU kernel's one-read limit (csrc/clip_noise_cpu.cpp, one_read_bytes): half
-    the L2 cache the OS reports, at most 4 MiB, 1 MiB when unknown."""
-    try:
-        l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        l2 = 0
-    return min(l2 // 2, 4 << 20) if l2 > 0 else 1 << 20
+    """The CPU kernel's one-read limit, as the built extension reports it."""
+    sys.path.insert(0, ROOT)
+    from torchdp_keras import ops
+
+    return ops.extension_info()["cpu_one_read_bytes"]
 
 
 def fused_rows(quick):

@@ -338,4 +338,6 @@ TORCH_LIBRARY_IMPL(torchdp_keras, CPU, m) {
 // Importing the module registers the ops above (torch.ops.torchdp_keras.*).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "torchdp_keras fused clip-and-noise ops (registered in torch.ops.torchdp_keras)";
+  module.def("cpu_one_read_bytes", &torchdp_keras::one_read_bytes,
+             "Largest example (bytes, all its rows) the CPU clipped sum reads once.");
 }

@@ -122,6 +122,32 @@ def test_kernel_clipped_sum_equals_the_one_example_reference(batch, shapes, dtyp
 
 
 @needs_kernel
+@pytest.mark.parametrize("extra", [0, 1], ids=["one-read", "two-reads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_sides_of_the_one_read_limit_equal_the_reference(extra, dtype):
+    limit = ops.extension_info()["cpu_one_read_bytes"]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # An example of exactly `limit` bytes over two tensors, or one value more.
+    width = limit // itemsize + extra
+    grads = _grads(3, [(width - 100,), (100,)], dtype, seed=extra)
+    sums, squared = ops.clipped_sum_and_norms(grads, 50.0)
+    expected, expected_sq = _one_at_a_time(grads, 50.0)
+    margin = 1e-12 if dtype == torch.float64 else ops.CLIP_SAFETY_MARGIN / 2
+    np.testing.assert_allclose(squared.numpy(), expected_sq, rtol=margin)
+    for s, e in zip(sums, expected):
+        np.testing.assert_allclose(s.numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
+
+
+def test_extension_info_reports_the_one_read_limit():
+    info = ops.extension_info()
+    if info["cpu"]:
+        limit = info["cpu_one_read_bytes"]
+        assert isinstance(limit, int) and (1 << 16) <= limit <= (4 << 20)
+    else:
+        assert info["cpu_one_read_bytes"] is None
+
+
+@needs_kernel
 @pytest.mark.parametrize("width", [7, 64, 1000, 70001])
 def test_kernel_float32_norms_stay_within_the_clipping_margin(width):
     rng = np.random.default_rng(width)

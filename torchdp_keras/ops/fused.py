@@ -49,12 +49,12 @@ _STATE: dict = {}
 def _load() -> dict:
     if _STATE:
         return _STATE
-    state = {"loaded": False, "cpu": False, "cuda": False, "reason": ""}
+    state = {"loaded": False, "cpu": False, "cuda": False, "cpu_one_read_bytes": None, "reason": ""}
     if os.environ.get("TORCHDP_KERAS_DISABLE_EXT") == "1":
         state["reason"] = "disabled by TORCHDP_KERAS_DISABLE_EXT=1"
     else:
         try:
-            from torchdp_keras import _C  # noqa: F401  (registers torch.ops.torchdp_keras.*)
+            from torchdp_keras import _C  # registers torch.ops.torchdp_keras.*
         except ImportError as error:
             state["reason"] = (
                 f"not built ({error}); reinstall with `pip install --no-build-isolation` "
@@ -65,6 +65,7 @@ def _load() -> dict:
             state["loaded"] = True
             state["cpu"] = has_kernel("torchdp_keras::clipped_sum", "CPU")
             state["cuda"] = has_kernel("torchdp_keras::clipped_sum", "CUDA")
+            state["cpu_one_read_bytes"] = int(_C.cpu_one_read_bytes())
             state["reason"] = "loaded" + (" with CUDA kernels" if state["cuda"] else " (CPU only)")
             _register_fakes()
     if state["loaded"]:
@@ -95,7 +96,11 @@ def _register_fakes() -> None:
 
 
 def extension_info() -> dict:
-    """What is loaded: `{"loaded", "cpu", "cuda", "reason"}`.
+    """What is loaded: `{"loaded", "cpu", "cuda", "cpu_one_read_bytes", "reason"}`.
+
+    `cpu_one_read_bytes` is the largest example (all its rows, in bytes) that
+    the CPU clipped sum reads once from memory (half the core's L2 cache, at
+    most 4 MiB); larger examples take two reads. None without the extension.
 
     Example:
         >>> torchdp_keras.ops.extension_info()["reason"]  # doctest: +SKIP
