@@ -13,10 +13,15 @@ the fused/torch speed-up. Also times the final noise (`add_noise_and_scale_`)
 of P values: the portable Philox kernel and torch's sampler. And, end to
 end, a `clipping_mode="vmap"` DP step of the tutorial CNN with the fused
 clipped sum against the same step with the pure-torch one.
-On CUDA the same runs on the GPU and also reports achieved bandwidth against
-a device-to-device copy of the same bytes.
+On CUDA the same runs on the GPU and also reports achieved bandwidth (bytes
+read and written over time) against a device-to-device copy of the same
+bytes, and counts kernel launches (torch.profiler's CUDA events) of one
+clipped sum, one noise call and one DP step of the tutorial CNN (fast path
+and vmap). On CPU the same counts are of operator calls (ATen ops), the
+CPU analogue of launches.
 
     python benches/bench_fused_ops.py
+    python benches/bench_fused_ops.py --device cuda --json fused_cuda.json
 """
 
 from __future__ import annotations
@@ -41,6 +46,33 @@ FRACTIONS = (0.5, 0.25, 0.125, 0.125)
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def unit_name(device) -> str:
+    return "kernel launches" if device.type == "cuda" else "ATen ops"
+
+
+def count_launches(fn, device) -> int:
+    """Kernel launches of one call of `fn` (CUDA), or ATen operator calls (CPU).
+
+    CUDA: the profiler's device-side events (kernels, memsets, copies).
+    CPU: the top-level operators (`aten::`, `torchdp_keras::`), not those
+    they call inside.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm: allocator, lazy initialisation
+    _sync(device)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if "::" in e.name and e.cpu_parent is None)
 
 
 def clip_sum_rows(batch, log2_p, device, rounds, warmup):
@@ -74,14 +106,22 @@ def clip_sum_rows(batch, log2_p, device, rounds, warmup):
         steps["fused"] = kernel
     times = interleaved(steps, rounds, warmup)
     read = batch * sum(g.shape[1] for g in grads) * 4
+    written = sum(g.shape[1] for g in grads) * 4
     row = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     row["bandwidth_gbs"] = {name: read / (ms * 1e6) for name, ms in row.items()}
+    row["launches"] = {
+        name: count_launches(lambda f=fn: f(0), device) for name, fn in steps.items()
+    }
     if device.type == "cuda":
         flat = torch.empty(batch * total, device=device)
         copy_ms = 1e3 * statistics.median(
             interleaved({"copy": lambda _: (flat.clone(), _sync(device))}, rounds, warmup)["copy"]
         )
         row["copy_gbs"] = 2 * read / (copy_ms * 1e6)
+        # Achieved: bytes read and written over time, against the copy's.
+        row["achieved_gbs"] = {
+            name: (read + written) / (row[name] * 1e6) for name in ("torch", "fused") if name in row
+        }
     return row
 
 
@@ -97,20 +137,47 @@ def noise_rows(log2_p, device, rounds, warmup):
         _sync(device)
 
     times = interleaved({"portable": portable, "torch sampler": sampler}, rounds, warmup)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    row = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    row["launches"] = {
+        "portable": count_launches(lambda: portable(0), device),
+        "torch sampler": count_launches(lambda: sampler(0), device),
+    }
+    return row
 
 
-def end_to_end(rounds, warmup):
-    from bench_step_time import DEFAULT_DATA, compile_model, load_batches, tutorial_layers
+def _tutorial_model(clipping_mode):
+    from bench_step_time import compile_model, tutorial_layers
 
     import torchdp_keras as tdk
 
-    batches = load_batches(DEFAULT_DATA, 250, rounds + warmup)
-    model = compile_model(
+    return compile_model(
         tdk.DPSequential(
-            tutorial_layers(), l2_norm_clip=1.5, noise_multiplier=1.3, seed=0, clipping_mode="vmap"
+            tutorial_layers(),
+            l2_norm_clip=1.5,
+            noise_multiplier=1.3,
+            seed=0,
+            clipping_mode=clipping_mode,
         )
     )
+
+
+def step_launches(device, data) -> dict:
+    """Launches (CUDA) or ATen ops (CPU) of one DP step of the tutorial CNN, batch 250."""
+    from bench_step_time import load_batches
+
+    x, y = load_batches(data, 250, 1)[0]
+    counts = {}
+    for mode in ("auto", "vmap"):
+        model = _tutorial_model(mode)
+        counts[mode] = count_launches(lambda m=model: m.train_on_batch(x, y), device)
+    return counts
+
+
+def end_to_end(rounds, warmup, data):
+    from bench_step_time import load_batches
+
+    batches = load_batches(data, 250, rounds + warmup)
+    model = _tutorial_model("vmap")
     original = fused._use_kernel
 
     def with_kernel(i):
@@ -136,6 +203,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--data", default=None, help="MNIST .npz (default ../shared/data)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -160,14 +228,33 @@ def main(argv=None) -> dict:
     summary["noise"] = noise
     print(
         f"noise of 2^{args.max_log2_p} values: portable Philox kernel {noise['portable']:.2f} ms, "
-        f"torch sampler {noise['torch sampler']:.2f} ms"
+        f"torch sampler {noise['torch sampler']:.2f} ms ({unit_name(device)}: "
+        f"{noise['launches']['portable']} and {noise['launches']['torch sampler']})"
     )
-    if not args.skip_end_to_end and device.type == "cpu":
-        e2e = end_to_end(max(args.rounds, 20), args.warmup)
+    unit = unit_name(device)
+    print(
+        f"  {unit} per call: "
+        + ", ".join(
+            f"2^{p.bit_length() - 1}: " + "/".join(f"{k} {v}" for k, v in row["launches"].items())
+            for p, row in ((int(p), r) for p, r in summary["clipped_sum"].items())
+            if p in (1 << args.min_log2_p, 1 << args.max_log2_p)
+        )
+    )
+    if not args.skip_end_to_end:
+        # Keras places the model on the default device: the GPU when there is one.
+        from bench_step_time import DEFAULT_DATA
+
+        data = args.data or DEFAULT_DATA
+        e2e = end_to_end(max(args.rounds, 20), args.warmup, data)
         summary["end_to_end_vmap_cnn"] = e2e
         print(
             f"tutorial CNN DP step (vmap, batch 250): fused {e2e['fused']:.2f} ms, "
             f"pure torch {e2e['pure torch']:.2f} ms ({e2e['pure torch'] / e2e['fused']:.2f}x)"
+        )
+        summary["step_launches"] = step_launches(device, data)
+        print(
+            f"{unit} per DP step (tutorial CNN, batch 250): "
+            + ", ".join(f"{mode} {n}" for mode, n in summary["step_launches"].items())
         )
     if args.json:
         write_summary(args.json, summary)

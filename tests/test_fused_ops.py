@@ -252,19 +252,116 @@ def test_disabled_extension_falls_back_with_the_reason():
     assert abs(float(out[1]) - 4 / np.sqrt(3) / (1 + 1e-6)) < 1e-5
 
 
+# The same checks on every device the kernels serve: the "cpu" cases run
+# everywhere the extension is built (they also check the tests themselves),
+# the "cuda" ones on a GPU.
+ON_DEVICES = [
+    pytest.param("cpu", marks=needs_kernel),
+    pytest.param("cuda", marks=needs_cuda),
+]
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "sizes, offset", [((17, 20), 5), ((1,), 0), ((3, 100_003), 2**40 + 1)], ids=str
+)
+def test_noise_on_every_device_is_the_philox_stream_bit_for_bit(device, dtype, sizes, offset):
+    seed = 2**62 + 9
+    tensors = [torch.zeros(n, dtype=dtype, device=device) for n in sizes]
+    ops.add_noise_and_scale_(tensors, 1.0, 1.0, seed=seed, offset=offset)
+    got = torch.cat([t.cpu() for t in tensors]).numpy()
+    np.testing.assert_array_equal(got, philox_normals(seed, offset, got.size).astype(got.dtype))
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_and_noise_on_every_device_equals_the_reference(device, dtype):
+    grads = _grads(33, [(17,), (4, 5)], dtype)
+    grads[0][3].zero_()
+    on_device = [g.to(device) for g in grads]
+    sums, squared = ops.clipped_sum_and_norms(on_device, 0.5)
+    expected, expected_sq = _one_at_a_time(grads, 0.5)
+    margin = 1e-12 if dtype == torch.float64 else ops.CLIP_SAFETY_MARGIN / 2
+    np.testing.assert_allclose(squared.cpu().numpy(), expected_sq, rtol=margin)
+    for s, e in zip(sums, expected):
+        assert s.device.type == device and s.dtype == dtype
+        np.testing.assert_allclose(s.cpu().numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
+    # Fused with the noise: the clipped sums plus exactly the stream's noise.
+    noised = ops.clip_and_noise(on_device, 0.5, 1.3, seed=77, offset=5)
+    noise = philox_normals(77, 5, 17 + 20)
+    for s, n, out in zip(sums, (noise[:17], noise[17:]), noised):
+        expected_out = s.cpu().double().numpy() + 1.3 * n.reshape(s.shape)
+        np.testing.assert_allclose(out.cpu().numpy(), expected_out, rtol=1e-6, atol=1e-6)
+
+
 @needs_cuda
-def test_cuda_kernel_matches_cpu_bit_for_bit_noise_and_the_clipped_sum():
-    grads = _grads(33, [(17,), (4, 5)])
-    cpu = ops.clip_and_noise(grads, 0.5, 1.3, seed=77, offset=5)
-    gpu = ops.clip_and_noise([g.cuda() for g in grads], 0.5, 1.3, seed=77, offset=5)
-    noise_cpu = [torch.zeros(17), torch.zeros(4, 5)]
-    noise_gpu = [t.cuda() for t in noise_cpu]
-    ops.add_noise_and_scale_(noise_cpu, 1.0, seed=77, offset=5)
-    ops.add_noise_and_scale_(noise_gpu, 1.0, seed=77, offset=5)
-    for a, b in zip(noise_cpu, noise_gpu):
-        assert torch.equal(a, b.cpu())
-    for a, b in zip(cpu, gpu):
-        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
+def test_cuda_grid_stride_loops_cover_every_element():
+    # Grids are capped at 65535 blocks: more noise pairs than one grid of 256
+    # threads holds, more examples than grid.y, a row wider than one grid.
+    n = 2 * 65535 * 256 + 1001
+    gpu, cpu = torch.zeros(n, device="cuda"), torch.zeros(n)
+    ops.add_noise_and_scale_([gpu], 1.0, 0.5, seed=3, offset=1)
+    ops.add_noise_and_scale_([cpu], 1.0, 0.5, seed=3, offset=1)
+    assert torch.equal(gpu.cpu(), cpu)
+    for batch, width in ((70_000, 3), (2, 65535 * 256 + 77)):
+        grads = _grads(batch, [(width,)], seed=batch)
+        sums, squared = ops.clipped_sum_and_norms([g.cuda() for g in grads], 0.5)
+        ref_sums, ref_squared = fused.reference_clipped_sum_and_norms(grads, 0.5)
+        torch.testing.assert_close(squared.cpu(), ref_squared, rtol=1e-6, atol=0)
+        scale = float(ref_sums[0].abs().max())
+        torch.testing.assert_close(sums[0].cpu(), ref_sums[0], rtol=1e-5, atol=1e-6 * scale)
+
+
+@needs_cuda
+def test_cuda_opcheck_and_compile():
+    grads = [g.cuda() for g in _grads(6, [(4,), (2, 3)])]
+    torch.library.opcheck(torch.ops.torchdp_keras.clipped_sum.default, (grads, 1.0))
+    torch.library.opcheck(torch.ops.torchdp_keras.clip_and_noise.default, (grads, 1.0, 0.0, 3, 0))
+    compiled = torch.compile(lambda g: ops.clip_and_noise(g, 1.0, 0.0, seed=1), fullgraph=False)
+    for a, b in zip(compiled(grads), ops.clip_and_noise(grads, 1.0, 0.0, seed=1)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", ON_DEVICES)
+def test_a_dp_step_gives_the_same_weights_on_every_device(device):
+    # Same weights, data and seed: the noise is the same Philox stream on CPU
+    # and CUDA, so one DP step moves the weights alike up to float rounding.
+    import keras
+
+    import torchdp_keras as tdk
+
+    def step(where):
+        keras.utils.set_random_seed(1)
+        with keras.device(where):
+            model = tdk.DPSequential(
+                [
+                    keras.Input((6,)),
+                    keras.layers.Dense(4, activation="tanh"),
+                    keras.layers.Dense(3),
+                ],
+                l2_norm_clip=0.1,
+                noise_multiplier=1.0,
+                seed=5,
+            )
+            model.compile(
+                optimizer=keras.optimizers.SGD(1.0),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None),
+            )
+            x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+            y = np.arange(16) % 3
+            before = [w.copy() for w in model.get_weights()]
+            model.train_on_batch(x, y)
+            assert all(v.value.device.type == torch.device(where).type for v in model.weights)
+            return before, model.get_weights()
+
+    before_cpu, after_cpu = step("cpu")
+    before_dev, after_dev = step(device)
+    for a, b in zip(before_cpu, before_dev):
+        np.testing.assert_array_equal(a, b)
+    for b, a, d in zip(before_cpu, after_cpu, after_dev):
+        assert np.abs(a - b).max() > 1e-3  # the step moved the weights (noise 0.1/16 per unit)
+        np.testing.assert_allclose(d, a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
