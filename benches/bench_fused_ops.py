@@ -222,7 +222,10 @@ def main(argv=None) -> dict:
             for n in ("naive", "torch", "fused")
         ]
         speedup = row["torch"] / row["fused"] if "fused" in row else float("nan")
-        extra = f"  copy {row['copy_gbs']:.0f} GB/s" if "copy_gbs" in row else ""
+        extra = ""
+        if "copy_gbs" in row:
+            achieved = row["achieved_gbs"].get("fused", float("nan"))
+            extra = f"  achieved {achieved:.0f} of copy {row['copy_gbs']:.0f} GB/s"
         print(f"  2^{log2_p:<7d} {cells[0]} {cells[1]} {cells[2]} {speedup:10.2f}x{extra}")
     noise = noise_rows(args.max_log2_p, device, args.rounds, args.warmup)
     summary["noise"] = noise

@@ -207,7 +207,7 @@ def add_noise_and_scale_(
         offset: Index of the first noise number of this call in the stream.
         portable: Use the kernel's Philox stream (bit-identical on CPU and
             CUDA) when the extension is loaded; it is also the faster one
-            (on CPU about 2x torch's sampler, see benches/). False takes
+            (on CPU about 1.7x torch's sampler here, see benches/). False takes
             torch's own sampler from a generator seeded with (seed, offset),
             equally Gaussian, another stream.
 
