@@ -26,13 +26,22 @@ from collections.abc import Callable
 
 
 def interleaved(
-    steps: dict[str, Callable[[int], object]], rounds: int, warmup: int
+    steps: dict[str, Callable[[int], object]],
+    rounds: int,
+    warmup: int,
+    before: Callable[[], object] | None = None,
 ) -> dict[str, list[float]]:
-    """Seconds per step of each contender; `steps[name](i)` runs round i."""
+    """Seconds per step of each contender; `steps[name](i)` runs round i.
+
+    `before`, if given, runs (untimed) before every step: e.g. a cache flush,
+    so that no contender finds its data left in cache by the one before it.
+    """
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + rounds):
         for name in names[i % len(names) :] + names[: i % len(names)]:
+            if before is not None:
+                before()
             start = time.perf_counter()
             steps[name](i)
             elapsed = time.perf_counter() - start

@@ -8,8 +8,16 @@ For B = 256 examples and P = 2^14 .. 2^22 parameters split over four tensors
   pass and one `torch.mv` per tensor;
 * `fused`: `torch.ops.torchdp_keras.clipped_sum` (csrc/).
 
-Reported: median ms, effective read bandwidth (B x P x itemsize / time) and
-the fused/torch speed-up. Also times the final noise (`add_noise_and_scale_`)
+Every timed call starts with cold caches (a 128 MiB buffer is written
+before it, untimed), as in the issue's model where the B x P data comes from
+memory: without it, whichever contender ran before decided what the next one
+found in cache (the naive one's temporaries evicted the data, so the row
+after it started cold and the others warm).
+
+Reported: median ms, effective read bandwidth (B x P x itemsize / time), the
+fused/torch speed-up, and on CPU which kernel the fused op took (one read of
+each example while it and the sum fit in the last-level cache, else norms +
+gemv). Also times the final noise (`add_noise_and_scale_`)
 of P values: the portable Philox kernel and torch's sampler. And, end to
 end, a `clipping_mode="vmap"` DP step of the tutorial CNN with the fused
 clipped sum against the same step with the pure-torch one.
@@ -41,11 +49,21 @@ from torchdp_keras import ops  # noqa: E402
 from torchdp_keras.ops import fused  # noqa: E402
 
 FRACTIONS = (0.5, 0.25, 0.125, 0.125)
+FLUSH_BYTES = 128 << 20  # 4x a 32 MiB L3 (this CPU), 2.5x an H100's 50 MiB L2
 
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def l2_bytes() -> int | None:
+    """One core's L2 cache as the OS reports it (the issue's target region), or None."""
+    try:
+        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (ValueError, OSError):
+        return None
+    return size if size > 0 else None
 
 
 def unit_name(device) -> str:
@@ -104,7 +122,13 @@ def clip_sum_rows(batch, log2_p, device, rounds, warmup):
         steps["naive"] = naive
     if ops.extension_info()[device.type]:
         steps["fused"] = kernel
-    times = interleaved(steps, rounds, warmup)
+    flush = torch.empty(FLUSH_BYTES // 4, device=device)
+
+    def cold_caches():
+        flush.fill_(1.0)
+        _sync(device)
+
+    times = interleaved(steps, rounds, warmup, before=cold_caches)
     read = batch * sum(g.shape[1] for g in grads) * 4
     written = sum(g.shape[1] for g in grads) * 4
     row = {name: 1e3 * statistics.median(t) for name, t in times.items()}
@@ -212,8 +236,14 @@ def main(argv=None) -> dict:
     print(
         f"clipped sum, B={args.batch_size}, P split over {len(FRACTIONS)} tensors (ms, GB/s read)"
     )
+    limit = info["cpu_one_read_bytes"] if device.type == "cpu" else None
+    if limit is not None:
+        print(f"CPU one-read limit: examples up to {limit >> 10} KiB")
     print(f"  {'P':>9s} {'naive':>14s} {'torch':>14s} {'fused':>14s} {'fused/torch':>11s}")
     summary = {"clipped_sum": {}}
+    if limit is not None:
+        summary["cpu_one_read_bytes"] = limit
+        summary["cpu_l2_bytes"] = l2_bytes()
     for log2_p in range(args.min_log2_p, args.max_log2_p + 1):
         row = clip_sum_rows(args.batch_size, log2_p, device, args.rounds, args.warmup)
         summary["clipped_sum"][str(1 << log2_p)] = row
@@ -223,6 +253,9 @@ def main(argv=None) -> dict:
         ]
         speedup = row["torch"] / row["fused"] if "fused" in row else float("nan")
         extra = ""
+        if limit is not None:
+            row["kernel"] = "one read" if (1 << log2_p) * 4 <= limit else "two reads"
+            extra = f"  {row['kernel']}"
         if "copy_gbs" in row:
             achieved = row["achieved_gbs"].get("fused", float("nan"))
             extra = f"  achieved {achieved:.0f} of copy {row['copy_gbs']:.0f} GB/s"

@@ -8,25 +8,35 @@
 //       float noise_std, int seed, int offset) -> Tensor[]
 //
 // grads[k] has shape (B, ...); example i's norm is taken over row i of every
-// tensor together. When an example's rows fit in half the core's L2 cache
-// (at most 4 MiB), the CPU clipped sum reads each example once from memory:
-// one thread takes an example, accumulates its squared norm in double, and
-// adds factor * row into the thread's own accumulator while the row is still
-// in cache; the per-thread accumulators are summed at the end. Larger
-// examples take two reads, the floor for them: the norms, then one gemv.
+// tensor together. When an example's rows and the sum (as large) fit in the
+// last-level cache together (rows up to half of it), the CPU clipped sum reads
+// each example once from memory: the threads split the columns of the
+// concatenated rows, each accumulates its part of an example's squared norm,
+// the parts are combined at a barrier, and each thread adds factor * its
+// columns into its own columns of the one output sum while they are still in
+// cache. Larger examples take two reads, the floor for them: the norms, then
+// one gemv.
 // Noise number n of a call is philox_normal(seed, offset + n), n running over
 // the elements of the tensors in order (see clip_noise.h): the same on CPU
 // and CUDA.
 
 #include <torch/extension.h>
 
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 
 #if __has_include(<unistd.h>)
 #include <unistd.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "clip_noise.h"
@@ -136,6 +146,44 @@ inline void axpy(double* acc, const double* row, double factor, int64_t width) {
   axpy_f64(acc, row, factor, width);
 }
 
+// Size in bytes of one instance of the level-`level` data cache of CPU 0, as
+// Linux reports it (sysfs: the per-instance size, right in virtual machines,
+// where sysconf can report a whole socket's L3), else sysconf for L2, else
+// `fallback`.
+int64_t cache_bytes(int level, int64_t fallback) {
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    int found = 0;
+    char type[32] = {0};
+    long long size = 0;
+    char unit = 0;
+    if (FILE* f = std::fopen((dir + "/level").c_str(), "r")) {
+      if (std::fscanf(f, "%d", &found) != 1) found = 0;
+      std::fclose(f);
+    }
+    if (found != level) continue;
+    if (FILE* f = std::fopen((dir + "/type").c_str(), "r")) {
+      if (std::fscanf(f, "%31s", type) != 1) type[0] = 0;
+      std::fclose(f);
+    }
+    if (std::string(type) == "Instruction") continue;
+    if (FILE* f = std::fopen((dir + "/size").c_str(), "r")) {
+      if (std::fscanf(f, "%lld%c", &size, &unit) < 1) size = 0;
+      std::fclose(f);
+    }
+    if (unit == 'K') size <<= 10;
+    if (unit == 'M') size <<= 20;
+    if (size > 0) return static_cast<int64_t>(size);
+  }
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  if (level == 2) {
+    const long size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (size > 0) return static_cast<int64_t>(size);
+  }
+#endif
+  return fallback;
+}
+
 template <typename scalar_t>
 double row_squared_norm(const std::vector<at::Tensor>& rows, int64_t i) {
   double total = 0.0;
@@ -146,22 +194,103 @@ double row_squared_norm(const std::vector<at::Tensor>& rows, int64_t i) {
   return total;
 }
 
-// One read of each example (its rows fit in cache): norm, then the scaled row
-// into the thread's own accumulator while the row is still in cache.
+// One read of each example: the columns of the concatenated rows are split
+// into `workers` contiguous slices, worker w owning slice w of every example
+// and of the output sums (no per-thread copies of the sum, no final
+// reduction; each output column is accumulated over the examples in order by
+// one worker). For a group of examples at a time, each worker computes the
+// squared norm of its slices, the workers meet at a barrier, every worker sums
+// the parts in worker order (the same total everywhere), and adds
+// factor * slice into its slice of the sums while the slices are still in its
+// cache. Groups are as many examples as keep a worker's slices within half of
+// its L2 cache.
+//
+// The barrier spins on a counter of arrived *workers*, not threads: ATen's
+// OpenMP parallel_for hands every thread of the team one chunk of
+// [0, workers) and runs all chunks at once, and a chunk holding several
+// workers (smaller team, or an inline call inside another parallel region)
+// counts them all when it arrives. Only used with OpenMP (one_read_bytes()
+// is 0 otherwise), where the chunks are guaranteed to run concurrently.
+struct Slice {
+  size_t tensor;
+  int64_t begin, end;  // columns of that tensor's rows
+};
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#endif
+}
+
 template <typename scalar_t>
 void clipped_sum_one_read(const std::vector<at::Tensor>& rows, double l2_norm_clip,
-                          std::vector<at::Tensor>& accumulators, double* norms) {
+                          std::vector<at::Tensor>& sums, double* norms) {
   const int64_t batch = rows[0].size(0);
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    const int64_t thread = at::get_thread_num();
-    for (int64_t i = begin; i < end; ++i) {
-      const double total = row_squared_norm<scalar_t>(rows, i);
-      norms[i] = total;
-      const scalar_t factor = static_cast<scalar_t>(clip_factor(total, l2_norm_clip));
-      for (size_t k = 0; k < rows.size(); ++k) {
-        const int64_t width = rows[k].size(1);
-        const scalar_t* row = rows[k].data_ptr<scalar_t>() + i * width;
-        axpy(accumulators[k].data_ptr<scalar_t>() + thread * width, row, factor, width);
+  std::vector<const scalar_t*> data;
+  std::vector<scalar_t*> out;
+  std::vector<int64_t> widths;
+  int64_t columns = 0;
+  for (size_t k = 0; k < rows.size(); ++k) {
+    data.push_back(rows[k].data_ptr<scalar_t>());
+    out.push_back(sums[k].data_ptr<scalar_t>());
+    widths.push_back(rows[k].size(1));
+    columns += rows[k].size(1);
+  }
+  // At least 2048 columns per worker; slice edges on 64-byte boundaries of
+  // the concatenated row.
+  constexpr int64_t kAlign = 64 / sizeof(scalar_t);
+  const int64_t workers =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), columns / 2048));
+  std::vector<std::vector<Slice>> owned(workers);
+  for (int64_t w = 0; w < workers; ++w) {
+    const int64_t lo = w == 0 ? 0 : columns * w / workers / kAlign * kAlign;
+    const int64_t hi = w + 1 == workers ? columns : columns * (w + 1) / workers / kAlign * kAlign;
+    int64_t base = 0;
+    for (size_t k = 0; k < rows.size(); ++k) {
+      const int64_t begin = std::max(lo, base), end = std::min(hi, base + widths[k]);
+      if (begin < end) owned[w].push_back({k, begin - base, end - base});
+      base += widths[k];
+    }
+  }
+  const int64_t slice_bytes =
+      std::max<int64_t>(1, columns * static_cast<int64_t>(sizeof(scalar_t)) / workers);
+  static const int64_t l2_bytes = cache_bytes(2, int64_t{1} << 20);
+  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(batch, l2_bytes / 2 / slice_bytes));
+  std::vector<double> parts(static_cast<size_t>(workers * batch));
+  std::atomic<int64_t> arrived{0};
+  at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    int64_t rounds = 0;
+    for (int64_t start = 0; start < batch; start += group) {
+      const int64_t stop = std::min(batch, start + group);
+      for (int64_t i = start; i < stop; ++i) {
+        for (int64_t w = first; w < last; ++w) {
+          double part = 0.0;
+          for (const auto& s : owned[w]) {
+            part += squared_norm(data[s.tensor] + i * widths[s.tensor] + s.begin, s.end - s.begin);
+          }
+          parts[w * batch + i] = part;
+        }
+      }
+      ++rounds;
+      arrived.fetch_add(last - first, std::memory_order_acq_rel);
+      for (int spins = 0; arrived.load(std::memory_order_acquire) < workers * rounds;) {
+        spin_pause();
+        if (++spins == 4096) {  // oversubscribed cores: let the others run
+          std::this_thread::yield();
+          spins = 0;
+        }
+      }
+      for (int64_t i = start; i < stop; ++i) {
+        double total = 0.0;
+        for (int64_t w = 0; w < workers; ++w) total += parts[w * batch + i];
+        if (first == 0) norms[i] = total;
+        const scalar_t factor = static_cast<scalar_t>(clip_factor(total, l2_norm_clip));
+        for (int64_t w = first; w < last; ++w) {
+          for (const auto& s : owned[w]) {
+            axpy(out[s.tensor] + s.begin, data[s.tensor] + i * widths[s.tensor] + s.begin, factor,
+                 s.end - s.begin);
+          }
+        }
       }
     }
   });
@@ -188,17 +317,20 @@ void clipped_sum_two_reads(const std::vector<at::Tensor>& rows, double l2_norm_c
 }
 
 // Rows of at most this many bytes per example take the one-read kernel: the
-// row and the thread's accumulator (as large) must both stay in the core's L2
-// cache, so half of L2 as the OS reports it, at most 4 MiB (1 MiB if unknown).
+// example and the sum (as large) must both stay in the last-level cache until
+// the example has been added, so half of it, at most 64 MiB (512 KiB if the
+// cache sizes are unknown). 0 without OpenMP (see clipped_sum_one_read).
 int64_t one_read_bytes() {
+#if AT_PARALLEL_OPENMP
   static const int64_t limit = [] {
-    int64_t l2 = 0;
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    l2 = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
-#endif
-    return l2 > 0 ? std::min<int64_t>(l2 / 2, int64_t{4} << 20) : int64_t{1} << 20;
+    const int64_t last_level = cache_bytes(3, cache_bytes(2, 0));
+    return last_level > 0 ? std::min<int64_t>(last_level / 2, int64_t{64} << 20)
+                          : int64_t{512} << 10;
   }();
   return limit;
+#else
+  return 0;
+#endif
 }
 
 // Stream normals 2 * first .. 2 * (first + pairs) - 1 into normals[]: one
@@ -265,18 +397,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> clipped_sum_cpu(at::TensorList g
   }
   std::vector<at::Tensor> sums;
   if (row_bytes <= one_read_bytes()) {
-    const int64_t threads = at::get_num_threads();
-    std::vector<at::Tensor> accumulators;
     for (const auto& r : rows) {
-      accumulators.push_back(at::zeros({threads, r.size(1)}, r.options()));
+      sums.push_back(at::zeros({r.size(1)}, r.options()));
     }
     AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "clipped_sum_cpu", [&] {
-      clipped_sum_one_read<scalar_t>(rows, l2_norm_clip, accumulators,
-                                     squared_norms.data_ptr<double>());
+      clipped_sum_one_read<scalar_t>(rows, l2_norm_clip, sums, squared_norms.data_ptr<double>());
     });
     for (size_t k = 0; k < grads.size(); ++k) {
-      auto total = threads == 1 ? accumulators[k][0] : accumulators[k].sum(0);
-      sums.push_back(total.reshape(grads[k].sizes().slice(1)));
+      sums[k] = sums[k].reshape(grads[k].sizes().slice(1));
     }
   } else {
     std::vector<at::Tensor> flat;

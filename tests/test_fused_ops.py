@@ -1,5 +1,6 @@
 """The fused clip-and-noise ops (csrc/ kernels) against their references."""
 
+import glob
 import os
 import shutil
 import subprocess
@@ -138,13 +139,93 @@ def test_both_sides_of_the_one_read_limit_equal_the_reference(extra, dtype):
         np.testing.assert_allclose(s.numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
 
 
+def _last_level_cache_bytes():
+    """Per-instance size of CPU 0's highest data cache level, from Linux's sysfs."""
+    levels = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        with open(os.path.join(index, "type")) as f:
+            if f.read().strip() == "Instruction":
+                continue
+        with open(os.path.join(index, "level")) as f:
+            level = int(f.read())
+        with open(os.path.join(index, "size")) as f:
+            text = f.read().strip()
+        levels[level] = int(text[:-1]) << {"K": 10, "M": 20}[text[-1]]
+    return levels[max(levels)] if levels else None
+
+
 def test_extension_info_reports_the_one_read_limit():
     info = ops.extension_info()
-    if info["cpu"]:
-        limit = info["cpu_one_read_bytes"]
-        assert isinstance(limit, int) and (1 << 16) <= limit <= (4 << 20)
-    else:
+    if not info["cpu"]:
         assert info["cpu_one_read_bytes"] is None
+        return
+    limit = info["cpu_one_read_bytes"]
+    assert isinstance(limit, int) and 0 <= limit <= (64 << 20)
+    last_level = _last_level_cache_bytes()
+    if last_level is not None and torch.__config__.parallel_info().find("OpenMP") >= 0:
+        # The example and the sum must fit in the last-level cache together.
+        assert limit == min(last_level // 2, 64 << 20)
+
+
+def _run_with_threads(threads, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(
+    "batch, shapes",
+    [
+        # Slices of the concatenated row cross tensor edges; many examples
+        # per barrier (small slices) and one (a 1.5 MiB example).
+        (37, [(1000,), (3, 1001), (5000,), (17,)]),
+        (5, [(200000,), (3, 60000), (10,)]),
+        (3, [(2047,)]),  # too narrow to split: one worker
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_read_kernel_equals_the_reference_for_any_thread_count(threads, batch, shapes, dtype):
+    grads = _grads(batch, shapes, dtype, seed=threads)
+    for g in grads:
+        g[batch - 1].mul_(1e-4)  # one example under the clip norm (factor 1)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    limit = ops.extension_info()["cpu_one_read_bytes"]
+    assert limit == 0 or sum(int(np.prod(s)) for s in shapes) * itemsize <= limit
+    sums, squared = _run_with_threads(threads, lambda: ops.clipped_sum_and_norms(grads, 2.0))
+    expected, expected_sq = _one_at_a_time(grads, 2.0)
+    margin = 1e-12 if dtype == torch.float64 else ops.CLIP_SAFETY_MARGIN / 2
+    np.testing.assert_allclose(squared.numpy(), expected_sq, rtol=margin)
+    for s, e in zip(sums, expected):
+        assert s.shape == e.shape
+        np.testing.assert_allclose(s.numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
+
+
+@needs_kernel
+def test_one_read_kernel_with_fewer_openmp_threads_than_workers():
+    # torch asks for 4 threads, OpenMP's team has at most 2: each thread holds
+    # two workers of the barrier. Must finish (no deadlock) and be right.
+    code = (
+        "import torch, numpy as np, torchdp_keras.ops as o;"
+        "torch.set_num_threads(4);"
+        "g = [torch.randn(9, 30000, generator=torch.Generator().manual_seed(0), "
+        "dtype=torch.float64)];"
+        "s, sq = o.clipped_sum_and_norms(g, 1.0);"
+        "n = g[0].norm(dim=1, keepdim=True);"
+        "ref = (g[0] * torch.clamp(1.0 / (n * (1 + o.CLIP_SAFETY_MARGIN)), max=1.0)).sum(0);"
+        "print(float((s[0] - ref).abs().max()), float((sq - n[:, 0] ** 2).abs().max()))"
+    )
+    env = dict(os.environ, OMP_THREAD_LIMIT="2", KERAS_BACKEND="torch")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    sum_error, norm_error = map(float, out.stdout.split())
+    assert sum_error < 1e-12 and norm_error < 1e-9
 
 
 @needs_kernel

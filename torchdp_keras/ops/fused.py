@@ -99,8 +99,12 @@ def extension_info() -> dict:
     """What is loaded: `{"loaded", "cpu", "cuda", "cpu_one_read_bytes", "reason"}`.
 
     `cpu_one_read_bytes` is the largest example (all its rows, in bytes) that
-    the CPU clipped sum reads once from memory (half the core's L2 cache, at
-    most 4 MiB); larger examples take two reads. None without the extension.
+    the CPU clipped sum reads once from memory: half the last-level cache as
+    Linux reports it (the example and the sum must fit in it together), at
+    most 64 MiB; larger examples take two reads (norms, then one gemv). 0 when
+    torch's CPU parallel backend is not OpenMP (the one-read kernel's barrier
+    needs all threads of a parallel region running at once); None without the
+    extension.
 
     Example:
         >>> torchdp_keras.ops.extension_info()["reason"]  # doctest: +SKIP
