@@ -79,7 +79,7 @@ def torch_steps(keras_model, batch_size):
         GradSampleModuleFastGradientClipping,
     )
     from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-    from opacus.utils.fast_gradient_clipping_utils import double_backward
+    from opacus.utils import fast_gradient_clipping_utils
 
     steps = {}
     model = torch_cnn(keras_model)
@@ -120,10 +120,22 @@ def torch_steps(keras_model, batch_size):
             expected_batch_size=batch_size,
         )
 
-        def opacus_fgc(x, y, m=fgc_model, o=fgc_optimizer):
-            o.zero_grad()
-            double_backward(m, o, per_sample(m(x), y))
-            o.step()
+        if hasattr(fast_gradient_clipping_utils, "DPLossFastGradientClipping"):
+            # Newer Opacus (1.6) wraps the loss; 1.5.2 had `double_backward`.
+            dp_loss = fast_gradient_clipping_utils.DPLossFastGradientClipping(
+                fgc_model, fgc_optimizer, torch.nn.CrossEntropyLoss(), "mean"
+            )
+
+            def opacus_fgc(x, y, m=fgc_model, o=fgc_optimizer, loss=dp_loss):
+                o.zero_grad()
+                loss(m(x), y).backward()
+                o.step()
+        else:
+
+            def opacus_fgc(x, y, m=fgc_model, o=fgc_optimizer):
+                o.zero_grad()
+                fast_gradient_clipping_utils.double_backward(m, o, per_sample(m(x), y))
+                o.step()
 
         steps[name] = opacus_fgc
     return steps
