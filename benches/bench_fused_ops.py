@@ -59,15 +59,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def l2_bytes() -> int | None:
-    """One core's L2 cache as the OS reports it (the issue's target region), or None."""
-    try:
-        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
-    except (ValueError, OSError):
-        return None
-    return size if size > 0 else None
-
-
 def unit_name(device) -> str:
     return "kernel launches" if device.type == "cuda" else "ATen ops"
 
@@ -244,12 +235,16 @@ def main(argv=None) -> dict:
     )
     limit = info["cpu_one_read_bytes"] if device.type == "cpu" else None
     if limit is not None:
-        print(f"CPU one-read limit: examples up to {limit >> 10} KiB")
+        l2 = info["cpu_l2_bytes"]
+        print(
+            f"CPU: one read of examples up to {limit >> 10} KiB; "
+            f"L2 {l2 >> 10 if l2 else '?'} KiB per core"
+        )
     print(f"  {'P':>9s} {'naive':>14s} {'torch':>14s} {'fused':>14s} {'fused/torch':>11s}")
     summary = {"clipped_sum": {}}
     if limit is not None:
         summary["cpu_one_read_bytes"] = limit
-        summary["cpu_l2_bytes"] = l2_bytes()
+        summary["cpu_l2_bytes"] = info["cpu_l2_bytes"]
     for log2_p in range(args.min_log2_p, args.max_log2_p + 1):
         row = clip_sum_rows(args.batch_size, log2_p, device, args.rounds, args.warmup)
         summary["clipped_sum"][str(1 << log2_p)] = row

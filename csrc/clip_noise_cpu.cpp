@@ -468,4 +468,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "torchdp_keras fused clip-and-noise ops (registered in torch.ops.torchdp_keras)";
   module.def("cpu_one_read_bytes", &torchdp_keras::one_read_bytes,
              "Largest example (bytes, all its rows) the CPU clipped sum reads once.");
+  module.def(
+      "cpu_l2_bytes", [] { return torchdp_keras::cache_bytes(2, 0); },
+      "One core's L2 cache in bytes as the CPU kernel sees it (0 if unknown).");
 }

@@ -139,8 +139,8 @@ def test_both_sides_of_the_one_read_limit_equal_the_reference(extra, dtype):
         np.testing.assert_allclose(s.numpy(), e, rtol=1e-6, atol=1e-6 * np.abs(e).max())
 
 
-def _last_level_cache_bytes():
-    """Per-instance size of CPU 0's highest data cache level, from Linux's sysfs."""
+def _cache_bytes():
+    """`{level: bytes}` of CPU 0's data caches (one instance each), from Linux's sysfs."""
     levels = {}
     for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
         with open(os.path.join(index, "type")) as f:
@@ -151,20 +151,22 @@ def _last_level_cache_bytes():
         with open(os.path.join(index, "size")) as f:
             text = f.read().strip()
         levels[level] = int(text[:-1]) << {"K": 10, "M": 20}[text[-1]]
-    return levels[max(levels)] if levels else None
+    return levels
 
 
 def test_extension_info_reports_the_one_read_limit():
     info = ops.extension_info()
     if not info["cpu"]:
-        assert info["cpu_one_read_bytes"] is None
+        assert info["cpu_one_read_bytes"] is None and info["cpu_l2_bytes"] is None
         return
     limit = info["cpu_one_read_bytes"]
     assert isinstance(limit, int) and 0 <= limit <= (64 << 20)
-    last_level = _last_level_cache_bytes()
-    if last_level is not None and torch.__config__.parallel_info().find("OpenMP") >= 0:
+    caches = _cache_bytes()
+    if 2 in caches:
+        assert info["cpu_l2_bytes"] == caches[2]
+    if caches and "OpenMP" in torch.__config__.parallel_info():
         # The example and the sum must fit in the last-level cache together.
-        assert limit == min(last_level // 2, 64 << 20)
+        assert limit == min(caches[max(caches)] // 2, 64 << 20)
 
 
 def _run_with_threads(threads, fn):

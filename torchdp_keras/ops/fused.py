@@ -49,7 +49,14 @@ _STATE: dict = {}
 def _load() -> dict:
     if _STATE:
         return _STATE
-    state = {"loaded": False, "cpu": False, "cuda": False, "cpu_one_read_bytes": None, "reason": ""}
+    state = {
+        "loaded": False,
+        "cpu": False,
+        "cuda": False,
+        "cpu_one_read_bytes": None,
+        "cpu_l2_bytes": None,
+        "reason": "",
+    }
     if os.environ.get("TORCHDP_KERAS_DISABLE_EXT") == "1":
         state["reason"] = "disabled by TORCHDP_KERAS_DISABLE_EXT=1"
     else:
@@ -66,6 +73,7 @@ def _load() -> dict:
             state["cpu"] = has_kernel("torchdp_keras::clipped_sum", "CPU")
             state["cuda"] = has_kernel("torchdp_keras::clipped_sum", "CUDA")
             state["cpu_one_read_bytes"] = int(_C.cpu_one_read_bytes())
+            state["cpu_l2_bytes"] = int(_C.cpu_l2_bytes()) or None
             state["reason"] = "loaded" + (" with CUDA kernels" if state["cuda"] else " (CPU only)")
             _register_fakes()
     if state["loaded"]:
@@ -96,15 +104,16 @@ def _register_fakes() -> None:
 
 
 def extension_info() -> dict:
-    """What is loaded: `{"loaded", "cpu", "cuda", "cpu_one_read_bytes", "reason"}`.
+    """What is loaded: `{"loaded", "cpu", "cuda", "cpu_one_read_bytes", "cpu_l2_bytes", "reason"}`.
 
     `cpu_one_read_bytes` is the largest example (all its rows, in bytes) that
     the CPU clipped sum reads once from memory: half the last-level cache as
     Linux reports it (the example and the sum must fit in it together), at
     most 64 MiB; larger examples take two reads (norms, then one gemv). 0 when
     torch's CPU parallel backend is not OpenMP (the one-read kernel's barrier
-    needs all threads of a parallel region running at once); None without the
-    extension.
+    needs all threads of a parallel region running at once). `cpu_l2_bytes`
+    is one core's L2 cache as the kernel sees it (it sizes the groups of
+    examples per barrier), None if unknown. Both None without the extension.
 
     Example:
         >>> torchdp_keras.ops.extension_info()["reason"]  # doctest: +SKIP
