@@ -28,6 +28,9 @@
 #if __has_include(<unistd.h>)
 #include <unistd.h>
 #endif
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -216,6 +219,17 @@ struct Slice {
   int64_t begin, end;  // columns of that tensor's rows
 };
 
+// CPUs this process may run on: its affinity mask on Linux, else all.
+int64_t usable_cpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    return std::max(1, CPU_COUNT(&set));
+  }
+#endif
+  return std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+}
+
 inline void spin_pause() {
 #if defined(__x86_64__) || defined(_M_X64)
   _mm_pause();
@@ -236,11 +250,13 @@ void clipped_sum_one_read(const std::vector<at::Tensor>& rows, double l2_norm_cl
     widths.push_back(rows[k].size(1));
     columns += rows[k].size(1);
   }
-  // At least 2048 columns per worker; slice edges on 64-byte boundaries of
-  // the concatenated row.
+  // At most one worker per thread and per CPU the process may run on (more
+  // threads than CPUs would wait at every barrier for a descheduled one), at
+  // least 2048 columns per worker; slice edges on 64-byte boundaries of the
+  // concatenated row.
   constexpr int64_t kAlign = 64 / sizeof(scalar_t);
-  const int64_t workers =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), columns / 2048));
+  const int64_t workers = std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), usable_cpus(), columns / 2048}));
   std::vector<std::vector<Slice>> owned(workers);
   for (int64_t w = 0; w < workers; ++w) {
     const int64_t lo = w == 0 ? 0 : columns * w / workers / kAlign * kAlign;
@@ -273,11 +289,11 @@ void clipped_sum_one_read(const std::vector<at::Tensor>& rows, double l2_norm_cl
       }
       ++rounds;
       arrived.fetch_add(last - first, std::memory_order_acq_rel);
-      for (int spins = 0; arrived.load(std::memory_order_acquire) < workers * rounds;) {
-        spin_pause();
-        if (++spins == 4096) {  // oversubscribed cores: let the others run
+      for (int spins = 0; arrived.load(std::memory_order_acquire) < workers * rounds; ++spins) {
+        if (spins < 1024) {
+          spin_pause();
+        } else {  // a worker is late (busy cores): let it run
           std::this_thread::yield();
-          spins = 0;
         }
       }
       for (int64_t i = start; i < stop; ++i) {
