@@ -187,6 +187,12 @@ int64_t cache_bytes(int level, int64_t fallback) {
   return fallback;
 }
 
+// One core's L2 cache (0 if unknown), read once.
+int64_t l2_cache_bytes() {
+  static const int64_t size = cache_bytes(2, 0);
+  return size;
+}
+
 template <typename scalar_t>
 double row_squared_norm(const std::vector<at::Tensor>& rows, int64_t i) {
   double total = 0.0;
@@ -270,7 +276,7 @@ void clipped_sum_one_read(const std::vector<at::Tensor>& rows, double l2_norm_cl
   }
   const int64_t slice_bytes =
       std::max<int64_t>(1, columns * static_cast<int64_t>(sizeof(scalar_t)) / workers);
-  static const int64_t l2_bytes = cache_bytes(2, int64_t{1} << 20);
+  const int64_t l2_bytes = l2_cache_bytes() > 0 ? l2_cache_bytes() : int64_t{1} << 20;
   const int64_t group = std::max<int64_t>(1, std::min<int64_t>(batch, l2_bytes / 2 / slice_bytes));
   std::vector<double> parts(static_cast<size_t>(workers * batch));
   std::atomic<int64_t> arrived{0};
@@ -339,7 +345,7 @@ void clipped_sum_two_reads(const std::vector<at::Tensor>& rows, double l2_norm_c
 int64_t one_read_bytes() {
 #if AT_PARALLEL_OPENMP
   static const int64_t limit = [] {
-    const int64_t last_level = cache_bytes(3, cache_bytes(2, 0));
+    const int64_t last_level = cache_bytes(3, l2_cache_bytes());
     return last_level > 0 ? std::min<int64_t>(last_level / 2, int64_t{64} << 20)
                           : int64_t{512} << 10;
   }();
@@ -484,7 +490,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "torchdp_keras fused clip-and-noise ops (registered in torch.ops.torchdp_keras)";
   module.def("cpu_one_read_bytes", &torchdp_keras::one_read_bytes,
              "Largest example (bytes, all its rows) the CPU clipped sum reads once.");
-  module.def(
-      "cpu_l2_bytes", [] { return torchdp_keras::cache_bytes(2, 0); },
-      "One core's L2 cache in bytes as the CPU kernel sees it (0 if unknown).");
+  module.def("cpu_l2_bytes", &torchdp_keras::l2_cache_bytes,
+             "One core's L2 cache in bytes as the CPU kernel sees it (0 if unknown).");
 }
