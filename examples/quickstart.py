@@ -75,6 +75,12 @@ def main(argv=None) -> float:
     if args.smoke:
         args.epochs = 2
         x_train, y_train = x_train[:256], y_train[:256]
+    # About 1.5 s per epoch on a 2-core CPU (40 epochs: about a minute).
+    print(
+        f"quickstart: {args.epochs} epochs of DP-SGD on {len(x_train)} digits; expect about "
+        f"{max(5, round(1.5 * args.epochs * len(x_train) / 1437))} s on a 2-core CPU",
+        flush=True,
+    )
     model = build_model(args)
     model.compile(
         optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9),

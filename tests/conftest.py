@@ -31,3 +31,13 @@ def float64():
 
 def pytest_report_header(config):
     return f"torch {torch.__version__}, keras {keras.__version__}, numpy {np.__version__}"
+
+
+@pytest.fixture(scope="session")
+def mnist_path(tmp_path_factory):
+    """MNIST in keras layout: ../shared/data/mnist.npz, or a synthetic stand-in on a bare clone."""
+    from helpers import SHARED_MNIST, write_synthetic_mnist
+
+    if os.path.exists(SHARED_MNIST):
+        return os.path.abspath(SHARED_MNIST)
+    return write_synthetic_mnist(str(tmp_path_factory.mktemp("data") / "mnist.npz"))

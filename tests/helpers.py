@@ -6,6 +6,8 @@ Everything here works one example at a time with plain Keras calls and
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import torch
@@ -227,3 +229,33 @@ def zero_gradient_model(width: int = 100, **dp) -> keras.Model:
     )
     model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
     return model
+
+
+SHARED_MNIST = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.pardir,
+    "shared",
+    "data",
+    "mnist.npz",
+)
+
+
+def write_synthetic_mnist(path: str, seed: int = 0) -> str:
+    """Writes a learnable stand-in for MNIST in keras layout (uint8, 60000/10000 x 28 x 28).
+
+    Used when `../shared/data/mnist.npz` is absent (a bare clone): the
+    examples and benchmarks then run on data of MNIST's shapes and dtypes,
+    each class a fixed random template plus noise, without any download.
+    """
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, 2, size=(10, 28, 28), dtype=np.uint8) * np.uint8(160)
+
+    def split(n):
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        noise = rng.integers(0, 96, size=(n, 28, 28), dtype=np.uint8)
+        return templates[labels] + noise, labels
+
+    x_train, y_train = split(60000)
+    x_test, y_test = split(10000)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path

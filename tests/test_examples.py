@@ -25,18 +25,13 @@ def test_digits_main_job_smoke(capsys):
     assert 0.0 <= accuracy <= 1.0
 
 
-MNIST = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist.npz")
-needs_mnist = pytest.mark.skipif(not os.path.exists(MNIST), reason=f"MNIST not at {MNIST}")
-
-
 def _last_line(capsys):
     return capsys.readouterr().out.strip().splitlines()[-1]
 
 
-@needs_mnist
-def test_tf_privacy_tutorial_smoke(capsys):
+def test_tf_privacy_tutorial_smoke(capsys, mnist_path):
     result = _load("examples/tf_privacy_mnist_tutorial.py").main(
-        ["--smoke", "--seed", "0", "--data", MNIST]
+        ["--smoke", "--seed", "0", "--data", mnist_path]
     )
     out = capsys.readouterr().out
     assert "satisfies differential privacy with eps" in out
@@ -45,20 +40,20 @@ def test_tf_privacy_tutorial_smoke(capsys):
     assert result["epsilon_prv"] < result["epsilon_rdp"]
 
 
-@needs_mnist
 @pytest.mark.parametrize("model", ["scatternet", "cnn"])
-def test_mnist_best_smoke(capsys, model):
+def test_mnist_best_smoke(capsys, model, mnist_path):
     result = _load("examples/mnist_best.py").main(
-        ["--smoke", "--seed", "0", "--data", MNIST, "--epsilon", "3", "--model", model]
+        ["--smoke", "--seed", "0", "--data", mnist_path, "--epsilon", "3", "--model", model]
     )
     line = _last_line(capsys)
     assert line.startswith("mnist_best: test accuracy") and f"model={model}" in line
     assert result["epsilon"] <= 3.0 + 1e-9  # the calibrated run never overspends
 
 
-@needs_mnist
-def test_dp_keras_config_smoke(capsys):
-    result = _load("examples/dp_keras_config.py").main(["--smoke", "--seed", "0", "--data", MNIST])
+def test_dp_keras_config_smoke(capsys, mnist_path):
+    result = _load("examples/dp_keras_config.py").main(
+        ["--smoke", "--seed", "0", "--data", mnist_path]
+    )
     assert _last_line(capsys).startswith("dp_keras_config: test accuracy")
     assert result["epsilon"] <= result["budget"] + 1e-9
     assert result["refused_past_budget"]
@@ -73,10 +68,9 @@ def test_private_dataframe_smoke(capsys):
     assert 0 < result["epsilon"] < float("inf")
 
 
-@needs_mnist
-def test_lipschitz_mnist_smoke(capsys):
+def test_lipschitz_mnist_smoke(capsys, mnist_path):
     result = _load("examples/lipschitz_mnist.py").main(
-        ["--smoke", "--seed", "0", "--data", MNIST, "--epsilon", "8"]
+        ["--smoke", "--seed", "0", "--data", mnist_path, "--epsilon", "8"]
     )
     assert _last_line(capsys).startswith("lipschitz_mnist: test accuracy")
     assert result["epsilon"] <= 8.0 + 1e-9 and result["ratio"] > 0
@@ -104,11 +98,11 @@ def test_examples_have_help(script):
     assert "--smoke" in out
 
 
-def test_step_time_benchmark_runs(capsys):
+def test_step_time_benchmark_runs(capsys, mnist_path):
     bench = _load("benches/bench_step_time.py")
-    if not os.path.exists(bench.DEFAULT_DATA):
-        pytest.skip(f"MNIST not found at {bench.DEFAULT_DATA} (../shared/data)")
-    summary = bench.main(["--steps", "2", "--warmup", "1", "--batch-size", "8"])
+    summary = bench.main(
+        ["--steps", "2", "--warmup", "1", "--batch-size", "8", "--data", mnist_path]
+    )
     assert summary["DPSequential (auto)"][0] > 0 and summary["DPSequential (auto)"][1] > 0
     assert "DPSequential (vmap)" in capsys.readouterr().out
 
@@ -131,12 +125,12 @@ def test_memory_benchmark_runs(capsys):
     assert "peak memory" in capsys.readouterr().out
 
 
-def test_opacus_benchmark_runs(capsys):
+def test_opacus_benchmark_runs(capsys, mnist_path):
     pytest.importorskip("opacus")
     bench = _load("benches/bench_opacus.py")
-    if not os.path.exists(bench.DEFAULT_DATA):
-        pytest.skip(f"MNIST not found at {bench.DEFAULT_DATA}")
-    summary = bench.main(["--steps", "2", "--warmup", "1", "--batch-size", "8"])
+    summary = bench.main(
+        ["--steps", "2", "--warmup", "1", "--batch-size", "8", "--data", mnist_path]
+    )
     assert summary["ours / fastest Opacus"][1] > 0
 
 
@@ -150,7 +144,7 @@ def test_fused_ops_benchmark_runs(capsys):
     assert "noise of 2^9 values" in capsys.readouterr().out
 
 
-def test_distributed_mnist_smoke_under_torchrun():
+def test_distributed_mnist_smoke_under_torchrun(mnist_path):
     import socket
     import subprocess
     import sys
@@ -162,7 +156,7 @@ def test_distributed_mnist_smoke_under_torchrun():
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         "--master_addr=127.0.0.1", f"--master_port={port}",
         os.path.join(ROOT, "examples", "distributed_mnist.py"),
-        "--smoke", "--seed", "0", "--data", MNIST,
+        "--smoke", "--seed", "0", "--data", mnist_path,
     ]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=300,
@@ -173,9 +167,9 @@ def test_distributed_mnist_smoke_under_torchrun():
     assert "2 process(es)" in line and "epsilon" in line
 
 
-def test_secure_mode_benchmark_runs(capsys):
+def test_secure_mode_benchmark_runs(capsys, mnist_path):
     bench = _load("benches/bench_secure_mode.py")
-    summary = bench.main(["--steps", "2", "--warmup", "1", "--params", "4096", "--data", MNIST,
+    summary = bench.main(["--steps", "2", "--warmup", "1", "--params", "4096", "--data", mnist_path,
                           "--max-ratio", "1000"])
     assert summary["tutorial_cnn"]["secure_mode=True"][0] > 0
     assert "ns per value" in capsys.readouterr().out
