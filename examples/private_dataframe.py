@@ -73,12 +73,11 @@ def main(argv=None) -> dict:
 
     x_train, y_train, x_test, y_test = load_frames()
     n = len(x_train)
-    # Before training: what would this plan spend?
+    # Before training: what would this plan spend? (prints it, as op_tensorflow does)
     planned = get_privacy_budget(
         sample_size=n, batch_size=args.batch_size, num_epochs=args.epochs,
         noise_multiplier=args.noise_multiplier, target_delta=1e-5,
     )
-    print(f"planned: epsilon={planned:.3f} at delta=1e-05 for {args.epochs} epochs")
 
     # "Importing locally trained models": JSON + weights, rebuilt here.
     local = local_model(x_train.shape[1])

@@ -3,8 +3,9 @@
 The notebook (../shared/reference/tf_privacy_mnist_notebook.txt) subclasses
 `tf.keras.Model`, compiles it with `DPGradientDescentGaussianOptimizer` and an
 unreduced loss, fits 15 epochs and reports epsilon with
-`compute_dp_sgd_privacy`. The port changes the imports and
-`Model` -> `torchdp_keras.Model`, and nothing else of substance:
+`compute_dp_sgd_privacy`. The port replaces the `tensorflow_privacy` package
+prefix by `torchdp_keras` in the imports, `tf.keras.Model` by
+`torchdp_keras.Model`, and nothing else of substance:
 
 - `call(self, x, is_training=False)` becomes `call(self, x, training=False)`:
   Keras passes `training`, so with the notebook's name dropout never ran and
@@ -38,9 +39,12 @@ import numpy as np  # noqa: E402
 from _common import EpsilonPlot, add_data_argument, load_mnist  # noqa: E402
 from keras import layers, ops  # noqa: E402
 
-from torchdp_keras import Model, compute_dp_sgd_privacy  # noqa: E402
-from torchdp_keras.accounting import RDPAccountant, get_privacy_budget  # noqa: E402
-from torchdp_keras.optimizers import DPGradientDescentGaussianOptimizer  # noqa: E402
+from torchdp_keras import Model  # noqa: E402  (was: from tensorflow.keras import Model)
+from torchdp_keras.accounting import get_privacy_budget  # noqa: E402
+from torchdp_keras.privacy.analysis import compute_dp_sgd_privacy  # noqa: E402
+from torchdp_keras.privacy.optimizers.dp_optimizer import (  # noqa: E402
+    DPGradientDescentGaussianOptimizer,
+)
 
 # In [18]
 epochs = 15
@@ -153,22 +157,22 @@ def main(argv=None) -> dict:
 
     # In [24]
     n = len(train_data)
-    rdp_epsilon, order = compute_dp_sgd_privacy(
+    rdp_epsilon, order = compute_dp_sgd_privacy.compute_dp_sgd_privacy(
         n=n, batch_size=batch_size, noise_multiplier=noise_multiplier, epochs=args.epochs,
         delta=1e-5,
     )
-    steps = args.epochs * (n // batch_size)
-    classic = RDPAccountant(conversion="classic")
-    classic.compose(noise_multiplier, batch_size / n, steps)
+    classic, _ = compute_dp_sgd_privacy.compute_dp_sgd_privacy(
+        n=n, batch_size=batch_size, noise_multiplier=noise_multiplier, epochs=args.epochs,
+        delta=1e-5, conversion="classic", verbose=False,
+    )
     prv_epsilon = get_privacy_budget(
         sample_size=n, batch_size=batch_size, num_epochs=args.epochs,
-        noise_multiplier=noise_multiplier, target_delta=1e-5,
+        noise_multiplier=noise_multiplier, target_delta=1e-5, verbose=False,
     )
     print(
-        f"DP-SGD with sampling rate = {100 * batch_size / n:.3g}% and noise_multiplier = "
-        f"{noise_multiplier} iterated over {steps} steps satisfies differential privacy "
-        f"with eps = {rdp_epsilon:.2f} (RDP, optimal order {order:g}; classic conversion: "
-        f"{classic.get_epsilon(1e-5):.2f}; PRV: {prv_epsilon:.2f}) and delta = 1e-05."
+        f"epsilon at delta=1e-05: {rdp_epsilon:.2f} (RDP, improved conversion, order "
+        f"{order:g}), {classic:.2f} (RDP, classic conversion: the notebook's number), "
+        f"{prv_epsilon:.2f} (PRV, tightest)"
     )
     print(
         f"tf_privacy_mnist_tutorial: test accuracy {accuracy:.4f} | epsilon={rdp_epsilon:.2f} "

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the argument and its value."""
 
+import json
 import os
 import subprocess
 import sys
@@ -196,18 +197,25 @@ def test_other_backend_is_refused_before_keras_import(backend):
     assert "KERAS_BACKEND=torch" in result.stderr
 
 
-def test_unset_backend_gets_the_same_advice(tmp_path):
+@pytest.mark.parametrize("keras_json", [None, "jax", "tensorflow"])
+def test_an_unset_backend_is_set_to_torch_before_keras_starts(tmp_path, keras_json):
+    """`import torchdp_keras` first, then `import keras`: Keras starts on torch, and says so."""
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
-    env["KERAS_HOME"] = str(tmp_path)  # no keras.json naming a backend
-    result = subprocess.run(
-        [sys.executable, "-c", "import torchdp_keras; torchdp_keras.DPSequential"],
-        env=env,
-        capture_output=True,
-        text=True,
+    env["KERAS_HOME"] = str(tmp_path)
+    if keras_json is not None:
+        (tmp_path / "keras.json").write_text(json.dumps({"backend": keras_json}))
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO); "
+        "import torchdp_keras, keras; print(keras.backend.backend()); "
+        "torchdp_keras.DPSequential"
     )
-    assert result.returncode != 0
-    assert "BackendError" in result.stderr
-    assert "KERAS_BACKEND=torch" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch"
+    assert "set KERAS_BACKEND=torch for this process" in result.stderr
+    assert f"keras.json's backend {keras_json!r} is not used" in result.stderr
 
 
 def test_accounting_needs_neither_torch_nor_keras():

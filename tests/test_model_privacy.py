@@ -1,5 +1,6 @@
 """Live epsilon, the privacy budget and DPKerasConfig on real DP models."""
 
+import math
 import warnings
 
 import keras
@@ -216,3 +217,21 @@ def test_private_model_with_config_round_trips(tmp_path):
             warnings.simplefilter("ignore")
             loaded.fit(*_data(), epochs=1, verbose=0)
     assert loaded.dp_steps == 15
+
+
+@pytest.mark.parametrize("loader", [False, True])
+def test_a_one_example_dataset_trains_and_reports_epsilon(loader):
+    model = tdk.DPSequential(
+        [keras.Input((3,)), keras.layers.Dense(2)], l2_norm_clip=1.0, noise_multiplier=0.3, seed=0
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((1, 3), "float32"), np.zeros((1, 2), "float32")
+    with pytest.warns(UserWarning, match=r"only 1 training example\(s\): no delta is meaningful"):
+        if loader:
+            history = model.fit(tdk.PrivateDataLoader(x, y, batch_size=1, seed=0), verbose=0)
+        else:
+            history = model.fit(x, y, batch_size=1, epochs=2, verbose=0)
+    assert 0 < model.privacy_delta < 1
+    # sigma = 0.3: delta(eps=0) of one full-batch step is 2 Phi(1 / 0.6) - 1 = 0.90 > delta.
+    epsilon = history.history["epsilon"][-1]
+    assert 0 < epsilon < math.inf and epsilon == model.get_epsilon()

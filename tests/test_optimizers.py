@@ -289,3 +289,61 @@ def test_accumulation_must_match_the_dp_keras_config():
             ),
             loss=VECTOR_LOSS,
         )
+
+
+def _config_model(config_steps, optimizer_steps, batch_size=2, train_size=400):
+    config = tdk.DPKerasConfig(
+        epsilon=float("inf"), delta=1e-5, clipping_norm=0.3, batch_size=batch_size,
+        gradient_accumulation_steps=config_steps, train_steps=10**6, train_size=train_size,
+        noise_multiplier=0.0, rescale_to_unit_norm=False, seed=0,
+    )
+    keras.utils.set_random_seed(0)
+    model = tdk.make_private(keras.Sequential(_stack()), config)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.5, gradient_accumulation_steps=optimizer_steps),
+        loss=VECTOR_LOSS,
+    )
+    return model
+
+
+@pytest.mark.parametrize("config_steps,optimizer_steps", [(1, 10), (10, 4), (3, 2)])
+def test_optimizer_accumulation_that_disagrees_with_the_config_is_refused(
+    config_steps, optimizer_steps
+):
+    with pytest.raises(
+        tdk.DPConfigError,
+        match=rf"gradient_accumulation_steps={optimizer_steps} \(SGD\), "
+        rf"gradient_accumulation_steps={config_steps} \(DPKerasConfig\)",
+    ):
+        _config_model(config_steps, optimizer_steps)
+
+
+@pytest.mark.filterwarnings("ignore:torchdp_keras")
+def test_optimizer_accumulation_equal_to_the_config_accumulates_once():
+    """Both at 4 (JAX Privacy's way): an update every 4 batches, not every 16."""
+    x = np.tile(X, (5, 1))[:40]
+    y = np.tile(Y, (5, 1))[:40]
+    keras_and_dp = _config_model(4, 4)
+    dp_only = _config_model(4, None)
+    initial = keras_and_dp.get_weights()
+    keras_and_dp.fit(x[:8], y[:8], batch_size=2, epochs=1, shuffle=False, verbose=0)
+    changed = [not np.allclose(a, b) for a, b in zip(initial, keras_and_dp.get_weights())]
+    assert keras_and_dp.dp_steps == 1 and all(changed)  # applied after 4 batches, once
+    keras_and_dp.fit(x[8:], y[8:], batch_size=2, epochs=1, shuffle=False, verbose=0)
+    dp_only.fit(x[:8], y[:8], batch_size=2, epochs=1, shuffle=False, verbose=0)
+    dp_only.fit(x[8:], y[8:], batch_size=2, epochs=1, shuffle=False, verbose=0)
+    assert keras_and_dp.dp_steps == dp_only.dp_steps == 5
+    assert int(keras_and_dp.optimizer.iterations) == 5
+    for a, b in zip(keras_and_dp.get_weights(), dp_only.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:torchdp_keras")
+def test_a_keras_optimizers_accumulation_becomes_the_dp_accumulation():
+    """A DPSequential with SGD(gradient_accumulation_steps=4): one noised update per 4 batches."""
+    model = tdk.DPSequential(_stack(), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=4), loss="mse")
+    model.fit(np.tile(X, (2, 1)), np.tile(Y, (2, 1)), batch_size=2, epochs=1, verbose=0)
+    assert model.dp_steps == 2
+    (sigma, q, steps), = model.accountant.history
+    assert (sigma, q, steps) == (1.0, 0.5, 2)  # q = 4 * 2 / 16

@@ -10,6 +10,7 @@ from torchdp_keras.accounting import (
     RDPAccountant,
     calibrate_noise_multiplier,
     compute_dp_sgd_privacy_statement,
+    default_delta,
     get_privacy_budget,
 )
 from torchdp_keras.config import DPKerasConfig
@@ -133,6 +134,7 @@ def test_config_rejects_a_sigma_that_overspends():
         (dict(noise_multiplier=-0.1), "noise_multiplier=-0.1"),
         (dict(rescale_to_unit_norm=1), "rescale_to_unit_norm=1"),
         (dict(microbatch_size=0), "microbatch_size=0"),
+        (dict(microbatch_size=11, batch_size=10), "microbatch_size=11, batch_size=10"),
         (dict(seed=-1), "seed=-1"),
         (dict(seed=2**64), "seed="),
     ],
@@ -140,3 +142,37 @@ def test_config_rejects_a_sigma_that_overspends():
 def test_config_validation(change, message):
     with pytest.raises(DPConfigError, match=message):
         DPKerasConfig(**{**CONFIG, **change})
+
+
+def test_get_privacy_budget_prints_as_op_tensorflow_and_gives_its_rdp_number(capsys):
+    """op_tensorflow's example: RDP 0.2778802396005823; PRV, the default, is lower."""
+    rdp = get_privacy_budget(
+        sample_size=100000, batch_size=4, num_epochs=20, noise_multiplier=1.2,
+        target_delta=1e-5, accountant="rdp",
+    )
+    assert rdp == pytest.approx(0.2778802396005823, abs=1e-9)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:6] == [
+        f"=> EPSILON_REQUIRED = {rdp} using TARGET_DELTA = 1e-05",
+        "Training parameters used :-",
+        "SAMPLE_SIZE = 100000",
+        "BATCH_SIZE = 4",
+        "NUM_EPOCHS = 20",
+        "NOISE_MULTIPLIER = 1.2",
+    ]
+    assert lines[6] == "ACCOUNTANT = RDP"
+    prv = get_privacy_budget(100000, 4, 20, 1.2, 1e-5)
+    assert prv < rdp
+    assert capsys.readouterr().out.splitlines()[6].startswith("ACCOUNTANT = PRV (upper bound")
+    assert get_privacy_budget(100000, 4, 20, 1.2, 1e-5, verbose=False) == prv
+    assert capsys.readouterr().out == ""
+    doc = " ".join(get_privacy_budget.__doc__.split())
+    assert "upper bound" in doc and 'accountant="rdp"' in doc
+
+
+@pytest.mark.parametrize("n", [1, 2, 99, 100, 60000])
+def test_default_delta_is_valid_for_every_n(n):
+    delta = default_delta(n)
+    assert 0 < delta < 1 and delta <= 1.0 / max(n, 2) ** 1.1 * (1 + 1e-12)
+    if n >= 2:
+        assert delta < 1.0 / n

@@ -330,7 +330,7 @@ def _config_fields(noise_multiplier):
             "poisson_sampling_in_fit": st.booleans(),
             "noise_multiplier": noise_multiplier,
             "rescale_to_unit_norm": st.booleans(),
-            "microbatch_size": st.none() | st.integers(1, 2**40),
+            "microbatch_size": st.none() | st.integers(1, 64) | st.integers(1, 2**40),
             "seed": st.none() | st.integers(0, INT64_MAX) | st.integers(0, INT64_MAX).map(np.int64),
             "secure_mode": st.booleans(),
         }
@@ -360,6 +360,8 @@ def _config_errors(f) -> set[str]:
     mb = f["microbatch_size"]
     if mb is not None and not _int_at_least(mb, 1):
         bad.add("microbatch_size")
+    elif mb is not None and _int_at_least(f["batch_size"], 1) and mb > f["batch_size"]:
+        bad.add("microbatch_size")  # JAX Privacy: a microbatch is a slice of one batch
     seed = f["seed"]
     if seed is not None and not _int_at_least(seed, 0, INT64_MAX):
         bad.add("seed")

@@ -37,6 +37,7 @@ _LAZY = {
     "Model": "torchdp_keras.models",
     "PrivateKerasModel": "torchdp_keras.models",
     "make_private": "torchdp_keras.models",
+    "make_dp_model_class": "torchdp_keras.models",
     "DPKerasConfig": "torchdp_keras.config",
     "LayerRegistry": "torchdp_keras.per_example",
     "LayerRule": "torchdp_keras.per_example",
@@ -52,6 +53,8 @@ _LAZY = {
     "compute_dp_sgd_privacy": "torchdp_keras.accounting",
     "compute_dp_sgd_privacy_statement": "torchdp_keras.accounting",
     "get_privacy_budget": "torchdp_keras.accounting",
+    "compute_rdp": "torchdp_keras.privacy.analysis.rdp_accountant",
+    "get_privacy_spent": "torchdp_keras.privacy.analysis.rdp_accountant",
 }
 _SUBMODULES = (
     "accounting",
@@ -65,6 +68,7 @@ _SUBMODULES = (
     "ops",
     "optimizers",
     "per_example",
+    "privacy",
 )
 
 __all__ = [
@@ -110,6 +114,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         DPSequential,
         Model,
         PrivateKerasModel,
+        make_dp_model_class,
         make_private,
     )
     from torchdp_keras.per_example import (  # noqa: F401
@@ -117,4 +122,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         LayerRule,
         SublayerRule,
         make_default_layer_registry,
+    )
+    from torchdp_keras.privacy.analysis.rdp_accountant import (  # noqa: F401
+        compute_rdp,
+        get_privacy_spent,
     )

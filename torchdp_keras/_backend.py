@@ -5,17 +5,22 @@ torch nor keras. The check runs twice:
 
 * `check_backend_before_import()` when `torchdp_keras` is imported: it fails
   at once if Keras already runs on another backend, or if `KERAS_BACKEND`
-  names another one; it never imports keras itself;
+  names another one, and sets `KERAS_BACKEND=torch` when keras is not
+  imported yet and the variable is unset; it never imports keras itself;
 * `check_torch_backend()` before any module that needs keras is imported
   (the model classes, the per-example engine).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 
 from torchdp_keras.errors import BackendError
+
+logger = logging.getLogger("torchdp_keras")
 
 _HOW_TO_FIX = (
     "torchdp_keras trains Keras 3 models on the PyTorch backend. Set the "
@@ -26,10 +31,24 @@ _HOW_TO_FIX = (
 )
 
 
+def _keras_config_backend() -> str | None:
+    """The backend named in Keras's config file (`$KERAS_HOME/keras.json`), if any."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json"), encoding="utf-8") as file:
+            backend = json.load(file).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return backend if isinstance(backend, str) else None
+
+
 def check_backend_before_import() -> None:
     """Raises `BackendError` if Keras runs, or is set to run, on another backend.
 
-    Does not import keras.
+    When keras has not been imported yet and `KERAS_BACKEND` is unset, sets
+    `KERAS_BACKEND=torch` for this process (and logs it), so that
+    `import torchdp_keras` followed by `import keras` starts Keras on torch
+    whatever its default or its `keras.json` says. Does not import keras.
     """
     keras = sys.modules.get("keras")
     if keras is not None and hasattr(keras, "backend"):
@@ -43,6 +62,15 @@ def check_backend_before_import() -> None:
     if requested is not None and requested != "torch":
         raise BackendError(
             f"Expected KERAS_BACKEND='torch'. Received: KERAS_BACKEND={requested!r}. {_HOW_TO_FIX}"
+        )
+    if requested is None:
+        os.environ["KERAS_BACKEND"] = "torch"
+        # Info, not a warning: Keras writes backend "tensorflow" into a new
+        # keras.json by itself, so that file rarely says what the user chose.
+        logger.info(
+            "torchdp_keras: set KERAS_BACKEND=torch for this process (keras was not imported "
+            "yet and KERAS_BACKEND was unset; keras.json's backend %r is not used).",
+            _keras_config_backend(),
         )
 
 

@@ -112,6 +112,12 @@ class DPKerasConfig:
                 "Expected microbatch_size to be None or an integer >= 1. "
                 f"Received: microbatch_size={self.microbatch_size!r}"
             )
+        if self.microbatch_size is not None and self.microbatch_size > self.batch_size:
+            raise DPConfigError(
+                "Expected microbatch_size <= batch_size (a microbatch is a slice of one "
+                f"batch). Received: microbatch_size={self.microbatch_size}, "
+                f"batch_size={self.batch_size}"
+            )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= _INT64_MAX):
             raise DPConfigError(
                 f"Expected seed to be None or an int64 >= 0. Received: seed={self.seed!r}"

@@ -21,8 +21,11 @@ Differences from TF Privacy, both deliberate:
 - `gradient_accumulation_steps=k`: the clipped sums of `k` consecutive batches
   are added, noise is drawn once and the optimizer steps once (JAX Privacy's
   semantics); the accountant composes one event per update with sampling
-  probability `k * batch_size / n`. Keras's own gradient accumulation (which
-  would average `k` already noised gradients) is not used.
+  probability `k * batch_size / n`. A plain Keras optimizer given its own
+  `gradient_accumulation_steps=k` (JAX Privacy's way of asking for
+  accumulation) gets the same semantics: the DP model accumulates, noises
+  once, and the optimizer applies the update once; a Keras `k` that
+  disagrees with the DP one is refused.
 - The loss may be reduced or unreduced (`reduction=None`); a unit's loss is
   the mean over its examples either way, as in TF Privacy.
 """
@@ -39,12 +42,21 @@ from torchdp_keras import _validation
 from torchdp_keras.errors import DPConfigError
 
 __all__ = [
+    "DPAdagradGaussianOptimizer",
+    "DPAdamGaussianOptimizer",
     "DPGradientDescentGaussianOptimizer",
     "DPKerasAdagradOptimizer",
     "DPKerasAdamOptimizer",
     "DPKerasSGDOptimizer",
     "DPOptimizerMixin",
+    "VectorizedDPKerasAdagradOptimizer",
+    "VectorizedDPKerasAdamOptimizer",
+    "VectorizedDPKerasSGDOptimizer",
+    "VectorizedDPAdagrad",
+    "VectorizedDPAdam",
+    "VectorizedDPSGD",
     "find_dp_optimizer",
+    "keras_gradient_accumulation_steps",
     "make_keras_optimizer_class",
 ]
 
@@ -222,6 +234,20 @@ def make_keras_optimizer_class(cls: type) -> type:
     return keras.saving.register_keras_serializable(package="torchdp_keras", name=name)(dp_cls)
 
 
+def keras_gradient_accumulation_steps(optimizer) -> int | None:
+    """Keras's own `gradient_accumulation_steps` of `optimizer` (inside a LossScaleOptimizer).
+
+    None when the optimizer does not accumulate. A DP model then accumulates
+    the clipped sums itself (one noise draw per update) and hands the
+    optimizer each update scaled so that Keras's average over its window
+    applies it exactly once (see `DPTrainerMixin.train_step`).
+    """
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    steps = getattr(optimizer, "gradient_accumulation_steps", None)
+    return int(steps) if steps else None
+
+
 def find_dp_optimizer(optimizer) -> DPOptimizerMixin | None:
     """The DP optimizer inside `optimizer` (unwrapping LossScaleOptimizer), or None."""
     while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -229,8 +255,55 @@ def find_dp_optimizer(optimizer) -> DPOptimizerMixin | None:
     return optimizer if isinstance(optimizer, DPOptimizerMixin) else None
 
 
+def tf_privacy_named_class(base: type, name: str, tf_privacy_module: str) -> type:
+    """`base` under another of TF Privacy's names, so that errors and saved files say it.
+
+    TF Privacy has several names for one optimizer (its Keras, vectorized and
+    TF1 classes: `DPKerasSGDOptimizer`, `VectorizedDPKerasSGDOptimizer`,
+    `DPGradientDescentGaussianOptimizer`). They are one algorithm here; each
+    name is a subclass with nothing of its own, so that a message about the
+    optimizer names the class the user wrote.
+    """
+    doc = (
+        f"TF Privacy's `{tf_privacy_module}.{name}`: `{base.__name__}` under the name "
+        f"TF Privacy users write.\n\n{base.__doc__ or ''}"
+    )
+    named = type(name, (base,), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+    return keras.saving.register_keras_serializable(package="torchdp_keras", name=name)(named)
+
+
 DPKerasSGDOptimizer = make_keras_optimizer_class(keras.optimizers.SGD)
 DPKerasAdamOptimizer = make_keras_optimizer_class(keras.optimizers.Adam)
 DPKerasAdagradOptimizer = make_keras_optimizer_class(keras.optimizers.Adagrad)
-# The tutorial's name (TF Privacy's DPGradientDescentGaussianOptimizer): DP SGD.
-DPGradientDescentGaussianOptimizer = DPKerasSGDOptimizer
+# The tutorial's name (TF Privacy's dp_optimizer module, TF1 optimizers): DP SGD.
+_TF1 = "privacy.optimizers.dp_optimizer"
+DPGradientDescentGaussianOptimizer = tf_privacy_named_class(
+    DPKerasSGDOptimizer, "DPGradientDescentGaussianOptimizer", _TF1
+)
+DPAdamGaussianOptimizer = tf_privacy_named_class(
+    DPKerasAdamOptimizer, "DPAdamGaussianOptimizer", _TF1
+)
+DPAdagradGaussianOptimizer = tf_privacy_named_class(
+    DPKerasAdagradOptimizer, "DPAdagradGaussianOptimizer", _TF1
+)
+# TF Privacy's vectorized Keras optimizers: the same algorithm (every engine
+# here is vectorised).
+_VECTORIZED = "privacy.optimizers.dp_optimizer_keras_vectorized"
+VectorizedDPKerasSGDOptimizer = tf_privacy_named_class(
+    DPKerasSGDOptimizer, "VectorizedDPKerasSGDOptimizer", _VECTORIZED
+)
+VectorizedDPKerasAdamOptimizer = tf_privacy_named_class(
+    DPKerasAdamOptimizer, "VectorizedDPKerasAdamOptimizer", _VECTORIZED
+)
+VectorizedDPKerasAdagradOptimizer = tf_privacy_named_class(
+    DPKerasAdagradOptimizer, "VectorizedDPKerasAdagradOptimizer", _VECTORIZED
+)
+# TF Privacy's vectorized TF1 optimizers.
+_VECTORIZED_TF1 = "privacy.optimizers.dp_optimizer_vectorized"
+VectorizedDPSGD = tf_privacy_named_class(DPKerasSGDOptimizer, "VectorizedDPSGD", _VECTORIZED_TF1)
+VectorizedDPAdam = tf_privacy_named_class(
+    DPKerasAdamOptimizer, "VectorizedDPAdam", _VECTORIZED_TF1
+)
+VectorizedDPAdagrad = tf_privacy_named_class(
+    DPKerasAdagradOptimizer, "VectorizedDPAdagrad", _VECTORIZED_TF1
+)

@@ -188,6 +188,45 @@ def rdp_to_epsilon(
     return max(0.0, float(eps[best])), float(orders[best])
 
 
+def rdp_to_delta(
+    rdp: np.ndarray, orders: Sequence[float], epsilon: float, conversion: str = "improved"
+) -> tuple[float, float]:
+    """Converts an RDP curve to (delta, optimal order) at `epsilon`: the inverse of
+    `rdp_to_epsilon`, per order, minimised over the orders.
+
+    * improved: `log(delta) = (alpha-1) (rdp + log((alpha-1)/alpha) - eps) - log(alpha)`;
+    * classic: `log(delta) = (alpha-1) (rdp - eps)`.
+
+    Args:
+        rdp: Total RDP per order.
+        orders: The orders of `rdp`.
+        epsilon: Target epsilon >= 0.
+        conversion: "improved" (Balle et al. 2020) or "classic" (Mironov 2017).
+
+    Returns:
+        `(delta, order)`; delta is at most 1.
+    """
+    if conversion not in CONVERSIONS:
+        raise DPConfigError(
+            f"Expected conversion in {CONVERSIONS}. Received: conversion={conversion!r}"
+        )
+    eps = to_float(epsilon)
+    if not eps >= 0:
+        raise DPConfigError(f"Expected epsilon >= 0. Received: epsilon={epsilon!r}")
+    orders = np.asarray(orders, dtype=np.float64)
+    rdp = np.asarray(rdp, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if conversion == "classic":
+            log_delta = (orders - 1.0) * (rdp - eps)
+        else:
+            log_delta = (orders - 1.0) * (rdp + np.log((orders - 1.0) / orders) - eps) - np.log(
+                orders
+            )
+    log_delta = np.where(np.isnan(log_delta), np.inf, log_delta)
+    best = int(np.argmin(log_delta))
+    return min(1.0, math.exp(min(0.0, float(log_delta[best])))), float(orders[best])
+
+
 def _check_orders(orders) -> tuple[float, ...]:
     try:
         values = tuple(to_float(a) for a in orders)

@@ -19,6 +19,7 @@ privacy accounting of the whole run composes these steps.
 from __future__ import annotations
 
 import logging
+import numbers
 import random
 import secrets
 import warnings
@@ -34,7 +35,11 @@ from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_noise_and_scale_, add_secure_noise_and_scale_
-from torchdp_keras.optimizers import find_dp_optimizer, private_apply
+from torchdp_keras.optimizers import (
+    find_dp_optimizer,
+    keras_gradient_accumulation_steps,
+    private_apply,
+)
 from torchdp_keras.per_example import (
     FastEngine,
     FastPathUnsupported,
@@ -84,6 +89,19 @@ def validate_dp_arguments(
     `noise_multiplier` may both be None: a DP optimizer supplies them at
     `compile` time.
     """
+    missing = [
+        name
+        for name, value in (("l2_norm_clip", l2_norm_clip), ("noise_multiplier", noise_multiplier))
+        if value is NOT_GIVEN
+    ]
+    if missing and required:
+        # Python's own kind of error for a missing required argument.
+        raise TypeError(
+            f"Missing required argument(s) {', '.join(missing)}: give l2_norm_clip and "
+            "noise_multiplier as keywords, or first and by position in TF Privacy's order."
+        )
+    l2_norm_clip = None if l2_norm_clip is NOT_GIVEN else l2_norm_clip
+    noise_multiplier = None if noise_multiplier is NOT_GIVEN else noise_multiplier
     if not required and l2_norm_clip is None and noise_multiplier is None:
         if num_microbatches is not None:
             raise DPConfigError(
@@ -135,6 +153,78 @@ def validate_dp_arguments(
     }
 
 
+class _NotGiven:
+    """Default of the required DP arguments: tells "not given" from an explicit None."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+NOT_GIVEN = _NotGiven()
+
+# TF Privacy's constructors take the DP arguments first and positionally:
+# DPSequential(l2_norm_clip, noise_multiplier, num_microbatches=None,
+# use_xla=True, layer_registry=None, *args, **kwargs).
+TF_PRIVACY_POSITIONAL = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "num_microbatches",
+    "use_xla",
+    "layer_registry",
+)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def keras_positional_arguments(args: tuple) -> tuple:
+    """The positional arguments meant for the Keras class (after TF Privacy's DP ones)."""
+    return args[len(TF_PRIVACY_POSITIONAL) :] if args and _is_number(args[0]) else args
+
+
+def split_positional_dp_arguments(owner: str, args: tuple, given: dict) -> tuple[tuple, dict]:
+    """Reads TF Privacy's positional order (numbers first) as well as Keras's (layers first).
+
+    A first positional argument that is a number is `l2_norm_clip` (a Keras
+    model's first positional argument, layers or inputs, never is); then come
+    `noise_multiplier`, `num_microbatches`, `use_xla`, `layer_registry`, and
+    the rest is the Keras class's own. In Keras's order, a number right
+    after the layers is refused rather than taken as Keras's `trainable`.
+
+    Args:
+        owner: The class name, for the error messages.
+        args: The positional arguments of the constructor.
+        given: The DP keyword arguments as received (name to value), where
+            None means not given.
+
+    Returns:
+        `(keras_args, dp_arguments)`: the positional arguments left for the
+        Keras class, and `given` updated with the DP arguments taken from the
+        positions.
+    """
+    if not args or not _is_number(args[0]):
+        if len(args) > 1 and _is_number(args[1]):
+            raise DPConfigError(
+                f"{owner} takes the DP arguments either first, in TF Privacy's order "
+                f"({owner}(l2_norm_clip, noise_multiplier, ...)), or as keywords after "
+                f"the Keras arguments ({owner}(layers, l2_norm_clip=..., "
+                "noise_multiplier=...)). Received: a number in second position, "
+                f"{args[1]!r}, after {type(args[0]).__name__}"
+            )
+        return args, dict(given)
+    positional = dict(zip(TF_PRIVACY_POSITIONAL, args))
+    twice = [name for name in positional if given.get(name) is not None]
+    twice = [name for name in twice if given[name] is not NOT_GIVEN]
+    if twice:
+        raise DPConfigError(
+            f"{owner} received {', '.join(twice)} both by position (TF Privacy's order) "
+            "and as keyword. Received: "
+            + ", ".join(f"{name}={positional[name]!r} and {name}={given[name]!r}" for name in twice)
+        )
+    return keras_positional_arguments(args), {**given, **positional}
+
+
 def _batch_size(x) -> int:
     for leaf in tree.flatten(x):
         if leaf is not None:
@@ -164,6 +254,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self._noise_multiplier = settings["noise_multiplier"]
         self._num_microbatches = settings["num_microbatches"]
         self._optimizer_accumulation_steps = 1
+        self._keras_accumulation_steps = None
         self._use_xla = settings["use_xla"]
         self._dp_seed = settings["seed"]
         self._clipping_mode = settings["clipping_mode"]
@@ -272,6 +363,11 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         else:
             settings = dp_optimizer.dp_settings
             self._check_optimizer_settings(given, settings)
+        keras_steps = keras_gradient_accumulation_steps(self.optimizer)
+        if keras_steps is not None:
+            self._check_keras_accumulation(keras_steps, settings["gradient_accumulation_steps"])
+            settings = {**settings, "gradient_accumulation_steps": keras_steps}
+        self._keras_accumulation_steps = keras_steps
         self._l2_norm_clip = settings["l2_norm_clip"]
         self._noise_multiplier = settings["noise_multiplier"]
         self._num_microbatches = settings["num_microbatches"]
@@ -307,6 +403,30 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 f"{accumulation} (optimizer), {config.gradient_accumulation_steps} (config)"
             )
 
+    def _check_keras_accumulation(self, keras_steps: int, dp_steps: int) -> None:
+        """Keras's own accumulation must be the DP accumulation, never a second one.
+
+        The DP step accumulates the clipped sums of k batches, adds noise once
+        and hands the optimizer that update; an optimizer averaging k such
+        updates again would step once every k * k batches.
+        """
+        name = type(self.optimizer).__name__
+        config = self._dp_keras_config
+        planned, source = (
+            (config.gradient_accumulation_steps, "DPKerasConfig")
+            if config is not None
+            else (dp_steps, "DP optimizer")
+        )
+        if (config is not None or dp_steps > 1) and planned != keras_steps:
+            raise DPConfigError(
+                f"Expected the optimizer's gradient_accumulation_steps to equal the "
+                f"{source}'s: the DP step accumulates the clipped sums of that many batches, "
+                "adds the noise once and the optimizer applies the update once (an "
+                "optimizer accumulating a different number of DP updates would silently "
+                f"step every product of the two). Received: gradient_accumulation_steps="
+                f"{keras_steps} ({name}), gradient_accumulation_steps={planned} ({source})"
+            )
+
     def _get_dp_engine(self):
         key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)
         if self._dp_engine is None or self._dp_engine.variable_key != key:
@@ -324,8 +444,13 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         return VmapEngine(
             self,
             compile=bool(self.jit_compile),
+            compile_source=self._compile_source(),
             units_per_chunk=self._microbatch_size if self._num_microbatches is None else None,
         )
+
+    def _compile_source(self) -> str:
+        """The user's argument that turned compilation on, as the user wrote it."""
+        return "use_xla=True" if self._use_xla else "jit_compile=True"
 
     def _build_engine(self):
         """The engine of `clipping_mode`; "auto" says (once) what it could not make fast."""
@@ -350,7 +475,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         if self.jit_compile and "jit-fast" not in self._warned_once:
             self._warned_once = self._warned_once | {"jit-fast"}
             warnings.warn(
-                "torchdp_keras: jit_compile=True compiles the per-example engine "
+                f"torchdp_keras: {self._compile_source()} compiles the per-example engine "
                 "(clipping_mode='vmap'); the fast clipping path runs eagerly.",
                 stacklevel=3,
             )
@@ -532,10 +657,20 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 grads = [g if r is None else g.add_(r) for g, r in zip(grads, reg_grads)]
             if loss_scale != 1.0:
                 grads = [g.mul_(loss_scale) for g in grads]
+            if self._keras_accumulation_steps:
+                # Keras applies (sum of its window's gradients) / k: k * update
+                # with zeros elsewhere in the window applies the update once.
+                grads = [g.mul_(self._keras_accumulation_steps) for g in grads]
             with torch.no_grad(), private_apply():
                 optimizer.apply(grads, trainable_variables)
             self._reset_accumulation()
             self._record_step()
+        elif self._keras_accumulation_steps:
+            # Advances the optimizer's own accumulation window in step with the
+            # DP one; its accumulators only ever hold zeros or noised updates.
+            zeros = [torch.zeros_like(v.value) for v in trainable_variables]
+            with torch.no_grad(), private_apply():
+                optimizer.apply(zeros, trainable_variables)
 
         before = self._metric_state() if world > 1 else None
         loss = result.loss_sum / max(1, num_units if mask is None else real_examples)

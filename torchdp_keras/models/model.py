@@ -9,8 +9,11 @@ from keras.src.trainers.trainer import Trainer
 
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.models.dp_trainer import (
+    NOT_GIVEN,
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
+    keras_positional_arguments,
+    split_positional_dp_arguments,
     validate_dp_arguments,
 )
 
@@ -20,10 +23,14 @@ class DPModel(DPTrainerMixin, keras.Model):
     """A `keras.Model` trained with DP-SGD (per-example clipping and noise).
 
     Works as a functional model and as a base class for subclassed models;
-    takes the same DP keyword arguments as `DPSequential`.
+    takes the same DP arguments as `DPSequential`, by keyword or first by
+    position in TF Privacy's order (`DPModel(l2_norm_clip, noise_multiplier,
+    num_microbatches=None, use_xla=False, layer_registry=None, *args,
+    **kwargs)`).
 
     Args:
-        *args: Passed to `keras.Model` (e.g. `inputs`, `outputs`).
+        *args: Passed to `keras.Model` (e.g. `inputs`, `outputs`), after TF
+            Privacy's positional DP arguments when the first is a number.
         l2_norm_clip: Clipping norm `C` > 0.
         noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
         num_microbatches: None (clip every example) or the number of
@@ -63,32 +70,42 @@ class DPModel(DPTrainerMixin, keras.Model):
         # DPFunctional (and Model(...) a FunctionalModel). Keras's own route
         # would rewrite the class's bases.
         twin = _FUNCTIONAL_TWINS.get(cls)
-        if twin is not None and functional_init_arguments(args, kwargs):
+        keras_args = keras_positional_arguments(args)
+        if twin is not None and functional_init_arguments(keras_args, kwargs):
             return twin.__new__(twin, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(
         self,
         *args,
-        l2_norm_clip,
-        noise_multiplier,
+        l2_norm_clip=NOT_GIVEN,
+        noise_multiplier=NOT_GIVEN,
         num_microbatches=None,
-        use_xla=False,
+        use_xla=NOT_GIVEN,
         seed=None,
         clipping_mode="auto",
         layer_registry=None,
         secure_mode=False,
         **kwargs,
     ):
+        args, dp = split_positional_dp_arguments(
+            type(self).__name__,
+            args,
+            {
+                "l2_norm_clip": l2_norm_clip,
+                "noise_multiplier": noise_multiplier,
+                "num_microbatches": num_microbatches,
+                "use_xla": use_xla,
+                "layer_registry": layer_registry,
+            },
+        )
+        if dp["use_xla"] is NOT_GIVEN:
+            dp["use_xla"] = False
         settings = validate_dp_arguments(
             required=self._dp_settings_required,
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            num_microbatches=num_microbatches,
-            use_xla=use_xla,
+            **dp,
             seed=seed,
             clipping_mode=clipping_mode,
-            layer_registry=layer_registry,
             secure_mode=secure_mode,
         )
         if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
@@ -164,11 +181,6 @@ class Model(DPModel):
     """
 
     _dp_settings_required = False
-
-    def __init__(self, *args, l2_norm_clip=None, noise_multiplier=None, **kwargs):
-        super().__init__(
-            *args, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, **kwargs
-        )
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")

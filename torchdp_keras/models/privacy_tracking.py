@@ -23,6 +23,7 @@ import keras
 import numpy as np
 
 from torchdp_keras.accounting import PRVAccountant, default_delta
+from torchdp_keras.accounting.analysis import TINY_TRAIN_SIZE
 from torchdp_keras.accounting.base import check_delta
 from torchdp_keras.errors import DPConfigError, PrivacyBudgetExceededError, PrivacyStateError
 
@@ -80,7 +81,7 @@ class PrivacyTrackingMixin:
 
     @property
     def privacy_delta(self) -> float | None:
-        """The delta `get_epsilon()` uses: given to `fit`, from the config, or 1/n^1.1."""
+        """The delta `get_epsilon()` uses: given to `fit`, from the config, or 1/max(n, 2)^1.1."""
         if self._target_delta is not None:
             return self._target_delta
         if self._train_size:
@@ -92,7 +93,7 @@ class PrivacyTrackingMixin:
 
         Args:
             delta: Defaults to `privacy_delta` (the delta given to `fit`, the
-                config's, or 1/n^1.1 for n training examples).
+                config's, or 1/max(n, 2)^1.1 for n training examples).
 
         Returns:
             The epsilon; 0.0 before training; inf if some updates could not be
@@ -162,7 +163,7 @@ class PrivacyTrackingMixin:
 
         Args:
             target_delta: The delta of the reported epsilon (default: the
-                config's, or 1/n^1.1 for n training examples).
+                config's, or 1/max(n, 2)^1.1 for n training examples).
             Other arguments: as `keras.Model.fit`.
         """
         from torchdp_keras.callbacks import DPAccountant
@@ -230,7 +231,15 @@ class PrivacyTrackingMixin:
         if target_delta is not None:
             self._target_delta = check_delta(target_delta)
         delta = self.privacy_delta
-        if delta is not None and train_size and delta >= 1.0 / train_size:
+        if self._target_delta is None and train_size and train_size < TINY_TRAIN_SIZE:
+            self._warn_once(
+                "tiny-n",
+                f"only {train_size} training example(s): no delta is meaningful at this "
+                f"size (a delta that is not negligible next to 1/n = {1.0 / train_size:.3g} "
+                "allows publishing an example outright). The reported epsilon uses the "
+                f"default delta={delta:.3g}; pass fit(..., target_delta=...) to choose it.",
+            )
+        elif delta is not None and train_size and delta >= 1.0 / train_size:
             self._warn_once(
                 f"delta>={delta}",
                 f"delta={delta} is not smaller than 1/n = {1.0 / train_size:.3g}: a "

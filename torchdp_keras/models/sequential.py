@@ -8,8 +8,10 @@ from keras.src.saving import serialization_lib
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import (
     DP_CONFIG_KEYS,
+    NOT_GIVEN,
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
+    split_positional_dp_arguments,
     validate_dp_arguments,
 )
 
@@ -24,10 +26,18 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
     `l2_norm_clip`, adds Gaussian noise of std `noise_multiplier *
     l2_norm_clip` to the sum and divides by the number of units.
 
+    The DP arguments may come first and by position, in TF Privacy's order
+    (`DPSequential(l2_norm_clip, noise_multiplier, num_microbatches=None,
+    use_xla=False, layer_registry=None, *args, **kwargs)`: a number first
+    means this order), or as keywords after Keras's own arguments (layers
+    first). TF Privacy's `use_xla` defaults to True; here to False (eager).
+
     Args:
-        layers: Optional list of layers, as for `keras.Sequential`.
-        l2_norm_clip: Clipping norm `C` > 0.
-        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
+        *args: Keras's positional arguments (`layers`, `trainable`, `name`),
+            or TF Privacy's: `l2_norm_clip, noise_multiplier, num_microbatches,
+            use_xla, layer_registry`, then Keras's.
+        l2_norm_clip: Clipping norm `C` > 0 (required, by keyword or position).
+        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C` (required).
         num_microbatches: None (clip every example) or the number of
             contiguous groups a batch is split into; the batch size must be a
             multiple of it.
@@ -53,34 +63,44 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         ...     [keras.Input((4,)), keras.layers.Dense(2)],
         ...     l2_norm_clip=1.0, noise_multiplier=1.1)
         >>> model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+
+        TF Privacy's order, numbers first:
+
+        >>> model = DPSequential(1.0, 1.1, None, False, None, [keras.Input((4,)),
+        ...                      keras.layers.Dense(2)])
     """
 
     def __init__(
         self,
-        layers=None,
-        *,
-        l2_norm_clip,
-        noise_multiplier,
+        *args,
+        l2_norm_clip=NOT_GIVEN,
+        noise_multiplier=NOT_GIVEN,
         num_microbatches=None,
-        use_xla=False,
+        use_xla=NOT_GIVEN,
         seed=None,
         clipping_mode="auto",
         layer_registry=None,
         secure_mode=False,
         **kwargs,
     ):
+        args, dp = split_positional_dp_arguments(
+            "DPSequential",
+            args,
+            {
+                "l2_norm_clip": l2_norm_clip,
+                "noise_multiplier": noise_multiplier,
+                "num_microbatches": num_microbatches,
+                "use_xla": use_xla,
+                "layer_registry": layer_registry,
+            },
+        )
+        if dp["use_xla"] is NOT_GIVEN:
+            dp["use_xla"] = False
         settings = validate_dp_arguments(
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            num_microbatches=num_microbatches,
-            use_xla=use_xla,
-            seed=seed,
-            clipping_mode=clipping_mode,
-            layer_registry=layer_registry,
-            secure_mode=secure_mode,
+            **dp, seed=seed, clipping_mode=clipping_mode, secure_mode=secure_mode
         )
         self._dp_checks_on_add = False
-        super().__init__(layers=layers, **kwargs)
+        super().__init__(*args, **kwargs)
         self._init_dp(settings)
         self._check_model()
         self._dp_checks_on_add = True

@@ -95,6 +95,9 @@ class VmapEngine:
             `microbatch_size`); overrides the memory bound when given.
         compile: Wrap the per-unit gradient function in `torch.compile`; if
             that fails, warn once and run eagerly.
+        compile_source: The user's argument that asked for compilation, named
+            in that warning (`use_xla=True`, TF Privacy's name, or Keras's
+            `jit_compile=True`).
 
     Example:
         >>> engine = VmapEngine(model)  # doctest: +SKIP
@@ -109,6 +112,7 @@ class VmapEngine:
         max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
         units_per_chunk: int | None = None,
         compile: bool = False,
+        compile_source: str = "jit_compile=True",
     ):
         self._model = model
         self._trainable = list(model.trainable_variables)
@@ -123,6 +127,7 @@ class VmapEngine:
         self._eager_fn = grad_fn
         self._compiled_fn = None
         self._compile = compile
+        self._compile_source = compile_source
         self._compile_failed = False
 
     @property
@@ -195,8 +200,9 @@ class VmapEngine:
             except Exception as error:  # noqa: BLE001 - any compiler failure
                 self._compile_failed = True
                 warnings.warn(
-                    "torchdp_keras: torch.compile could not compile the DP step "
-                    f"({type(error).__name__}: {error}); running it eagerly "
+                    f"torchdp_keras: {self._compile_source} asked for torch.compile, which "
+                    f"could not compile the DP step ({type(error).__name__}: {error}); "
+                    "running it eagerly "
                     "instead. The result is the same, only slower.",
                     stacklevel=4,
                 )

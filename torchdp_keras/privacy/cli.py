@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.target_epsilon, args.delta, q, steps, accountant=args.accountant
             )
             spent = get_privacy_budget(
-                args.n, args.batch_size, args.epochs, sigma, args.delta, args.accountant
+                args.n, args.batch_size, args.epochs, sigma, args.delta, args.accountant,
+                verbose=False,
             )
             print(
                 f"noise_multiplier = {sigma:.4f} gives epsilon = {spent:.4f} <= "
@@ -83,7 +84,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

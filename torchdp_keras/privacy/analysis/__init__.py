@@ -1,0 +1,1 @@
+"""TF Privacy's `privacy.analysis` modules (numpy and scipy only)."""

@@ -1,0 +1,1 @@
+"""TF Privacy's `privacy.fast_gradient_clipping` modules."""

@@ -1,0 +1,1 @@
+"""TF Privacy's `privacy.keras_models` modules."""
