@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from helpers import Scale
+from helpers import Scale, reference_clipped_sum
 from keras import layers
 
 import torchdp_keras as tdk
@@ -740,3 +740,71 @@ def test_results_of_a_step_survive_the_next_step():
     )
     for before, after in zip(kept, list(first.summed) + [first.unit_norms]):
         assert torch.equal(before, after)
+
+
+class _DenseThenDropout(layers.Layer):
+    """A layer with no rule (so "auto" gives it per-layer per-example gradients) and dropout."""
+
+    def __init__(self, units, rate, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.rate = units, rate
+        self.dropout = layers.Dropout(rate)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], self.units), name="kernel")
+        self.bias = self.add_weight(shape=(self.units,), initializer="ones", name="bias")
+
+    def call(self, x, training=None):
+        return self.dropout(keras.ops.matmul(x, self.kernel) + self.bias, training=training)
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0])
+def test_a_fallback_layer_with_dropout_clips_the_gradient_of_the_evaluated_masks(clip, float64):
+    """One mask per example, drawn once: the loss and the clipped gradients both use it."""
+    inputs = keras.Input((5,))
+    layer = _DenseThenDropout(4, 0.5, name="noisy")
+    model = tdk.DPModel(
+        inputs=inputs, outputs=layer(inputs), l2_norm_clip=1.0, noise_multiplier=0.0
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    engine = FastEngine(
+        model, make_default_layer_registry(), fallback=tdk.per_example.PerExampleGradientRule()
+    )
+    assert [s.split("/")[-1] for s in engine.slow_layers] == ["noisy (_DenseThenDropout)"]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(BATCH, 5)), rng.normal(size=(BATCH, 4))
+    result = engine.clipped_batch(x, y, None, num_units=BATCH, l2_norm_clip=clip, rng_seed=3)
+    y_pred = result.y_pred.numpy()
+    keep = y_pred != 0  # the masks of the forward pass whose loss was reported
+    assert 0 < keep.sum() < keep.size  # some dropped, some kept: masks differ across examples
+    assert float(result.loss_sum) == pytest.approx(((y_pred - y) ** 2).mean(1).sum())
+    # Reference: one example at a time, its own mask fixed.
+    kernel = torch.tensor(layer.kernel.numpy(), requires_grad=True)
+    bias = torch.tensor(layer.bias.numpy(), requires_grad=True)
+    per_example = [[], []]
+    for i in range(BATCH):
+        mask = torch.tensor(keep[i] / 0.5)
+        # keras.ops.matmul as the layer computes it (Keras's torch matmul rounds
+        # float64 through float32).
+        out = (keras.ops.matmul(torch.tensor(x[i : i + 1]), kernel)[0] + bias) * mask
+        loss = ((out - torch.tensor(y[i])) ** 2).mean()
+        for rows, g in zip(per_example, torch.autograd.grad(loss, [kernel, bias])):
+            rows.append(g.numpy())
+    per_example = [np.stack(rows) for rows in per_example]
+    norms = np.sqrt(sum((g.reshape(BATCH, -1) ** 2).sum(1) for g in per_example))
+    np.testing.assert_allclose(result.unit_norms.numpy(), norms, rtol=1e-10)
+    # rtol 1e-5: the clip factors carry a 1e-6 safety margin; another mask is off by O(1).
+    for got, want in zip(result.summed, reference_clipped_sum(per_example, clip)):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-12)
+
+
+def test_a_dp_step_through_a_fallback_layer_with_dropout_runs():
+    """Was: "vmap: called random operation while in randomness error mode"."""
+    inputs = keras.Input((5,))
+    h = _DenseThenDropout(4, 0.1, name="noisy")(inputs)
+    model = tdk.DPModel(
+        inputs=inputs, outputs=layers.Dense(2)(h), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    model.train_on_batch(np.ones((4, 5), "float32"), np.zeros((4, 2), "float32"))
+    assert model.dp_steps == 1
