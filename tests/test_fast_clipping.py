@@ -657,23 +657,120 @@ def test_user_registered_custom_layer(caplog):
     assert "custom/scale (Scale)" in caplog.text  # the slow path is named, once
 
 
-def test_subclassed_models_use_vmap_in_auto_and_are_refused_in_fast():
-    class Sub(tdk.DPModel):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            self.dense = layers.Dense(1)
+class _Block(layers.Layer):
+    """A block of layers with no rule of its own: walked, its layers tapped."""
 
-        def call(self, x):
-            return self.dense(x)
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = layers.Conv2D(3, 3, activation="relu", name="conv")
+        self.norm = layers.LayerNormalization(name="norm")
+        self.dropout = layers.Dropout(0.3, seed=1)
 
-    fast = Sub(l2_norm_clip=1.0, noise_multiplier=0.0, clipping_mode="fast", name="sub")
+    def call(self, x, training=None):
+        return self.dropout(self.norm(self.conv(x)), training=training)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block = _Block(name="block")
+        self.pool = layers.MaxPooling2D()
+        self.flatten = layers.Flatten()
+        self.hidden = layers.Dense(8, activation="tanh", name="hidden")
+        self.out = layers.Dense(3, name="out")
+
+    def call(self, x, training=None):
+        h = self.flatten(self.pool(self.block(x, training=training)))
+        return self.out(self.hidden(h))
+
+
+class _DPSubclassed(tdk.DPModel):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = layers.Embedding(12, 4, name="embed")
+        self.attention = layers.MultiHeadAttention(2, 3, name="attention")
+        self.flatten = layers.Flatten()
+        self.out = layers.Dense(3, name="out")
+
+    def call(self, x):
+        h = self.embed(x)
+        return self.out(self.flatten(self.attention(h, h)))
+
+
+@pytest.mark.parametrize("kind", ["make_private", "dp_model_subclass"])
+def test_subclassed_models_take_the_fast_path_and_match_the_per_example_engine(kind, float64):
+    rng = np.random.default_rng(5)
+    if kind == "make_private":
+        base = _Subclassed(name="sub")
+        x = rng.normal(size=(BATCH, 8, 8, 2))
+        base(x[:1])
+        model = tdk.make_private(base, l2_norm_clip=1.0, noise_multiplier=0.0)
+        expected = {"block/conv", "block/norm", "hidden", "out"}
+    else:
+        model = _DPSubclassed(l2_norm_clip=1.0, noise_multiplier=0.0, name="sub")
+        x = rng.integers(0, 12, size=(BATCH, 5)).astype("int32")
+        model(x[:1])
+        expected = {"embed", "attention/query", "attention/key", "attention/value",
+                    "attention/attention_output", "out"}
+    model.compile(optimizer="sgd", loss="mse")
+    y = rng.normal(size=(BATCH, 3))
+    fast, _ = _engines(model)
+    tapped = {path.split("/", 1)[1] if "/" in path else path for path, _, _ in fast.plan}
+    assert {p.split("sub/")[-1] for p in tapped} == expected
+    assert not fast.slow_layers
+    _compare(model, x, y, tol=1e-6)
+    if kind == "make_private":
+        # Dropout inside the walked block: a step through the DP model runs.
+        model.train_on_batch(x, y)
+        assert isinstance(model._dp_engine, FastEngine)
+    hooks = [len(layer._forward_hooks) for layer in model._flatten_layers()]
+    assert hooks == [0] * len(hooks)  # the taps are gone after the step
+
+
+class _ReadsAWeightDirectly(keras.Model):
+    """Uses its embedding matrix again as the output projection (tied weights)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = layers.Embedding(10, 4, name="embed")
+        self.hidden = layers.Dense(4, name="hidden")
+
+    def call(self, x):
+        h = keras.ops.mean(self.hidden(self.embed(x)), axis=1)
+        return keras.ops.matmul(h, keras.ops.transpose(self.embed.embeddings))
+
+
+class _CallsALayerTwice(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = layers.Dense(4, name="dense")
+
+    def call(self, x):
+        return self.dense(self.dense(x))
+
+
+@pytest.mark.parametrize(
+    "make, x, message",
+    [
+        (_ReadsAWeightDirectly, np.arange(12).reshape(4, 3) % 10, r"embed/embeddings"),
+        (_CallsALayerTwice, np.ones((4, 4)), r"dense ran 2 times"),
+    ],
+)
+def test_subclassed_models_that_share_weights_are_refused_by_fast_and_use_vmap_in_auto(
+    make, x, message, caplog
+):
+    y = np.ones((4, 10 if make is _ReadsAWeightDirectly else 4), "float32")
+    fast = tdk.make_private(make(name="m"), l2_norm_clip=1.0, noise_multiplier=0.0,
+                            clipping_mode="fast")
     fast.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(UnsupportedLayerError, match="not a functional or Sequential"):
-        fast.train_on_batch(np.ones((2, 4), "float32"), np.ones((2, 1)))
-    auto = Sub(l2_norm_clip=1.0, noise_multiplier=0.0)
+    with pytest.raises(UnsupportedLayerError, match=message):
+        fast.train_on_batch(x, y)
+    auto = tdk.make_private(make(name="m"), l2_norm_clip=1.0, noise_multiplier=0.0)
     auto.compile(optimizer="sgd", loss="mse")
-    auto.train_on_batch(np.ones((2, 4), "float32"), np.ones((2, 1)))
+    with caplog.at_level(logging.WARNING):
+        auto.train_on_batch(x, y)
     assert isinstance(auto._dp_engine, VmapEngine)
+    assert "uses per-example gradients" in caplog.text
 
 
 def test_masked_sequences_through_embedding_and_lstm():

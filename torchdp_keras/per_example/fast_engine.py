@@ -100,6 +100,15 @@ def _graph_layers(graph: Functional):
     return [(layer, uses) for layer, uses in counts.values()]
 
 
+def _walkable(layer) -> bool:
+    """Whether a rule-less layer may be clipped through its sublayers.
+
+    Recurrent layers call their cell once per time step (its weights are
+    shared across steps), so they are left whole to the per-layer fallback.
+    """
+    return not isinstance(layer, keras.layers.RNN)
+
+
 class FastEngine:
     """Clipped per-example gradient sums without per-example model gradients.
 
@@ -118,25 +127,25 @@ class FastEngine:
     def __init__(self, model: keras.Model, registry: LayerRegistry, *, fallback=None):
         self._model = model
         graph = graph_of(model)
-        if graph is None:
-            raise FastPathUnsupported(
-                f"Model '{model.name}' is not a functional or Sequential model: the "
-                "fast clipping path runs the layer graph itself. Use "
-                "clipping_mode='vmap' (per-example gradients) for subclassed models.",
-                layer_paths=[model.name],
-            )
+        # A functional graph is run layer by layer; any other model (subclassed,
+        # or a wrapper around one) runs its own call with every weighted layer
+        # tapped through hooks that exist only during the step.
         self._graph = graph
+        entries = _graph_layers(graph) if graph is not None else [(model, 1)]
         paths = {id(layer): path for path, layer in iter_layers(model)}
+        paths[id(model)] = model.name
         self._rules: dict[int, object] = {}
         self._layout_forwards = {}
         self.slow_layers: list[str] = []
+        self.plan: list[tuple[str, str, str]] = []  # (path, layer class, how it is clipped)
         problems = []
         covered = set()
-        self._sublayers: dict[int, list] = {}  # composite layer -> tapped sublayers
+        # Composite layer (walked) -> every tapped layer inside it, at any depth.
+        self._leaves: dict[int, list] = {}
         self._paths: dict[int, str] = {}
         # Per-layer scratch tensors reused from step to step (see rules.base.scratch).
         self._workspaces: dict[int, dict] = {}
-        for layer, uses in _graph_layers(graph):
+        for layer, uses in entries:
             weights = getattr(layer, "trainable_weights", None)  # keras ops have none
             if not weights:
                 forward = layout_preserving_forward(layer)
@@ -147,7 +156,7 @@ class FastEngine:
             if uses > 1:
                 problems.append((path, f"called {uses} times: shared weights"))
                 continue
-            self._assign_rule(layer, path, registry, fallback, problems, covered)
+            self._assign_rule(layer, path, registry, fallback, problems, covered, [])
         missing = [v.path for v in model.trainable_variables if id(v) not in covered]
         if missing and not problems:
             problems.append(
@@ -163,19 +172,45 @@ class FastEngine:
         self._trainable = list(model.trainable_variables)
         self._non_trainable = list(model.non_trainable_variables)
         self._seed_states = seed_state_ids(model)
+        # Checked once, on the first step: the clipped sums the taps give (with
+        # factors 1) equal autograd's gradient of every weight, so that no use
+        # of a weight outside its layer's call is left out.
+        self._verified = False
 
-    def _assign_rule(self, layer, path, registry, fallback, problems, covered) -> None:
-        """Finds the rule of `layer` (recursing into `SublayerRule` layers)."""
+    def _assign_rule(self, layer, path, registry, fallback, problems, covered, leaves) -> None:
+        """Finds the rule of `layer`, walking into composite layers.
+
+        A layer is walked (its weighted sublayers tapped instead) when it is
+        registered with `SublayerRule`, or has no rule of its own while its
+        sublayers own each of its trainable weights exactly once (a subclassed
+        model, a block of layers); recurrent layers, which call their cell
+        once per time step, are not walked.
+        """
         weights = layer.trainable_weights
         rule = registry.lookup(layer)
-        if isinstance(rule, SublayerRule):
+        if rule is None or isinstance(rule, SublayerRule):
             children = [
                 child
                 for child in layer._flatten_layers(include_self=False, recursive=False)
                 if child.trainable_weights
             ]
             owned = [id(w) for child in children for w in child.trainable_weights]
-            if sorted(owned) != sorted(id(w) for w in weights) or len(set(owned)) != len(owned):
+            exact = (
+                bool(children)
+                and sorted(owned) == sorted(id(w) for w in weights)
+                and len(set(owned)) == len(owned)
+            )
+            if exact and (isinstance(rule, SublayerRule) or _walkable(layer)):
+                inner: list = []
+                for child in children:
+                    self._assign_rule(
+                        child, f"{path}/{child.name}", registry, fallback, problems, covered, inner
+                    )
+                self._leaves[id(layer)] = inner
+                self._paths[id(layer)] = path
+                leaves.extend(inner)
+                return
+            if isinstance(rule, SublayerRule):
                 problems.append(
                     (
                         path,
@@ -184,25 +219,23 @@ class FastEngine:
                     )
                 )
                 return
-            self._sublayers[id(layer)] = children
-            self._paths[id(layer)] = path
-            for child in children:
-                self._assign_rule(
-                    child, f"{path}/{child.name}", registry, fallback, problems, covered
-                )
-            return
+        how = f"{type(rule).__name__}" if rule is not None else None
         if rule is None:
             if fallback is None:
                 problems.append((path, f"{type(layer).__name__}: no rule in the registry"))
                 return
             rule = fallback
+            how = "per-layer per-example gradients (no rule in the registry)"
             self.slow_layers.append(f"{path} ({type(layer).__name__})")
         reused = [w.path for w in weights if id(w) in covered]
         if reused:
             problems.append((path, f"weights used by another layer too: {', '.join(reused)}"))
             return
         self._rules[id(layer)] = rule
+        self._paths[id(layer)] = path
+        self.plan.append((path, type(layer).__name__, how))
         covered.update(id(w) for w in weights)
+        leaves.append(layer)
 
     @property
     def variable_key(self) -> tuple[int, ...]:
@@ -221,7 +254,7 @@ class FastEngine:
                     kwargs.pop("training", None)
                     kwargs.pop("mask", None)
                     return self._run_graph(inner, args[0], taps)
-                if id(op) in self._sublayers:
+                if id(op) in self._leaves:
                     return self._composite_call(op, args, kwargs, taps)
                 rule = self._rules.get(id(op))
                 if rule is None:
@@ -236,42 +269,41 @@ class FastEngine:
         return graph._run_through_graph(inputs, operation_fn=operation_fn)
 
     def _composite_call(self, layer, args, kwargs, taps):
-        """Runs a `SublayerRule` layer's own call, tapping its weighted sublayers."""
+        """Runs a walked layer's own call, tapping every weighted layer inside it."""
         calls: dict[int, int] = {}
         running: set[int] = set()
 
         def hook(module, hook_args, hook_kwargs, output):
-            if id(module) in running:  # the rule's own forward of this sublayer
+            if id(module) in running:  # the rule's own forward of this layer
                 return None
             calls[id(module)] = calls.get(id(module), 0) + 1
             running.add(id(module))
             try:
-                if id(module) in self._sublayers:
-                    return self._composite_call(module, hook_args, hook_kwargs, taps)
                 rule = self._rules[id(module)]
                 return self._tapped_call(module, rule, hook_args, hook_kwargs, taps, output)
             finally:
                 running.discard(id(module))
 
-        children = self._sublayers[id(layer)]
+        leaves = self._leaves[id(layer)]
         handles = []
         try:
-            for child in children:
-                handles.append(child.register_forward_hook(hook, with_kwargs=True))
+            for leaf in leaves:
+                handles.append(leaf.register_forward_hook(hook, with_kwargs=True))
             out = layer(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         path = self._paths[id(layer)]
         wrong = [
-            f"{path}/{c.name} ran {calls.get(id(c), 0)} times"
-            for c in children
-            if calls.get(id(c)) != 1
+            f"{self._paths[id(leaf)]} ran {calls.get(id(leaf), 0)} times"
+            for leaf in leaves
+            if calls.get(id(leaf)) != 1
         ]
         if wrong:
             raise FastPathUnsupported(
-                f"Layer {path} ({type(layer).__name__}) is clipped through its "
-                "sublayers, which must each run exactly once per call: " + ", ".join(wrong),
+                f"Layer {path} ({type(layer).__name__}) is clipped through the layers it "
+                "calls, which must each run exactly once per call (a layer called twice "
+                "shares its weights between uses): " + ", ".join(wrong),
                 layer_paths=[path],
             )
         return out
@@ -399,9 +431,22 @@ class FastEngine:
 
     def _clipped_batch(self, x, y, sample_weight, batch_size, keep, l2_norm_clip, loss_scale):
         taps: list = []
+        # On the first step every trainable weight is read through a fresh leaf
+        # tensor, whose gradient is the weight's full gradient (every use).
+        leaves = (
+            None
+            if self._verified
+            else [v.value.detach().clone().requires_grad_(True) for v in self._trainable]
+        )
+        mapping = None if leaves is None else list(zip(self._trainable, leaves))
         with torch.enable_grad():
-            with keras_backend.StatelessScope(collect_losses=True) as scope:
-                y_pred = self._run_graph(self._graph, x, taps)
+            with keras_backend.StatelessScope(
+                state_mapping=mapping, collect_losses=True
+            ) as scope:
+                if self._graph is not None:
+                    y_pred = self._run_graph(self._graph, x, taps)
+                else:
+                    y_pred = self._composite_call(self._model, (x,), {"training": True}, taps)
                 loss = self._loss_sum(y, y_pred, sample_weight, batch_size)
             if scope.losses:
                 raise FastPathUnsupported(
@@ -410,7 +455,12 @@ class FastEngine:
                 )
             self._check_state_updates(scope)
             zs = [tap[4] for tap in taps]
-            grads = torch.autograd.grad(loss * loss_scale, zs, allow_unused=True)
+            grads = torch.autograd.grad(
+                loss * loss_scale, zs + (leaves or []), allow_unused=True
+            )
+            full = None
+            if leaves is not None:
+                grads, full = grads[: len(zs)], grads[len(zs) :]
         with torch.no_grad():
             grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zs)]
             if loss_scale != 1.0:  # in place: these are large, fresh tensors
@@ -439,6 +489,8 @@ class FastEngine:
             summed = [
                 sums[id(v)] if id(v) in sums else torch.zeros_like(v.value) for v in self._trainable
             ]
+            if full is not None and bool(torch.isfinite(sq_norms).all()):
+                self._verify(taps, grads, caches, full, loss_scale, keep)
             self._advance_seed_states(scope)
         y_pred = tree.map_structure(
             lambda t: t.detach() if isinstance(t, torch.Tensor) else t, y_pred
@@ -450,6 +502,50 @@ class FastEngine:
             y_pred=y_pred,
             loss_sum=loss.detach() if keep is None or bool(keep.any()) else loss.new_zeros(()),
         )
+
+    def _verify(self, taps, grads, caches, full, loss_scale, keep) -> None:
+        """The taps' unclipped sums must be autograd's full gradient of every weight.
+
+        A weight that the model also uses outside the call of the layer that
+        owns it (read directly by another layer, tied to another layer's
+        output projection) has gradient terms that no tap sees: its
+        per-example norms would be undercounted. Such a model is refused (the
+        "auto" mode then uses the per-example engine), naming the weights.
+        """
+        ones = torch.ones(grads[0].shape[0] if grads else 0, dtype=torch.float64)
+        if keep is not None:
+            ones = keep.to(torch.float64)
+        sums: dict[int, torch.Tensor] = {}
+        for (layer, rule, args, kwargs, *_), g, cache in zip(taps, grads, caches):
+            for weight, total in zip(
+                layer.trainable_weights, rule.clipped_sums(layer, args, kwargs, g, ones, cache)
+            ):
+                sums[id(weight)] = total.double()
+        pairs = []
+        for variable, gradient in zip(self._trainable, full):
+            expected = (
+                torch.zeros_like(variable.value, dtype=torch.float64)
+                if gradient is None
+                else gradient.double() / loss_scale
+            )
+            pairs.append((variable, sums.get(id(variable), torch.zeros_like(expected)), expected))
+        # Relative to the weight's own gradient, and to the whole gradient for
+        # weights whose gradient is rounding noise (an attention key bias).
+        overall = sum(float(torch.linalg.vector_norm(e)) for _, _, e in pairs)
+        wrong = []
+        for variable, tapped, expected in pairs:
+            error = float(torch.linalg.vector_norm(tapped - expected))
+            scale = float(torch.linalg.vector_norm(tapped) + torch.linalg.vector_norm(expected))
+            if error > 1e-3 * scale + 1e-5 * overall:
+                wrong.append(variable.path)
+        if wrong:
+            raise FastPathUnsupported(
+                "These weights are also used outside the call of the layer that owns "
+                "them (read directly, or tied to another layer), so their per-example "
+                "gradients are not all seen by the fast path: " + ", ".join(wrong),
+                layer_paths=wrong,
+            )
+        self._verified = True
 
     def _check_state_updates(self, scope):
         updated = [

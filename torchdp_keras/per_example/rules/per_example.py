@@ -38,11 +38,13 @@ class PerExampleGradientRule(LayerRule):
         shapes = [tuple(w.value.shape) for w in weights]
         sizes = [math.prod(shape) for shape in shapes]
         batch = _batch_size(args, kwargs)
-        flat = torch.cat([w.value.detach().reshape(-1) for w in weights])
+        flat = torch.cat([w.value.reshape(-1) for w in weights])
         # One copy of the weights per example: the tap (its gradient is the
         # per-example gradients). expand() is a view; autograd's gradient
         # with respect to it is a full (B, P) tensor.
-        z = flat.unsqueeze(0).expand(batch, flat.numel()).requires_grad_(True)
+        z = flat.unsqueeze(0).expand(batch, flat.numel())
+        if not z.requires_grad:
+            z.requires_grad_(True)
 
         def is_batched(a):
             return isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == batch
