@@ -905,3 +905,80 @@ def test_a_dp_step_through_a_fallback_layer_with_dropout_runs():
     model.compile(optimizer="sgd", loss="mse")
     model.train_on_batch(np.ones((4, 5), "float32"), np.zeros((4, 2), "float32"))
     assert model.dp_steps == 1
+
+
+def test_clipping_plan_says_which_engine_clips_each_layer_and_why():
+    base = _Subclassed(name="sub")
+    base(np.ones((1, 8, 8, 2), "float32"))
+    model = tdk.make_private(base, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(optimizer="sgd", loss="mse")
+    plan = model.clipping_plan()
+    assert plan.engine == "fast" and not plan.checked and plan.reason is None
+    assert [(p.split("/")[-1], cls, how) for p, cls, how in plan.layers] == [
+        ("conv", "Conv2D", "ConvRule"),
+        ("norm", "LayerNormalization", "NormalizationRule"),
+        ("hidden", "Dense", "DenseRule"),
+        ("out", "Dense", "DenseRule"),
+    ]
+    model.train_on_batch(np.ones((4, 8, 8, 2), "float32"), np.ones((4, 3), "float32"))
+    assert model.clipping_plan().checked
+    assert "engine: fast (checked on a training step)" in str(model.clipping_plan())
+
+    twice = tdk.make_private(_CallsALayerTwice(name="t"), l2_norm_clip=1.0, noise_multiplier=0.0)
+    twice.compile(optimizer="sgd", loss="mse")
+    twice.train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 4), "float32"))
+    plan = twice.clipping_plan()
+    assert plan.engine == "vmap" and "t/dense ran 2 times" in plan.reason
+    assert plan.slow_layers == ("private_t/t/dense",)
+
+    inputs = keras.Input((3,))
+    scaled = Scale(name="scale")(layers.Dense(2, name="dense")(inputs))
+    mixed = tdk.DPModel(inputs=inputs, outputs=scaled, l2_norm_clip=1.0, noise_multiplier=0.0)
+    mixed.compile(optimizer="sgd", loss="mse")
+    plan = mixed.clipping_plan()
+    assert plan.slow_layers == (f"{mixed.name}/scale",)
+    assert "per-layer per-example gradients" in str(plan)
+    vmap = tdk.DPModel(inputs=inputs, outputs=scaled, l2_norm_clip=1.0, noise_multiplier=0.0,
+                       clipping_mode="vmap")
+    vmap.compile(optimizer="sgd", loss="mse")
+    assert vmap.clipping_plan().engine == "vmap" and vmap.clipping_plan().reason is None
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "elu", "softplus", "gelu"])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_layers_tapped_from_their_output_match_the_per_example_engine(
+    activation, padding, float64
+):
+    """Inside a subclassed model a layer is tapped from its finished output: the
+    pre-activation gradient is read off the output (or, for gelu, recomputed)."""
+
+    class Net(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = layers.Conv2D(3, 3, padding=padding, activation=activation)
+            self.pool = layers.AveragePooling2D(2)
+            self.dense = layers.Dense(4, activation=activation)
+            self.out = layers.Dense(2)
+
+        def call(self, x):
+            h = self.pool(self.conv(x))
+            return self.out(self.dense(keras.ops.reshape(h, (keras.ops.shape(h)[0], -1))))
+
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(BATCH, 6, 6, 2))
+    base = Net()
+    base(x[:1])
+    model = tdk.make_private(base, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(optimizer="sgd", loss="mse")
+    _compare(model, x, rng.normal(size=(BATCH, 2)), tol=1e-6)
+
+
+def test_num_microbatches_equal_to_the_batch_takes_the_fast_path():
+    """TF Privacy's tutorial clips microbatches of one example (num_microbatches=250)."""
+    model = tdk.DPSequential(
+        [keras.Input((4,)), layers.Dense(3)], l2_norm_clip=1.0, noise_multiplier=0.0,
+        num_microbatches=4,
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    model.train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 3), "float32"))
+    assert model.clipping_plan().engine == "fast"

@@ -90,3 +90,30 @@ def test_lipschitz_step_leaves_threads_and_global_rng_alone():
     model.train_on_batch(x, np.zeros((4, 2), "float32"))
     assert torch.get_num_threads() == threads
     assert torch.equal(torch.get_rng_state(), rng), "the global torch RNG must be untouched"
+
+
+def test_a_subclassed_step_restores_kerass_pooling_and_convolution_ops():
+    """The fast path's channels_last views of Keras's ops exist only during the step."""
+    from torchdp_keras.per_example.layout import layout_preserving_ops
+
+    class Net(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = layers.Conv2D(2, 3, padding="same", activation="relu")
+            self.pool = layers.MaxPooling2D()
+            self.out = layers.Dense(2)
+
+        def call(self, x):
+            return self.out(layers.Flatten()(self.pool(self.conv(x))))
+
+    ops = (keras_torch_nn.max_pool, keras_torch_nn.average_pool, keras_torch_nn.conv)
+    model = tdk.make_private(Net(), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0)
+    model.compile(optimizer="sgd", loss="mse")
+    model.train_on_batch(np.ones((4, 6, 6, 1), "float32"), np.zeros((4, 2), "float32"))
+    assert model.clipping_plan().engine == "fast"
+    assert (keras_torch_nn.max_pool, keras_torch_nn.average_pool, keras_torch_nn.conv) == ops
+    with pytest.raises(RuntimeError, match="boom"):
+        with layout_preserving_ops():
+            assert keras_torch_nn.conv is not ops[2]
+            raise RuntimeError("boom")
+    assert (keras_torch_nn.max_pool, keras_torch_nn.average_pool, keras_torch_nn.conv) == ops

@@ -31,7 +31,7 @@ from keras import tree
 
 from torchdp_keras import _validation, distributed
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.model_checks import check_per_example_privacy
+from torchdp_keras.model_checks import check_per_example_privacy, iter_layers
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_noise_and_scale_, add_secure_noise_and_scale_
@@ -41,6 +41,8 @@ from torchdp_keras.optimizers import (
     private_apply,
 )
 from torchdp_keras.per_example import (
+    WHOLE_MODEL,
+    ClippingPlan,
     FastEngine,
     FastPathUnsupported,
     LayerRegistry,
@@ -265,6 +267,8 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self._noise_seed = int(noise_seed)
         self._layer_rng = random.Random(int(layer_seed))
         self._dp_engine = None
+        self._vmap_reason = None
+        self._engine_checked = False
         self._poisson_expected_batch_size = None
         self._accumulation_steps = 1
         self._nonfinite_examples = 0
@@ -431,6 +435,8 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)
         if self._dp_engine is None or self._dp_engine.variable_key != key:
             self._check_model()
+            self._vmap_reason = None
+            self._engine_checked = False
             self._dp_engine = self._build_engine()
         return self._dp_engine
 
@@ -458,11 +464,6 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         if mode == "vmap":
             return self._vmap_engine()
         try:
-            if self._num_microbatches is not None:
-                raise FastPathUnsupported(
-                    "num_microbatches clips groups of examples, which needs per-unit gradients.",
-                    layer_paths=[],
-                )
             fallback = PerExampleGradientRule() if mode == "auto" else None
             engine = FastEngine(self, self._layer_registry, fallback=fallback)
         except FastPathUnsupported as error:
@@ -483,11 +484,34 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
     def _fall_back_to_vmap(self, error) -> VmapEngine:
         """The per-example engine for "auto", saying once why the fast path was left."""
+        self._vmap_reason = str(error)
         self._log_once(
             "vmap-fallback",
             f"model '{self.name}' uses per-example gradients (clipping_mode='auto'): {error}",
         )
         return self._vmap_engine()
+
+    def clipping_plan(self) -> ClippingPlan:
+        """Which engine clips each weighted layer of this model, and why; printable.
+
+        Builds the engine if no step has run yet (the model must be built):
+        the fast path's remaining checks run at the first step, which can
+        still move the model to per-example gradients of the whole model;
+        `ClippingPlan.checked` says whether a step has confirmed the plan.
+
+        Example:
+            >>> print(model.clipping_plan())  # doctest: +SKIP
+        """
+        engine = self._get_dp_engine()
+        if isinstance(engine, FastEngine):
+            return ClippingPlan("fast", tuple(engine.plan), None, self._engine_checked)
+        layers = tuple(
+            (path, type(layer).__name__, WHOLE_MODEL)
+            for path, layer in iter_layers(self)
+            if layer.trainable_weights and not layer._flatten_layers(include_self=False)
+        )
+        reason = None if self._clipping_mode == "vmap" else self._vmap_reason
+        return ClippingPlan("vmap", layers, reason, self._engine_checked)
 
     def _log_once(self, key: str, message: str) -> None:
         if key not in self._warned_once:
@@ -497,12 +521,14 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     def _clipped_batch(self, **kwargs):
         engine = self._get_dp_engine()
         try:
-            return engine.clipped_batch(**kwargs)
+            result = engine.clipped_batch(**kwargs)
         except FastPathUnsupported as error:
             if self._clipping_mode == "fast":
                 raise
             self._dp_engine = self._fall_back_to_vmap(error)
-            return self._dp_engine.clipped_batch(**kwargs)
+            result = self._dp_engine.clipped_batch(**kwargs)
+        self._engine_checked = True
+        return result
 
     def _warn_if_noise_restarts(self) -> None:
         """A seeded model rebuilt from its config alone restarts its noise stream."""

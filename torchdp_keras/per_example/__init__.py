@@ -9,6 +9,7 @@ from torchdp_keras.per_example.fast_engine import (  # noqa: E402
     FastPathUnsupported,
     describe_slow_layers,
 )
+from torchdp_keras.per_example.plan import WHOLE_MODEL, ClippingPlan  # noqa: E402
 from torchdp_keras.per_example.registry import (  # noqa: E402
     LayerRegistry,
     make_default_layer_registry,
@@ -20,6 +21,7 @@ from torchdp_keras.per_example.vmap_engine import ClippedBatch, VmapEngine  # no
 
 __all__ = [
     "ClippedBatch",
+    "ClippingPlan",
     "FastEngine",
     "FastPathUnsupported",
     "LayerRegistry",
@@ -27,6 +29,7 @@ __all__ = [
     "PerExampleGradientRule",
     "SublayerRule",
     "VmapEngine",
+    "WHOLE_MODEL",
     "describe_slow_layers",
     "make_default_layer_registry",
 ]

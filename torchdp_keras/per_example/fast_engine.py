@@ -46,9 +46,9 @@ from torchdp_keras.errors import UnsupportedLayerError
 from torchdp_keras.model_checks import data_updated_state_error, iter_layers, seed_state_ids
 from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.keras_patches import per_example_call_context
-from torchdp_keras.per_example.layout import layout_preserving_forward
+from torchdp_keras.per_example.layout import layout_preserving_forward, layout_preserving_ops
 from torchdp_keras.per_example.registry import LayerRegistry
-from torchdp_keras.per_example.rules.base import SAVED_KEY, WORKSPACE_KEY
+from torchdp_keras.per_example.rules.base import SAVED_KEY, WORKSPACE_KEY, output_derivative
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
 from torchdp_keras.per_example.rules.sublayers import SublayerRule
 from torchdp_keras.per_example.vmap_engine import ClippedBatch
@@ -317,7 +317,17 @@ class FastEngine:
             )
         z = None if output is None else rule.tap_output(layer, output)
         if z is not None:  # a sublayer whose finished output is the tap
-            taps.append((layer, rule, args, kwargs, z, None))
+            taps.append((layer, rule, args, kwargs, z, None, None))
+            return None
+        derivative = (
+            output_derivative(layer.activation)
+            if output is not None and rule.activation_after_tap
+            else None
+        )
+        if derivative is not None and isinstance(output, torch.Tensor):
+            # The finished output is the tap; its gradient times f'(z), read
+            # off the output, is the pre-activation gradient (no second forward).
+            taps.append((layer, rule, args, kwargs, output, None, derivative))
             return None
         first = args[0]
         if isinstance(first, torch.Tensor) and layer._convert_input_args:
@@ -342,7 +352,7 @@ class FastEngine:
                 out_mask = None
             if out_mask is not None:
                 keras_backend.set_keras_mask(out, out_mask)
-        taps.append((layer, rule, args, kwargs, z, saved[0] if saved else None))
+        taps.append((layer, rule, args, kwargs, z, saved[0] if saved else None, None))
         return out
 
     def _loss_sum(self, y, y_pred, sample_weight, batch_size):
@@ -386,7 +396,9 @@ class FastEngine:
         batch_size = int(tree.flatten(x)[0].shape[0])
         if num_units != batch_size:
             raise FastPathUnsupported(
-                "The fast path clips every example on its own (num_microbatches=None).",
+                "The fast path clips every example on its own (num_microbatches=None, or "
+                f"equal to the batch size). Received: {num_units} clipping units in a batch "
+                f"of {batch_size}",
                 layer_paths=[],
             )
         keep = None if unit_mask is None else to_tensor(unit_mask) > 0
@@ -446,7 +458,10 @@ class FastEngine:
                 if self._graph is not None:
                     y_pred = self._run_graph(self._graph, x, taps)
                 else:
-                    y_pred = self._composite_call(self._model, (x,), {"training": True}, taps)
+                    with layout_preserving_ops():
+                        y_pred = self._composite_call(
+                            self._model, (x,), {"training": True}, taps
+                        )
                 loss = self._loss_sum(y, y_pred, sample_weight, batch_size)
             if scope.losses:
                 raise FastPathUnsupported(
@@ -463,6 +478,10 @@ class FastEngine:
                 grads, full = grads[: len(zs)], grads[len(zs) :]
         with torch.no_grad():
             grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zs)]
+            grads = [
+                g if tap[6] is None else g.mul_(tap[6](tap[4].detach()))
+                for g, tap in zip(grads, taps)
+            ]
             if loss_scale != 1.0:  # in place: these are large, fresh tensors
                 grads = [g.div_(loss_scale) for g in grads]
             if keep is not None:

@@ -9,14 +9,25 @@ Inside the DP step the fast engine therefore runs these layers on the view:
 the numbers are exactly those of the Keras layer (max and mean of the same
 windows), the Keras layer object is not touched, and layers or settings not
 listed here go through their own Keras call.
+
+Layers the engine does not call itself (inside a subclassed model or a
+walked block) reach the same views through `layout_preserving_ops()`, a
+context that swaps Keras's torch `max_pool`, `average_pool` and `conv` for
+versions that work on the views when the call is channels_last (pooling
+with "valid" padding, convolution with "valid" or "same"), and call Keras's
+own otherwise; restored on exit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import types
+from collections.abc import Callable, Iterator
 
 import keras
 import torch
+from keras.src import backend as keras_backend
+from keras.src.backend.torch import nn as keras_torch_nn
 
 _MAX = {
     keras.layers.MaxPooling1D: torch.nn.functional.max_pool1d,
@@ -56,3 +67,95 @@ def layout_preserving_forward(layer) -> Callable[[torch.Tensor], torch.Tensor] |
         return pooled.movedim(1, -1)
 
     return forward
+
+
+def _pool_on_view(original, pools):
+    def pool(inputs, pool_size, strides=None, padding="valid", data_format=None):
+        data_format = keras_backend.standardize_data_format(data_format)
+        spatial = getattr(inputs, "ndim", 0) - 2
+        if (
+            not isinstance(inputs, torch.Tensor)
+            or padding != "valid"
+            or data_format != "channels_last"
+            or spatial not in pools
+        ):
+            return original(inputs, pool_size, strides, padding, data_format)
+        size = (pool_size,) * spatial if isinstance(pool_size, int) else tuple(pool_size)
+        if strides is None:
+            strides = size
+        elif isinstance(strides, int):
+            strides = (strides,) * spatial
+        pooled = pools[spatial](inputs.movedim(-1, 1), kernel_size=size, stride=tuple(strides))
+        return pooled.movedim(1, -1)
+
+    return pool
+
+
+def _conv_on_view(original):
+    from torchdp_keras.per_example.rules.conv import _CONV_FUNCTIONS, _pad_channels_last
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        data_format = keras_backend.standardize_data_format(data_format)
+        spatial = getattr(inputs, "ndim", 0) - 2
+        if (
+            not isinstance(inputs, torch.Tensor)
+            or not isinstance(kernel, torch.Tensor)
+            or padding not in ("valid", "same")
+            or data_format != "channels_last"
+            or spatial not in _CONV_FUNCTIONS
+        ):
+            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
+
+        def tuple_of(value):
+            return (value,) * spatial if isinstance(value, int) else tuple(value)
+
+        shape = types.SimpleNamespace(
+            padding=padding,
+            kernel_size=tuple(kernel.shape[:spatial]),
+            strides=tuple_of(strides),
+            dilation_rate=tuple_of(dilation_rate),
+        )
+        padded = _pad_channels_last(shape, inputs)
+        weight = kernel.permute(spatial + 1, spatial, *range(spatial))
+        out = _CONV_FUNCTIONS[spatial](
+            padded.movedim(-1, 1),
+            weight,
+            stride=shape.strides,
+            dilation=shape.dilation_rate,
+            groups=inputs.shape[-1] // kernel.shape[-2],
+        )
+        return out.movedim(1, -1)
+
+    return conv
+
+
+@contextlib.contextmanager
+def layout_preserving_ops() -> Iterator[None]:
+    """Keras's torch pooling and convolution ops keep channels_last views, inside the context.
+
+    The numbers are those of Keras's ops (max and mean of the same windows,
+    the same convolution up to the order of floating-point additions); the
+    originals are restored on exit, also on error.
+    """
+    originals = (keras_torch_nn.max_pool, keras_torch_nn.average_pool, keras_torch_nn.conv)
+    keras_torch_nn.conv = _conv_on_view(originals[2])
+    keras_torch_nn.max_pool = _pool_on_view(
+        originals[0],
+        {
+            1: torch.nn.functional.max_pool1d,
+            2: torch.nn.functional.max_pool2d,
+            3: torch.nn.functional.max_pool3d,
+        },
+    )
+    keras_torch_nn.average_pool = _pool_on_view(
+        originals[1],
+        {
+            1: torch.nn.functional.avg_pool1d,
+            2: torch.nn.functional.avg_pool2d,
+            3: torch.nn.functional.avg_pool3d,
+        },
+    )
+    try:
+        yield
+    finally:
+        keras_torch_nn.max_pool, keras_torch_nn.average_pool, keras_torch_nn.conv = originals

@@ -26,6 +26,46 @@ from torchdp_keras.ops.clip_noise import squared_row_norms
 Finish = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _relu_derivative(y):
+    return (y > 0).to(y.dtype)
+
+
+def _tanh_derivative(y):
+    return 1 - y * y
+
+
+def _sigmoid_derivative(y):
+    return y * (1 - y)
+
+
+def _elu_derivative(y):
+    return torch.where(y > 0, torch.ones_like(y), y + 1)
+
+
+def _softplus_derivative(y):
+    return -torch.expm1(-y)
+
+
+_OUTPUT_DERIVATIVES = {
+    keras.activations.relu: _relu_derivative,
+    keras.activations.tanh: _tanh_derivative,
+    keras.activations.sigmoid: _sigmoid_derivative,
+    keras.activations.elu: _elu_derivative,
+    keras.activations.softplus: _softplus_derivative,
+}
+
+
+def output_derivative(activation) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`f'(z)` written as a function of `y = f(z)`, for activations where it is one.
+
+    Autograd's own backward of these activations reads the output the same
+    way (tanh, sigmoid) or an equivalent sign (relu: z > 0 iff y > 0), so the
+    pre-activation gradient `dL/dy * f'(z)` formed from it is the one autograd
+    would give. None for other activations (gelu, silu, ...).
+    """
+    return _OUTPUT_DERIVATIVES.get(activation)
+
+
 class LayerRule(abc.ABC):
     """Fast per-example clipping for one layer type.
 
@@ -35,6 +75,16 @@ class LayerRule(abc.ABC):
     argument is the layer's input), with the batch on axis 0. `cache` is a
     dict private to one call of the layer in one step, which a rule can use to
     share work between `squared_norms` and `clipped_sums`.
+    """
+
+    activation_after_tap: bool = False
+    """True when the rule's `finish` is the layer's `activation` and nothing else.
+
+    A layer tapped from its finished output (a layer called inside a walked
+    block or a subclassed model) then needs no second forward when its
+    activation's derivative is a function of its output (relu, tanh,
+    sigmoid, elu, softplus): the engine taps the output and multiplies its
+    gradient by `output_derivative(activation)(output)`.
     """
 
     def supports(self, layer) -> bool:

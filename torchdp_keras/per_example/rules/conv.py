@@ -132,6 +132,8 @@ class ConvRule(LayerRule):
             wider layers are left to the per-layer per-example fallback.
     """
 
+    activation_after_tap = True
+
     def __init__(self, max_patch_size: int = 4096):
         self.max_patch_size = max_patch_size
 
@@ -184,6 +186,8 @@ class DepthwiseConvRule(LayerRule):
     per-example kernel, counting the clipped sum too and within the memory
     cap (each channel is a Dense-like product of its patches and gradients).
     """
+
+    activation_after_tap = True
 
     def __init__(self, max_patch_size: int = 4096):
         self.max_patch_size = max_patch_size

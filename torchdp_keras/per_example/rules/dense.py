@@ -91,6 +91,8 @@ def scaled_product_sum(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) 
 class DenseRule(LayerRule):
     """Kernel and bias of `Dense`; the activation is applied after the tap."""
 
+    activation_after_tap = True
+
     def supports(self, layer) -> bool:
         expected = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
         return (

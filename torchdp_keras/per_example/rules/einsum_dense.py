@@ -40,6 +40,8 @@ def expand_equation(equation: str, input_ndim: int) -> tuple[str, str, str]:
 class EinsumDenseRule(LayerRule):
     """Kernel and bias of `EinsumDense`; the activation is applied after the tap."""
 
+    activation_after_tap = True
+
     def supports(self, layer) -> bool:
         expected = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
         try:
