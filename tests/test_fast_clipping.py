@@ -982,3 +982,54 @@ def test_num_microbatches_equal_to_the_batch_takes_the_fast_path():
     model.compile(optimizer="sgd", loss="mse")
     model.train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 3), "float32"))
     assert model.clipping_plan().engine == "fast"
+
+
+def _randomise_lora(model, rng):
+    for layer in model._flatten_layers():
+        if getattr(layer, "lora_enabled", False):
+            names = ("lora_kernel_a", "lora_kernel_b", "lora_embeddings_a", "lora_embeddings_b")
+            for name in names:
+                weight = getattr(layer, name, None)
+                if weight is not None:
+                    weight.assign(rng.normal(size=weight.shape) * 0.3)
+
+
+@pytest.mark.parametrize("case", ["dense", "dense_sequence", "einsum_attention", "embedding"])
+def test_lora_factors_take_the_fast_path_and_match_the_per_example_engine(case, float64):
+    """Keras's enable_lora: W frozen, the factors A and B (and the bias) trained."""
+    rng = np.random.default_rng(11)
+    if case == "embedding":
+        inputs = keras.Input((7,), dtype="int32")
+        lora = layers.Embedding(9, 6, name="lora")
+        h = layers.Flatten()(lora(inputs))
+        x = rng.integers(0, 9, size=(BATCH, 7)).astype("int32")  # repeated ids
+    elif case == "einsum_attention":
+        inputs = keras.Input((5, 6))
+        attention = layers.MultiHeadAttention(2, 3, name="mha")
+        h = layers.Flatten()(attention(inputs, inputs))
+        lora = None
+        x = rng.normal(size=(BATCH, 5, 6))
+    else:
+        shape = (6,) if case == "dense" else (4, 6)
+        inputs = keras.Input(shape)
+        lora = layers.Dense(5, activation="tanh", name="lora")
+        h = layers.Flatten()(lora(inputs))
+        x = rng.normal(size=(BATCH, *shape))
+    model = tdk.DPModel(
+        inputs=inputs, outputs=layers.Dense(3)(h), l2_norm_clip=1.0, noise_multiplier=0.0
+    )
+    if case == "einsum_attention":
+        attention.query_dense.enable_lora(2)
+        attention.value_dense.enable_lora(2, lora_alpha=4)
+        lora_layers = [attention.query_dense, attention.value_dense]
+    else:
+        lora.enable_lora(2, lora_alpha=3)
+        lora_layers = [lora]
+    _randomise_lora(model, rng)
+    model.compile(optimizer="sgd", loss="mse")
+    fast, _ = _engines(model)
+    assert not fast.slow_layers
+    frozen = {id(layer._kernel if hasattr(layer, "_kernel") else layer._embeddings)
+              for layer in lora_layers}
+    assert not frozen & {id(w) for w in model.trainable_weights}
+    _compare(model, x, rng.normal(size=(BATCH, 3)), tol=1e-6)

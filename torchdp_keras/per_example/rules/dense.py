@@ -88,17 +88,54 @@ def scaled_product_sum(a: torch.Tensor, g: torch.Tensor, factors: torch.Tensor) 
     return torch.mm(a.reshape(-1, a.shape[-1]).t(), g.reshape(-1, g.shape[-1]))
 
 
+def lora_variables(layer) -> tuple:
+    """The LoRA factor variables (A, B) of a Dense, EinsumDense or Embedding layer."""
+    if hasattr(layer, "lora_kernel_a"):
+        return layer.lora_kernel_a, layer.lora_kernel_b
+    return layer.lora_embeddings_a, layer.lora_embeddings_b
+
+
+def lora_factors(layer, dtype):
+    """`(A, B, s)` of a LoRA-enabled layer: its kernel is `W + s A B`, s = alpha / rank."""
+    scale = layer.lora_alpha / layer.lora_rank
+    a, b = lora_variables(layer)
+    return a.value.to(dtype), b.value.to(dtype), scale
+
+
+def trainable_parts(layer, kernel, extra: dict) -> dict | None:
+    """Names of `layer.trainable_weights` among `kernel`, bias and the LoRA factors.
+
+    Returns `{name: variable}` in the order of `layer.trainable_weights`, or
+    None when a trainable weight is none of these (the rule declines).
+    """
+    known = {"kernel": kernel, "bias": getattr(layer, "bias", None), **extra}
+    if getattr(layer, "lora_enabled", False):
+        a, b = lora_variables(layer)
+        known["lora_kernel_a"], known["lora_kernel_b"] = a, b
+    names = {id(v): name for name, v in known.items() if v is not None}
+    parts = {}
+    for weight in layer.trainable_weights:
+        if id(weight) not in names:
+            return None
+        parts[names[id(weight)]] = weight
+    return parts
+
+
 class DenseRule(LayerRule):
-    """Kernel and bias of `Dense`; the activation is applied after the tap."""
+    """Kernel and bias of `Dense`, and its LoRA factors; the activation follows the tap.
+
+    With `enable_lora(rank)` (Keras's LoRA: kernel `W + s A B`, W frozen),
+    example i's gradients are `s (a_i A)^T g_i` for B and `s a_i^T (g_i B^T)`
+    for A: two Dense-like products of rank r, clipped with the same ghost or
+    explicit formulas.
+    """
 
     activation_after_tap = True
 
     def supports(self, layer) -> bool:
-        expected = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
         return (
-            not getattr(layer, "lora_enabled", False)
-            and getattr(layer, "quantization_mode", None) is None
-            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
+            getattr(layer, "quantization_mode", None) is None
+            and trainable_parts(layer, getattr(layer, "_kernel", None), {}) is not None
         )
 
     def forward(self, layer, args, kwargs):
@@ -110,16 +147,40 @@ class DenseRule(LayerRule):
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
 
+    @staticmethod
+    def _lora_inputs(layer, a, g, cache):
+        """`(a A, g B^T, s)`, computed once per step."""
+        if "lora" not in cache:
+            lora_a, lora_b, scale = lora_factors(layer, g.dtype)
+            cache["lora"] = (torch.matmul(a, lora_a), torch.matmul(g, lora_b.t()), scale)
+        return cache["lora"]
+
     def squared_norms(self, layer, args, kwargs, grad, cache):
-        a, g = as_sequence(args[0]), as_sequence(grad)
-        norms = matmul_squared_norms(a.to(g.dtype), g, cache)
-        if layer.bias is not None:
+        a, g = as_sequence(args[0]).to(grad.dtype), as_sequence(grad)
+        parts = trainable_parts(layer, layer._kernel, {})
+        norms = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
+        if "kernel" in parts:
+            norms = norms + matmul_squared_norms(a, g, cache)
+        if "bias" in parts:
             norms = norms + sq_norm_rows(g.sum(dim=1))
+        if "lora_kernel_a" in parts or "lora_kernel_b" in parts:
+            xa, gb, scale = self._lora_inputs(layer, a, g, cache)
+            if "lora_kernel_a" in parts:
+                norms = norms + scale**2 * matmul_squared_norms(a, gb)
+            if "lora_kernel_b" in parts:
+                norms = norms + scale**2 * matmul_squared_norms(xa, g)
         return norms
 
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
         a, g = as_sequence(args[0]).to(grad.dtype), as_sequence(grad)
-        out = [clipped_product_sum(a, g, factors, cache)]
-        if layer.bias is not None:
-            out.append(torch.einsum("b,be->e", factors.to(g.dtype), g.sum(dim=1)))
+        out = []
+        for name in trainable_parts(layer, layer._kernel, {}):
+            if name == "kernel":
+                out.append(clipped_product_sum(a, g, factors, cache))
+            elif name == "bias":
+                out.append(torch.einsum("b,be->e", factors.to(g.dtype), g.sum(dim=1)))
+            else:
+                xa, gb, scale = self._lora_inputs(layer, a, g, cache)
+                pair = (a, gb) if name == "lora_kernel_a" else (xa, g)
+                out.append(scaled_product_sum(*pair, factors).mul_(scale))
         return out

@@ -11,6 +11,11 @@ book-keeping for the clipped sum. Equations with an axis shared by all three
 operands (a batched product inside the layer) use the explicit per-example
 kernel `einsum(a_i, g_i)`. The bias gradient of example i is its output
 gradient summed over the axes the bias is broadcast along.
+
+With Keras's LoRA (`enable_lora(rank)`: kernel `W + s A B`, A over the
+kernel's leading axes, B over its last), example i's per-example kernel
+gradient `G_i` is formed explicitly (B x the kernel's size) and the
+factors' gradients are `s G_i B^T` and `s A^T G_i` (leading axes flattened).
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ import torch
 from keras import ops
 
 from torchdp_keras.per_example.rules.base import LayerRule, is_linear, reduce_to_shape, sq_norm_rows
-from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
+from torchdp_keras.per_example.rules.dense import (
+    clipped_product_sum,
+    lora_factors,
+    matmul_squared_norms,
+    trainable_parts,
+)
 
 
 def expand_equation(equation: str, input_ndim: int) -> tuple[str, str, str]:
@@ -43,7 +53,6 @@ class EinsumDenseRule(LayerRule):
     activation_after_tap = True
 
     def supports(self, layer) -> bool:
-        expected = [layer.kernel] + ([layer.bias] if layer.bias is not None else [])
         try:
             inputs, kernel, output = layer.equation.replace(" ", "").replace("->", ",").split(",")
         except ValueError:
@@ -55,9 +64,8 @@ class EinsumDenseRule(LayerRule):
             and output.startswith(batch)
             and batch not in kernel
             and all(c in inputs or c in output for c in kernel)
-            and not getattr(layer, "lora_enabled", False)
             and getattr(layer, "quantization_mode", None) is None
-            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
+            and trainable_parts(layer, getattr(layer, "_kernel", None), {}) is not None
         )
 
     def forward(self, layer, args, kwargs):
@@ -110,30 +118,73 @@ class EinsumDenseRule(LayerRule):
     def _bias_grads(self, layer, g):
         return reduce_to_shape(g, tuple(layer.bias.shape))
 
+    def _per_example_kernel(self, layer, a, g, cache):
+        """(B, *kernel.shape): every example's kernel gradient, explicitly."""
+        if "per_example_kernel" in cache:
+            return cache["per_example_kernel"]
+        matrices = self._matrices(layer, a, g, cache)
+        if matrices is None:
+            return self._explicit(layer, a, g, cache)
+        am, gm, permutation = matrices
+        per_example = torch.bmm(am.transpose(1, 2), gm).reshape(
+            g.shape[0], *cache["kernel_shape"]
+        )
+        per_example = per_example.permute(0, *[1 + p for p in permutation])
+        cache["per_example_kernel"] = per_example
+        return per_example
+
+    def _lora_grads(self, layer, a, g, cache) -> dict:
+        """Per-example gradients of the LoRA factors (kernel `W + s A B` over its last axis)."""
+        if "lora" not in cache:
+            kernel = self._per_example_kernel(layer, a, g, cache)
+            flat = kernel.reshape(kernel.shape[0], -1, kernel.shape[-1])  # (B, M, e)
+            lora_a, lora_b, scale = lora_factors(layer, g.dtype)
+            a_flat = lora_a.reshape(-1, lora_a.shape[-1])  # (M, r)
+            cache["lora"] = {
+                "lora_kernel_a": torch.matmul(flat, lora_b.t()).mul_(scale),  # (B, M, r)
+                "lora_kernel_b": torch.matmul(a_flat.t(), flat).mul_(scale),  # (B, r, e)
+            }
+        return cache["lora"]
+
     def squared_norms(self, layer, args, kwargs, grad, cache):
         a = torch.as_tensor(args[0]).to(grad.dtype)
-        matrices = self._matrices(layer, a, grad, cache)
-        if matrices is None:
-            norms = sq_norm_rows(self._explicit(layer, a, grad, cache))
-        else:
-            am, gm, _ = matrices
-            norms = matmul_squared_norms(am, gm, cache)
-        if layer.bias is not None:
+        parts = trainable_parts(layer, layer._kernel, {})
+        norms = torch.zeros(grad.shape[0], dtype=torch.float64, device=grad.device)
+        if "kernel" in parts:
+            matrices = self._matrices(layer, a, grad, cache)
+            if matrices is None:
+                norms = norms + sq_norm_rows(self._explicit(layer, a, grad, cache))
+            else:
+                am, gm, _ = matrices
+                norms = norms + matmul_squared_norms(am, gm, cache)
+        if "bias" in parts:
             norms = norms + sq_norm_rows(self._bias_grads(layer, grad))
+        if getattr(layer, "lora_enabled", False):
+            lora = self._lora_grads(layer, a, grad, cache)
+            for name in ("lora_kernel_a", "lora_kernel_b"):
+                if name in parts:
+                    norms = norms + sq_norm_rows(lora[name])
         return norms
 
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
         a = torch.as_tensor(args[0]).to(grad.dtype)
-        matrices = self._matrices(layer, a, grad, cache)
-        if matrices is None:
-            per_example = self._explicit(layer, a, grad, cache)
-            kernel = torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
-        else:
-            am, gm, permutation = matrices
-            kernel = clipped_product_sum(am, gm, factors, cache)
-            kernel = kernel.reshape(cache["kernel_shape"]).permute(permutation)
-        out = [kernel.reshape(tuple(layer.kernel.shape))]
-        if layer.bias is not None:
-            bias = self._bias_grads(layer, grad)
-            out.append(torch.tensordot(factors.to(bias.dtype), bias, dims=1))
+        out = []
+        for name, weight in trainable_parts(layer, layer._kernel, {}).items():
+            if name == "kernel":
+                matrices = self._matrices(layer, a, grad, cache)
+                if matrices is None:
+                    per_example = self._explicit(layer, a, grad, cache)
+                    kernel = torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
+                else:
+                    am, gm, permutation = matrices
+                    kernel = clipped_product_sum(am, gm, factors, cache)
+                    kernel = kernel.reshape(cache["kernel_shape"]).permute(permutation)
+                out.append(kernel.reshape(tuple(weight.shape)))
+            elif name == "bias":
+                bias = self._bias_grads(layer, grad)
+                out.append(torch.tensordot(factors.to(bias.dtype), bias, dims=1))
+            else:
+                per_example = self._lora_grads(layer, a, grad, cache)[name]
+                total = torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
+                out.append(total.reshape(tuple(weight.shape)))
         return out
