@@ -1033,3 +1033,58 @@ def test_lora_factors_take_the_fast_path_and_match_the_per_example_engine(case, 
               for layer in lora_layers}
     assert not frozen & {id(w) for w in model.trainable_weights}
     _compare(model, x, rng.normal(size=(BATCH, 3)), tol=1e-6)
+
+
+@pytest.mark.parametrize("units", [1, 2, 3])
+@pytest.mark.parametrize("case", ["dense", "embedding_einsum", "fallback_lora"])
+def test_num_microbatches_on_the_fast_path_match_the_per_example_engine(case, units, float64):
+    """A unit is a group of consecutive examples: its loss the group's mean, its
+    gradient the sum of the group's, clipped as one."""
+    rng = np.random.default_rng(21)
+    if case == "dense":
+        inputs = keras.Input((4, 5))
+        h = layers.Dense(6, activation="relu")(inputs)
+        outputs = layers.Dense(3)(layers.Flatten()(h))
+        x = rng.normal(size=(BATCH, 4, 5))
+    elif case == "embedding_einsum":
+        inputs = keras.Input((5,), dtype="int32")
+        h = layers.Embedding(7, 4)(inputs)
+        h = layers.EinsumDense("btc,cde->btde", output_shape=(5, 2, 3), bias_axes="de")(h)
+        outputs = layers.Dense(3)(layers.Flatten()(h))
+        x = rng.integers(0, 7, size=(BATCH, 5)).astype("int32")
+    else:
+        inputs = keras.Input((5,))
+        lora = layers.Dense(4, name="lora")
+        h = Scale(name="scale")(lora(inputs))
+        outputs = layers.Dense(3)(h)
+        x = rng.normal(size=(BATCH, 5))
+    model = tdk.DPModel(inputs=inputs, outputs=outputs, l2_norm_clip=1.0, noise_multiplier=0.0)
+    if case == "fallback_lora":
+        lora.enable_lora(2)
+        _randomise_lora(model, rng)
+    model.compile(optimizer="sgd", loss="mse")
+    y = rng.normal(size=(BATCH, 3))
+    fast = FastEngine(
+        model, make_default_layer_registry(), fallback=tdk.per_example.PerExampleGradientRule()
+    )
+    vmap = VmapEngine(model)
+    kwargs = dict(num_units=units, l2_norm_clip=0.05, rng_seed=0)
+    a = fast.clipped_batch(x, y, None, **kwargs)
+    b = vmap.clipped_batch(x, y, None, **kwargs)
+    assert a.unit_norms.shape == (units,)
+    np.testing.assert_allclose(a.unit_norms.numpy(), b.unit_norms.numpy(), rtol=1e-6)
+    for s, t in zip(a.summed, b.summed):
+        np.testing.assert_allclose(s.numpy(), t.numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(float(a.loss_sum), float(b.loss_sum), rtol=1e-6)
+
+
+def test_num_microbatches_with_a_rule_that_cannot_group_uses_the_per_example_engine(caplog):
+    model = tdk.DPSequential(
+        [keras.Input((6, 6, 1)), layers.Conv2D(2, 3), layers.Flatten(), layers.Dense(2)],
+        l2_norm_clip=1.0, noise_multiplier=0.0, num_microbatches=2,
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    with caplog.at_level(logging.WARNING):
+        model.train_on_batch(np.ones((4, 6, 6, 1), "float32"), np.zeros((4, 2), "float32"))
+    plan = model.clipping_plan()
+    assert plan.engine == "vmap" and "cannot clip groups of examples" in plan.reason

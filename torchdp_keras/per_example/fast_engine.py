@@ -394,13 +394,13 @@ class FastEngine:
             lambda t: None if t is None else to_tensor(t), (x, y, sample_weight)
         )
         batch_size = int(tree.flatten(x)[0].shape[0])
-        if num_units != batch_size:
+        if num_units < 1 or batch_size % num_units:
             raise FastPathUnsupported(
-                "The fast path clips every example on its own (num_microbatches=None, or "
-                f"equal to the batch size). Received: {num_units} clipping units in a batch "
-                f"of {batch_size}",
+                f"Expected a batch of a multiple of {num_units} examples (num_microbatches). "
+                f"Received: a batch of {batch_size}",
                 layer_paths=[],
             )
+        group = batch_size // num_units  # examples per clipping unit
         keep = None if unit_mask is None else to_tensor(unit_mask) > 0
         device = self._trainable[0].value.device
         first_pass = None
@@ -418,7 +418,9 @@ class FastEngine:
                     num_nonfinite=int(first_pass.num_nonfinite),
                 )
             with per_example_call_context(device, rng_seed):
-                result = self._clipped_batch(*masked, batch_size, keep, l2_norm_clip, loss_scale)
+                result = self._clipped_batch(
+                    *masked, batch_size, num_units, keep, l2_norm_clip, loss_scale
+                )
             bad = ~torch.isfinite(result.unit_norms)
             if not bool(bad.any()):
                 if first_pass is None:
@@ -435,13 +437,16 @@ class FastEngine:
             # rows zeroed), with the same random-layer seed, so that the other
             # examples are computed exactly as before.
             first_pass = dataclasses.replace(result, num_nonfinite=int(bad.sum()))
-            keep = ~bad if keep is None else keep & ~bad
+            good = (~bad).repeat_interleave(group)  # every example of a bad unit
+            keep = good if keep is None else keep & good
         raise RuntimeError(  # not reachable: the excluded rows are copies of finite ones
             "torchdp_keras: the fast clipping path still produced non-finite per-example "
             "norms after excluding the non-finite examples."
         )
 
-    def _clipped_batch(self, x, y, sample_weight, batch_size, keep, l2_norm_clip, loss_scale):
+    def _clipped_batch(
+        self, x, y, sample_weight, batch_size, units, keep, l2_norm_clip, loss_scale
+    ):
         taps: list = []
         # On the first step every trainable weight is read through a fresh leaf
         # tensor, whose gradient is the weight's full gradient (every use).
@@ -463,6 +468,8 @@ class FastEngine:
                             self._model, (x,), {"training": True}, taps
                         )
                 loss = self._loss_sum(y, y_pred, sample_weight, batch_size)
+                if units != batch_size:  # a unit's loss is the mean over its examples
+                    loss = loss / (batch_size // units)
             if scope.losses:
                 raise FastPathUnsupported(
                     "The forward pass adds losses with add_loss (activity regularizers).",
@@ -493,13 +500,14 @@ class FastEngine:
                 {WORKSPACE_KEY: self._workspaces.setdefault(id(tap[0]), {}), SAVED_KEY: tap[5]}
                 for tap in taps
             ]
+            views = [self._unit_view(tap, g, units, batch_size) for tap, g in zip(taps, grads)]
             sq_norms = None
-            for (layer, rule, args, kwargs, *_), g, cache in zip(taps, grads, caches):
+            for (layer, rule, args, kwargs, g), cache in zip(views, caches):
                 part = rule.squared_norms(layer, args, kwargs, g, cache)
                 sq_norms = part if sq_norms is None else sq_norms + part
             factors = clip_factors(sq_norms, l2_norm_clip)
             sums: dict[int, torch.Tensor] = {}
-            for (layer, rule, args, kwargs, *_), g, cache in zip(taps, grads, caches):
+            for (layer, rule, args, kwargs, g), cache in zip(views, caches):
                 for weight, total in zip(
                     layer.trainable_weights,
                     rule.clipped_sums(layer, args, kwargs, g, factors, cache),
@@ -509,7 +517,8 @@ class FastEngine:
                 sums[id(v)] if id(v) in sums else torch.zeros_like(v.value) for v in self._trainable
             ]
             if full is not None and bool(torch.isfinite(sq_norms).all()):
-                self._verify(taps, grads, caches, full, loss_scale, keep)
+                unit_keep = None if keep is None else keep.view(units, -1).any(dim=1)
+                self._verify(views, caches, full, loss_scale, unit_keep)
             self._advance_seed_states(scope)
         y_pred = tree.map_structure(
             lambda t: t.detach() if isinstance(t, torch.Tensor) else t, y_pred
@@ -522,7 +531,22 @@ class FastEngine:
             loss_sum=loss.detach() if keep is None or bool(keep.any()) else loss.new_zeros(()),
         )
 
-    def _verify(self, taps, grads, caches, full, loss_scale, keep) -> None:
+    def _unit_view(self, tap, grad, units: int, batch_size: int) -> tuple:
+        """`(layer, rule, args, kwargs, grad)` with one row per clipping unit."""
+        layer, rule, args, kwargs = tap[:4]
+        if units == batch_size:
+            return layer, rule, args, kwargs, grad
+        view = rule.fold_units(layer, args, kwargs, grad, units)
+        if view is None:
+            path = self._paths.get(id(layer), layer.name)
+            raise FastPathUnsupported(
+                f"Layer {path} ({type(layer).__name__}): its rule cannot clip groups of "
+                f"examples (num_microbatches={units} with batches of {batch_size}).",
+                layer_paths=[path],
+            )
+        return (layer, rule, *view)
+
+    def _verify(self, views, caches, full, loss_scale, keep) -> None:
         """The taps' unclipped sums must be autograd's full gradient of every weight.
 
         A weight that the model also uses outside the call of the layer that
@@ -531,11 +555,12 @@ class FastEngine:
         per-example norms would be undercounted. Such a model is refused (the
         "auto" mode then uses the per-example engine), naming the weights.
         """
-        ones = torch.ones(grads[0].shape[0] if grads else 0, dtype=torch.float64)
+        device = views[0][4].device if views else None
+        ones = torch.ones(views[0][4].shape[0] if views else 0, dtype=torch.float64, device=device)
         if keep is not None:
             ones = keep.to(torch.float64)
         sums: dict[int, torch.Tensor] = {}
-        for (layer, rule, args, kwargs, *_), g, cache in zip(taps, grads, caches):
+        for (layer, rule, args, kwargs, g), cache in zip(views, caches):
             for weight, total in zip(
                 layer.trainable_weights, rule.clipped_sums(layer, args, kwargs, g, ones, cache)
             ):

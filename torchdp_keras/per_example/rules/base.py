@@ -114,6 +114,18 @@ class LayerRule(abc.ABC):
         """
         return None
 
+    def fold_units(self, layer, args: tuple, kwargs: dict, grad: torch.Tensor, units: int):
+        """`(args, kwargs, grad)` seen as `units` groups of consecutive examples, or None.
+
+        For `num_microbatches`: a unit's gradient is the sum of its examples'
+        gradients. A rule that can see a group as one example with a longer
+        sequence (Dense: (B, T, d) -> (units, B/units * T, d)) returns that
+        view, and its `squared_norms` and `clipped_sums` then give the
+        groups' norms and sums unchanged. None (the default): the rule cannot,
+        and the model takes the per-example engine for such batches.
+        """
+        return None
+
     @abc.abstractmethod
     def squared_norms(
         self, layer, args: tuple, kwargs: dict, grad: torch.Tensor, cache: dict
@@ -192,6 +204,16 @@ def reduce_to_shape(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def as_sequence(t: torch.Tensor) -> torch.Tensor:
     """Reshapes `(B, ..., F)` into `(B, T, F)` (T = 1 for 2-D inputs)."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def fold_rows(t: torch.Tensor, units: int, keep_last: int = 1) -> torch.Tensor:
+    """(B, ..., *last) -> (units, B/units * ..., *last): groups of rows as one longer row.
+
+    `keep_last` trailing axes are kept as they are (features); everything
+    between the batch axis and them is merged with the group.
+    """
+    tail = tuple(t.shape[t.ndim - keep_last :]) if keep_last else ()
+    return t.reshape(units, -1, *tail)
 
 
 def sq_norm_rows(t: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from keras import ops
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
     as_sequence,
+    fold_rows,
     identity,
     is_linear,
     scratch,
@@ -146,6 +147,10 @@ class DenseRule(LayerRule):
 
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
+
+    def fold_units(self, layer, args, kwargs, grad, units):
+        x = torch.as_tensor(args[0])
+        return (fold_rows(x, units), *args[1:]), kwargs, fold_rows(grad, units)
 
     @staticmethod
     def _lora_inputs(layer, a, g, cache):

@@ -77,6 +77,16 @@ class EinsumDenseRule(LayerRule):
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
 
+    def fold_units(self, layer, args, kwargs, grad, units):
+        # A group folds into the first free axis (a sequence axis right after
+        # the batch axis in both input and output), when there is one.
+        a = torch.as_tensor(args[0])
+        inputs, kernel, output = expand_equation(layer.equation, a.ndim)
+        if len(inputs) < 2 or len(output) < 2 or inputs[1] != output[1] or inputs[1] in kernel:
+            return None
+        folded_a = a.reshape(units, -1, *a.shape[2:])
+        return (folded_a, *args[1:]), kwargs, grad.reshape(units, -1, *grad.shape[2:])
+
     @staticmethod
     def _matrices(layer, a, g, cache):
         """(B, T, C) and (B, T, D) views of input and gradient, or None (triple axes)."""

@@ -16,6 +16,7 @@ from keras import ops
 
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
+    fold_rows,
     identity,
     scratch,
     sq_norm_rows,
@@ -78,6 +79,10 @@ class EmbeddingRule(LayerRule):
 
     def tap_output(self, layer, output):
         return output
+
+    def fold_units(self, layer, args, kwargs, grad, units):
+        ids = torch.as_tensor(args[0])
+        return (fold_rows(ids, units, keep_last=0), *args[1:]), kwargs, fold_rows(grad, units)
 
     @staticmethod
     def _lora(layer, ids, g, cache):

@@ -75,6 +75,11 @@ class PerExampleGradientRule(LayerRule):
 
         return z, finish, (shapes, sizes)
 
+    def fold_units(self, layer, args, kwargs, grad, units):
+        # The tap's gradient rows are the per-example gradients: a group's
+        # gradient is their sum.
+        return args, kwargs, grad.reshape(units, -1, grad.shape[-1]).sum(dim=1)
+
     def squared_norms(self, layer, args, kwargs, grad, cache):
         return sq_norm_rows(grad)
 
