@@ -1088,3 +1088,27 @@ def test_num_microbatches_with_a_rule_that_cannot_group_uses_the_per_example_eng
         model.train_on_batch(np.ones((4, 6, 6, 1), "float32"), np.zeros((4, 2), "float32"))
     plan = model.clipping_plan()
     assert plan.engine == "vmap" and "cannot clip groups of examples" in plan.reason
+
+
+def test_a_frozen_block_whose_lora_projections_train_is_walked(float64):
+    """keras_hub's enable_lora sets trainable=False on the attention layer while its
+    LoRA-enabled projections train: the engine follows the weights the optimizer trains."""
+    rng = np.random.default_rng(3)
+    inputs = keras.Input((5, 6))
+    attention = layers.MultiHeadAttention(2, 3, name="mha")
+    h = layers.LayerNormalization(name="norm")(attention(inputs, inputs))
+    model = tdk.DPModel(
+        inputs=inputs, outputs=layers.Dense(3)(layers.Flatten()(h)),
+        l2_norm_clip=1.0, noise_multiplier=0.0,
+    )
+    attention.trainable = False  # keras_hub's Backbone.enable_lora: freeze, then
+    attention.query_dense.trainable = True  # unfreeze the targets and enable LoRA
+    attention.query_dense.enable_lora(2)
+    _randomise_lora(model, rng)
+    assert attention.trainable_weights == []
+    lora = {id(attention.query_dense.lora_kernel_a), id(attention.query_dense.lora_kernel_b)}
+    assert lora <= {id(w) for w in model.trainable_variables}
+    model.compile(optimizer="sgd", loss="mse")
+    fast, _ = _engines(model)
+    assert any(path.endswith("mha/query") for path, _, _ in fast.plan)
+    _compare(model, rng.normal(size=(BATCH, 5, 6)), rng.normal(size=(BATCH, 3)), tol=1e-6)

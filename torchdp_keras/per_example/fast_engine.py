@@ -145,8 +145,12 @@ class FastEngine:
         self._paths: dict[int, str] = {}
         # Per-layer scratch tensors reused from step to step (see rules.base.scratch).
         self._workspaces: dict[int, dict] = {}
+        # The weights the optimizer trains. A layer's own `trainable_weights` can
+        # miss some: keras_hub's enable_lora freezes an attention layer whose
+        # LoRA-enabled projections still train.
+        self._trained_ids = {id(v) for v in model.trainable_variables}
         for layer, uses in entries:
-            weights = getattr(layer, "trainable_weights", None)  # keras ops have none
+            weights = self._trained(layer)
             if not weights:
                 forward = layout_preserving_forward(layer)
                 if forward is not None:
@@ -186,15 +190,15 @@ class FastEngine:
         model, a block of layers); recurrent layers, which call their cell
         once per time step, are not walked.
         """
-        weights = layer.trainable_weights
+        weights = self._trained(layer)
         rule = registry.lookup(layer)
         if rule is None or isinstance(rule, SublayerRule):
             children = [
                 child
                 for child in layer._flatten_layers(include_self=False, recursive=False)
-                if child.trainable_weights
+                if self._trained(child)
             ]
-            owned = [id(w) for child in children for w in child.trainable_weights]
+            owned = [id(w) for child in children for w in self._trained(child)]
             exact = (
                 bool(children)
                 and sorted(owned) == sorted(id(w) for w in weights)
@@ -227,6 +231,11 @@ class FastEngine:
             rule = fallback
             how = "per-layer per-example gradients (no rule in the registry)"
             self.slow_layers.append(f"{path} ({type(layer).__name__})")
+        if [id(w) for w in weights] != [id(w) for w in layer.trainable_weights]:
+            problems.append(
+                (path, f"{type(layer).__name__}: trainable=False, but weights of it are trained")
+            )
+            return
         reused = [w.path for w in weights if id(w) in covered]
         if reused:
             problems.append((path, f"weights used by another layer too: {', '.join(reused)}"))
@@ -236,6 +245,16 @@ class FastEngine:
         self.plan.append((path, type(layer).__name__, how))
         covered.update(id(w) for w in weights)
         leaves.append(layer)
+
+    def _trained(self, layer) -> list:
+        """The weights of `layer` (its own and its sublayers') that the optimizer trains."""
+        seen: set[int] = set()
+        out = []
+        for weight in getattr(layer, "weights", ()):
+            if id(weight) in self._trained_ids and id(weight) not in seen:
+                seen.add(id(weight))
+                out.append(weight)
+        return out
 
     @property
     def variable_key(self) -> tuple[int, ...]:
