@@ -327,7 +327,8 @@ def test_sublayer_rule_refuses_sublayers_called_twice_or_weights_read_directly()
     class TwiceDense(layers.Layer):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.inner = layers.Dense(4, name="inner")
+            # A rule without shared uses (Dense has them: see the shared-weights tests).
+            self.inner = layers.LayerNormalization(name="inner")
 
         def call(self, x):
             return self.inner(self.inner(x))
@@ -552,7 +553,7 @@ def test_updates_are_identical_across_modes(graph):
 
 def _shared_model(mode):
     inputs = keras.Input((4,))
-    shared = layers.Dense(4, name="shared")
+    shared = layers.LayerNormalization(name="shared")  # a rule without shared uses
     outputs = layers.Dense(1)(shared(shared(inputs)))
     model = tdk.DPModel(
         inputs=inputs,
@@ -567,7 +568,9 @@ def _shared_model(mode):
 
 
 def test_shared_layers_are_refused_by_fast_and_routed_to_vmap_by_auto(caplog):
-    with pytest.raises(UnsupportedLayerError, match=r"twice/shared \(Dense\): called 2 times"):
+    with pytest.raises(
+        UnsupportedLayerError, match=r"twice/shared \(LayerNormalization\): called 2 times"
+    ):
         _shared_model("fast").train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 1)))
     auto, vmap = _shared_model("auto"), _shared_model("vmap")
     vmap.set_weights(auto.get_weights())
@@ -741,9 +744,11 @@ class _ReadsAWeightDirectly(keras.Model):
 
 
 class _CallsALayerTwice(keras.Model):
+    """A layer whose rule cannot merge uses (Dense can: see the shared-weights tests)."""
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.dense = layers.Dense(4, name="dense")
+        self.dense = layers.LayerNormalization(name="dense")
 
     def call(self, x):
         return self.dense(self.dense(x))
@@ -929,7 +934,7 @@ def test_clipping_plan_says_which_engine_clips_each_layer_and_why():
     twice.train_on_batch(np.ones((4, 4), "float32"), np.ones((4, 4), "float32"))
     plan = twice.clipping_plan()
     assert plan.engine == "vmap" and "t/dense ran 2 times" in plan.reason
-    assert plan.slow_layers == ("private_t/t/dense",)
+    assert plan.slow_layers == ("private_t/t/dense",)  # a LayerNormalization called twice
 
     inputs = keras.Input((3,))
     scaled = Scale(name="scale")(layers.Dense(2, name="dense")(inputs))
@@ -1112,3 +1117,57 @@ def test_a_frozen_block_whose_lora_projections_train_is_walked(float64):
     fast, _ = _engines(model)
     assert any(path.endswith("mha/query") for path, _, _ in fast.plan)
     _compare(model, rng.normal(size=(BATCH, 5, 6)), rng.normal(size=(BATCH, 3)), tol=1e-6)
+
+
+class _TiedLanguageModel(keras.Model):
+    """Tokens -> tied embedding -> Dense used twice -> the same embedding, reversed."""
+
+    def __init__(self, tie_weights=True, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = layers.ReversibleEmbedding(11, 4, tie_weights=tie_weights, name="embed")
+        self.mix = layers.Dense(4, activation="tanh", name="mix")
+
+    def call(self, ids):
+        h = self.embed(ids)
+        h = self.mix(self.mix(h) + h)  # one Dense, two uses
+        return self.embed(h, reverse=True)
+
+
+@pytest.mark.parametrize("units", [None, 2])
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_shared_weights_tied_embeddings_and_a_dense_used_twice_match_the_per_example_engine(
+    tie_weights, units, float64
+):
+    """The per-example gradient of a shared weight is the sum over its uses: the
+    cross terms between uses are in the norm (never undercounted)."""
+    rng = np.random.default_rng(17)
+    x = rng.integers(0, 11, size=(BATCH, 5)).astype("int32")
+    x[:, 3] = x[:, 1]  # repeated ids within examples
+    base = _TiedLanguageModel(tie_weights=tie_weights, name="lm")
+    base(x[:1])
+    model = tdk.make_private(base, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    y = rng.integers(0, 11, size=(BATCH, 5))
+    fast, vmap = _engines(model)
+    assert not fast.slow_layers
+    kwargs = dict(num_units=units or BATCH, l2_norm_clip=0.05, rng_seed=0)
+    a = fast.clipped_batch(x, y, None, **kwargs)
+    b = vmap.clipped_batch(x, y, None, **kwargs)
+    # rtol 1e-4: Keras's torch matmul rounds the float64 logits through float32.
+    np.testing.assert_allclose(a.unit_norms.numpy(), b.unit_norms.numpy(), rtol=1e-4)
+    for s_, t in zip(a.summed, b.summed):
+        np.testing.assert_allclose(s_.numpy(), t.numpy(), rtol=1e-4, atol=1e-8)
+
+
+def test_a_dense_shared_in_a_functional_graph_takes_the_fast_path(float64):
+    rng = np.random.default_rng(2)
+    inputs = keras.Input((4,))
+    shared = layers.Dense(4, activation="relu", name="shared")
+    outputs = layers.Dense(2)(shared(shared(inputs)))
+    model = tdk.DPModel(inputs=inputs, outputs=outputs, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(optimizer="sgd", loss="mse")
+    fast, _ = _engines(model)
+    assert not fast.slow_layers
+    _compare(model, rng.normal(size=(BATCH, 4)), rng.normal(size=(BATCH, 2)), tol=1e-6)

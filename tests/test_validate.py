@@ -14,12 +14,13 @@ DP = {"l2_norm_clip": 1.0, "noise_multiplier": 1.0}
 
 
 def _troubled_functional():
-    """BatchNormalization, a stateful RNN, a shared Dense and a rule-less layer."""
+    """BatchNormalization, a stateful RNN, a shared layer whose rule cannot share, and a
+    rule-less layer."""
     inputs = keras.Input((5, 3), batch_size=4)
     h = layers.SimpleRNN(6, stateful=True, return_sequences=True, name="rnn")(inputs)
     h = layers.BatchNormalization(name="bn")(h)
     h = layers.Flatten()(h)
-    shared = layers.Dense(4, name="shared")
+    shared = layers.LayerNormalization(name="shared")  # Dense could: its uses merge
     h = shared(layers.Dense(4, name="to_four")(h))
     h = shared(h)
     return keras.Model(inputs, Scale(name="scale")(h), name="net")
@@ -56,7 +57,7 @@ def test_clean_model_has_no_problems():
 
 def test_dp_model_construction_raises_the_same_complete_error():
     inputs = keras.Input((4,))
-    shared = layers.Dense(4, name="shared")
+    shared = layers.LayerNormalization(name="shared")
     h = layers.BatchNormalization(name="bn")(shared(shared(inputs)))
     with pytest.raises(UnsupportedLayerError) as info:
         tdk.DPModel(inputs=inputs, outputs=h, name="fn", clipping_mode="fast", **DP)

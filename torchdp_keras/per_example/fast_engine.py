@@ -157,7 +157,7 @@ class FastEngine:
                     self._layout_forwards[id(layer)] = forward
                 continue
             path = paths.get(id(layer), layer.name)
-            if uses > 1:
+            if uses > 1 and not self._shareable(layer, registry):
                 problems.append((path, f"called {uses} times: shared weights"))
                 continue
             self._assign_rule(layer, path, registry, fallback, problems, covered, [])
@@ -246,6 +246,12 @@ class FastEngine:
         covered.update(id(w) for w in weights)
         leaves.append(layer)
 
+    @staticmethod
+    def _shareable(layer, registry) -> bool:
+        """Whether `layer` may be called several times: its rule handles shared uses."""
+        rule = registry.lookup(layer)
+        return rule is not None and rule.supports_shared_uses
+
     def _trained(self, layer) -> list:
         """The weights of `layer` (its own and its sublayers') that the optimizer trains."""
         seen: set[int] = set()
@@ -316,7 +322,8 @@ class FastEngine:
         wrong = [
             f"{self._paths[id(leaf)]} ran {calls.get(id(leaf), 0)} times"
             for leaf in leaves
-            if calls.get(id(leaf)) != 1
+            if calls.get(id(leaf), 0) != 1
+            and not (calls.get(id(leaf), 0) > 1 and self._rules[id(leaf)].supports_shared_uses)
         ]
         if wrong:
             raise FastPathUnsupported(
@@ -515,21 +522,29 @@ class FastEngine:
                     torch.where(keep.view(-1, *[1] * (g.ndim - 1)), g, torch.zeros_like(g))
                     for g in grads
                 ]
-            caches = [
-                {WORKSPACE_KEY: self._workspaces.setdefault(id(tap[0]), {}), SAVED_KEY: tap[5]}
-                for tap in taps
-            ]
-            views = [self._unit_view(tap, g, units, batch_size) for tap, g in zip(taps, grads)]
+            # One entry per tapped layer: its uses (a shared layer has several).
+            groups: dict[int, list] = {}
+            for tap, g in zip(taps, grads):
+                groups.setdefault(id(tap[0]), []).append(
+                    self._unit_view(tap, g, units, batch_size)
+                )
+            entries = []
+            for uses in groups.values():
+                layer, rule = uses[0][0], uses[0][1]
+                cache = {
+                    WORKSPACE_KEY: self._workspaces.setdefault(id(layer), {}),
+                    SAVED_KEY: uses[0][5],
+                }
+                entries.append((layer, rule, [use[2:5] for use in uses], cache))
             sq_norms = None
-            for (layer, rule, args, kwargs, g), cache in zip(views, caches):
-                part = rule.squared_norms(layer, args, kwargs, g, cache)
+            for layer, rule, uses, cache in entries:
+                part = rule.use_squared_norms(layer, uses, cache)
                 sq_norms = part if sq_norms is None else sq_norms + part
             factors = clip_factors(sq_norms, l2_norm_clip)
             sums: dict[int, torch.Tensor] = {}
-            for (layer, rule, args, kwargs, g), cache in zip(views, caches):
+            for layer, rule, uses, cache in entries:
                 for weight, total in zip(
-                    layer.trainable_weights,
-                    rule.clipped_sums(layer, args, kwargs, g, factors, cache),
+                    layer.trainable_weights, rule.use_clipped_sums(layer, uses, factors, cache)
                 ):
                     sums[id(weight)] = total.to(weight.value.dtype)
             summed = [
@@ -537,7 +552,7 @@ class FastEngine:
             ]
             if full is not None and bool(torch.isfinite(sq_norms).all()):
                 unit_keep = None if keep is None else keep.view(units, -1).any(dim=1)
-                self._verify(views, caches, full, loss_scale, unit_keep)
+                self._verify(entries, full, loss_scale, unit_keep, factors)
             self._advance_seed_states(scope)
         y_pred = tree.map_structure(
             lambda t: t.detach() if isinstance(t, torch.Tensor) else t, y_pred
@@ -551,10 +566,10 @@ class FastEngine:
         )
 
     def _unit_view(self, tap, grad, units: int, batch_size: int) -> tuple:
-        """`(layer, rule, args, kwargs, grad)` with one row per clipping unit."""
+        """`(layer, rule, args, kwargs, grad, saved)` with one row per clipping unit."""
         layer, rule, args, kwargs = tap[:4]
         if units == batch_size:
-            return layer, rule, args, kwargs, grad
+            return layer, rule, args, kwargs, grad, tap[5]
         view = rule.fold_units(layer, args, kwargs, grad, units)
         if view is None:
             path = self._paths.get(id(layer), layer.name)
@@ -563,9 +578,9 @@ class FastEngine:
                 f"examples (num_microbatches={units} with batches of {batch_size}).",
                 layer_paths=[path],
             )
-        return (layer, rule, *view)
+        return (layer, rule, *view, tap[5])
 
-    def _verify(self, views, caches, full, loss_scale, keep) -> None:
+    def _verify(self, entries, full, loss_scale, keep, like) -> None:
         """The taps' unclipped sums must be autograd's full gradient of every weight.
 
         A weight that the model also uses outside the call of the layer that
@@ -574,14 +589,11 @@ class FastEngine:
         per-example norms would be undercounted. Such a model is refused (the
         "auto" mode then uses the per-example engine), naming the weights.
         """
-        device = views[0][4].device if views else None
-        ones = torch.ones(views[0][4].shape[0] if views else 0, dtype=torch.float64, device=device)
-        if keep is not None:
-            ones = keep.to(torch.float64)
+        ones = torch.ones_like(like) if keep is None else keep.to(like.dtype)
         sums: dict[int, torch.Tensor] = {}
-        for (layer, rule, args, kwargs, g), cache in zip(views, caches):
+        for layer, rule, uses, cache in entries:
             for weight, total in zip(
-                layer.trainable_weights, rule.clipped_sums(layer, args, kwargs, g, ones, cache)
+                layer.trainable_weights, rule.use_clipped_sums(layer, uses, ones, cache)
             ):
                 sums[id(weight)] = total.double()
         pairs = []

@@ -1,8 +1,13 @@
 """`LayerRegistry`: which layers the fast clipping path handles, and how.
 
 TF Privacy's `layer_registry` for Keras 3 on torch: a map from layer
-classes to `LayerRule`s. A rule is looked up by the exact class of a layer
-(a subclass may change `call`, so it must be registered on its own).
+classes to `LayerRule`s. A layer's rule is that of its class or, when its
+class does not define `call` itself, that of the nearest base class (a
+subclass that only renames or configures, like keras_hub's
+`ReversibleEmbedding`); a subclass that changes `call` needs its own.
+Classes of optional packages are registered by their import path
+("keras_hub.src...PositionEmbedding"), so that the package is never
+imported for it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from torchdp_keras.per_example.rules.dense import DenseRule
 from torchdp_keras.per_example.rules.einsum_dense import EinsumDenseRule
 from torchdp_keras.per_example.rules.embedding import EmbeddingRule
 from torchdp_keras.per_example.rules.normalization import NormalizationRule
+from torchdp_keras.per_example.rules.position_embedding import PositionEmbeddingRule
+from torchdp_keras.per_example.rules.reversible_embedding import ReversibleEmbeddingRule
 from torchdp_keras.per_example.rules.sublayers import SublayerRule
 
 
@@ -30,14 +37,22 @@ class LayerRegistry:
     """
 
     def __init__(self) -> None:
-        self._rules: dict[type, LayerRule] = {}
+        self._rules: dict[type | str, LayerRule] = {}
 
-    def insert(self, layer_class: type, rule: LayerRule) -> None:
-        """Registers `rule` for layers whose class is exactly `layer_class`."""
-        if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+    def insert(self, layer_class: type | str, rule: LayerRule) -> None:
+        """Registers `rule` for `layer_class` (and its subclasses that keep its `call`).
+
+        Args:
+            layer_class: A `keras.layers.Layer` subclass, or the import path
+                of one ("package.module.ClassName") in a package that need
+                not be installed.
+            rule: The `LayerRule`.
+        """
+        valid_class = isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)
+        if not valid_class and not (isinstance(layer_class, str) and "." in layer_class):
             raise DPConfigError(
-                f"Expected layer_class to be a keras.layers.Layer subclass. "
-                f"Received: layer_class={layer_class!r}"
+                f"Expected layer_class to be a keras.layers.Layer subclass or its import "
+                f"path. Received: layer_class={layer_class!r}"
             )
         if not isinstance(rule, LayerRule):
             raise DPConfigError(
@@ -48,10 +63,13 @@ class LayerRegistry:
     def lookup(self, layer: keras.layers.Layer) -> LayerRule | None:
         """The rule for this layer, or None if its class is not registered or
         the rule cannot handle this instance (e.g. a LoRA-enabled Dense)."""
-        rule = self._rules.get(type(layer))
-        if rule is None or not rule.supports(layer):
-            return None
-        return rule
+        for cls in type(layer).__mro__:
+            rule = self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
+            if rule is not None:
+                return rule if rule.supports(layer) else None
+            if "call" in vars(cls):  # this class computes differently from its bases
+                return None
+        return None
 
     def is_elem(self, layer: keras.layers.Layer) -> bool:
         """Whether `lookup(layer)` finds a rule."""
@@ -69,7 +87,8 @@ def make_default_layer_registry() -> LayerRegistry:
     Conv3D (through patches), DepthwiseConv1D, DepthwiseConv2D.
     Closed-form per-example gradients (as small as the weights):
     LayerNormalization, GroupNormalization, RMSNormalization. MultiHeadAttention through its
-    EinsumDense projections (`SublayerRule`). A rule that cannot handle an
+    EinsumDense projections (`SublayerRule`). ReversibleEmbedding (tied input and
+    output embedding, both uses) and keras_hub's PositionEmbedding. A rule that cannot handle an
     instance (grouped or channels_first convolutions, LoRA, quantized
     layers) leaves it to the per-layer per-example fallback of
     clipping_mode="auto", which logs it.
@@ -89,4 +108,11 @@ def make_default_layer_registry() -> LayerRegistry:
     registry.insert(keras.layers.GroupNormalization, normalization)
     registry.insert(keras.layers.RMSNormalization, normalization)
     registry.insert(keras.layers.MultiHeadAttention, SublayerRule())
+    reversible = getattr(keras.layers, "ReversibleEmbedding", None)  # Keras >= 3.12
+    if reversible is not None:
+        registry.insert(reversible, ReversibleEmbeddingRule())
+    registry.insert(
+        "keras_hub.src.layers.modeling.position_embedding.PositionEmbedding",
+        PositionEmbeddingRule(),
+    )
     return registry

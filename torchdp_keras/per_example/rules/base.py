@@ -114,6 +114,39 @@ class LayerRule(abc.ABC):
         """
         return None
 
+    supports_shared_uses: bool = False
+    """True when the rule clips a layer called several times per forward pass.
+
+    Example i's gradient of a shared weight is the sum over the uses, so its
+    norm has cross terms between uses. A rule that supports it implements
+    `merge_uses` (the uses seen as one call, e.g. Dense's sequences
+    concatenated) or overrides `use_squared_norms` and `use_clipped_sums`.
+    """
+
+    def merge_uses(self, layer, uses: list) -> tuple | None:
+        """`(args, kwargs, grad)` of one call equivalent to all `uses`, or None."""
+        return None
+
+    def use_squared_norms(self, layer, uses: list, cache: dict) -> torch.Tensor:
+        """Per-unit squared norms over all the calls `uses` ([(args, kwargs, grad)])."""
+        if len(uses) == 1:
+            return self.squared_norms(layer, *uses[0], cache)
+        return self.squared_norms(layer, *self._merged(layer, uses, cache), cache)
+
+    def use_clipped_sums(self, layer, uses: list, factors, cache: dict) -> list[torch.Tensor]:
+        """Clipped sums over all the calls `uses` ([(args, kwargs, grad)])."""
+        if len(uses) == 1:
+            return self.clipped_sums(layer, *uses[0], factors, cache)
+        return self.clipped_sums(layer, *self._merged(layer, uses, cache), factors, cache)
+
+    def _merged(self, layer, uses, cache):
+        if "merged_uses" not in cache:
+            merged = self.merge_uses(layer, uses)
+            if merged is None:
+                raise TypeError(f"{type(self).__name__} cannot clip a layer used several times.")
+            cache["merged_uses"] = merged
+        return cache["merged_uses"]
+
     def fold_units(self, layer, args: tuple, kwargs: dict, grad: torch.Tensor, units: int):
         """`(args, kwargs, grad)` seen as `units` groups of consecutive examples, or None.
 

@@ -148,9 +148,17 @@ class DenseRule(LayerRule):
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
 
+    supports_shared_uses = True
+
     def fold_units(self, layer, args, kwargs, grad, units):
         x = torch.as_tensor(args[0])
         return (fold_rows(x, units), *args[1:]), kwargs, fold_rows(grad, units)
+
+    def merge_uses(self, layer, uses):
+        # sum_u a_u^T g_u is one product of the uses' rows side by side.
+        a = torch.cat([as_sequence(torch.as_tensor(args[0])) for args, _, _ in uses], dim=1)
+        g = torch.cat([as_sequence(grad) for _, _, grad in uses], dim=1)
+        return (a,), {}, g
 
     @staticmethod
     def _lora_inputs(layer, a, g, cache):

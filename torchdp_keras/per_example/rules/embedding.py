@@ -80,9 +80,15 @@ class EmbeddingRule(LayerRule):
     def tap_output(self, layer, output):
         return output
 
+    supports_shared_uses = True
+
     def fold_units(self, layer, args, kwargs, grad, units):
         ids = torch.as_tensor(args[0])
         return (fold_rows(ids, units, keep_last=0), *args[1:]), kwargs, fold_rows(grad, units)
+
+    def merge_uses(self, layer, uses):
+        parts = [_ids_and_grads(args, grad) for args, _, grad in uses]
+        return (torch.cat([i for i, _ in parts], 1),), {}, torch.cat([g for _, g in parts], 1)
 
     @staticmethod
     def _lora(layer, ids, g, cache):
