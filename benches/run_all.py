@@ -185,6 +185,39 @@ def secure_rows(quick):
     return summary, rows
 
 
+def zoo_rows(quick):
+    extra = ["--steps", "3", "--warmup", "1"] if quick else ["--gpt2-small"]
+    summary = run("bench_zoo.py", extra, False, False)
+    if summary is None:
+        return None, [("bench_zoo.py (models users bring)", "default", None, "", "")]
+    rows = []
+    for name, row in summary.items():
+        if not isinstance(row, dict):
+            continue
+        small = name == "gpt2_small_lora"
+        memory = (
+            f"; peak memory {row['memory_ratio']:.2f}x ({row['dp_mib']:.0f} vs "
+            f"{row['plain_mib']:.0f} MiB)"
+            if "memory_ratio" in row
+            else ""
+        )
+        versus = (
+            f"; {row['ratio_to_dpsequential']:.2f}x DPSequential of the same network"
+            if "ratio_to_dpsequential" in row
+            else ""
+        )
+        rows.append(
+            (
+                f"zoo: {name} (engine {row['engine']})",
+                "default",
+                f"{row['ratio']:.2f}x plain",
+                "<= 1.3 (memory <= 1.2)" if small else "<= 1.5, no whole-model fallback",
+                f"{row['dp_ms']:.0f} ms vs {row['plain_ms']:.0f} ms{memory}{versus}",
+            )
+        )
+    return summary, rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -228,6 +261,7 @@ def main(argv=None) -> int:
         ("bench_fused_ops.py", fused_rows),
         ("bench_prv_accountant.py", prv_rows),
         ("bench_secure_mode.py", secure_rows),
+        ("bench_zoo.py", zoo_rows),
     ):
         summary, extra_rows = make_rows(args.quick)
         raw[script] = summary

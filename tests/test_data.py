@@ -336,3 +336,22 @@ def test_microbatch_size_bounds_the_chunk_the_engine_differentiates(monkeypatch)
     monkeypatch.setattr(engine, "_run_chunk", spy)
     model.train_on_batch(x.to_numpy(), y.to_numpy())
     assert seen == [8] * 8
+
+
+@pytest.mark.parametrize("mode", ["auto", "vmap"])
+def test_a_poisson_loader_trains_a_per_position_language_model_loss(mode):
+    """The loader's padding weights are per example; the loss is per example and position."""
+    rng = np.random.default_rng(0)
+    tokens = keras.Input((6,), dtype="int32")
+    logits = keras.layers.Dense(9)(keras.layers.Embedding(9, 4)(tokens))
+    model = tdk.DPModel(
+        inputs=tokens, outputs=logits, l2_norm_clip=1.0, noise_multiplier=0.0,
+        clipping_mode=mode,
+    )
+    model.compile(
+        optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    x = rng.integers(0, 9, (40, 6)).astype("int32")
+    y = rng.integers(0, 9, (40, 6)).astype("int32")
+    history = model.fit(tdk.PrivateDataLoader(x, y, batch_size=8, seed=0), verbose=0)
+    assert model.dp_steps == 5 and np.isfinite(history.history["loss"][-1])

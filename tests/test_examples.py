@@ -173,3 +173,19 @@ def test_secure_mode_benchmark_runs(capsys, mnist_path):
                           "--max-ratio", "1000"])
     assert summary["tutorial_cnn"]["secure_mode=True"][0] > 0
     assert "ns per value" in capsys.readouterr().out
+
+
+def test_zoo_benchmark_runs(capsys):
+    bench = _load("benches/bench_zoo.py")
+    summary = bench.main(["--only", "tutorial", "--steps", "1", "--warmup", "0"])
+    row = summary["tutorial"]
+    assert row["engine"] == "fast" and row["dp_ms"] > 0 and row["plain_ms"] > 0
+    assert "subclass/DPSequential" in capsys.readouterr().out
+
+
+def test_keras_hub_lora_smoke(capsys):
+    pytest.importorskip("keras_hub")
+    result = _load("examples/keras_hub_lora.py").main(["--smoke", "--seed", "0"])
+    assert _last_line(capsys).startswith("keras_hub_lora: held-out loss")
+    assert result["engine"] == "fast" and result["slow_layers"] == ()
+    assert 0 < result["epsilon"] < float("inf")

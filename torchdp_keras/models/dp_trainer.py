@@ -227,6 +227,20 @@ def split_positional_dp_arguments(owner: str, args: tuple, given: dict) -> tuple
     return keras_positional_arguments(args), {**given, **positional}
 
 
+def resolve_dp_arguments(owner: str, args: tuple, *, required: bool = True, **given):
+    """`(keras_args, settings)`: a DP model constructor's positional and DP arguments.
+
+    Reads TF Privacy's positional order (`split_positional_dp_arguments`),
+    defaults `use_xla` to False and validates everything
+    (`validate_dp_arguments`).
+    """
+    positional = {name: given.pop(name) for name in TF_PRIVACY_POSITIONAL}
+    args, dp = split_positional_dp_arguments(owner, args, positional)
+    if dp["use_xla"] is NOT_GIVEN:
+        dp["use_xla"] = False
+    return args, validate_dp_arguments(required=required, **dp, **given)
+
+
 def _batch_size(x) -> int:
     for leaf in tree.flatten(x):
         if leaf is not None:

@@ -13,8 +13,7 @@ from torchdp_keras.models.dp_trainer import (
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
     keras_positional_arguments,
-    split_positional_dp_arguments,
-    validate_dp_arguments,
+    resolve_dp_arguments,
 )
 
 
@@ -88,22 +87,15 @@ class DPModel(DPTrainerMixin, keras.Model):
         secure_mode=False,
         **kwargs,
     ):
-        args, dp = split_positional_dp_arguments(
+        args, settings = resolve_dp_arguments(
             type(self).__name__,
             args,
-            {
-                "l2_norm_clip": l2_norm_clip,
-                "noise_multiplier": noise_multiplier,
-                "num_microbatches": num_microbatches,
-                "use_xla": use_xla,
-                "layer_registry": layer_registry,
-            },
-        )
-        if dp["use_xla"] is NOT_GIVEN:
-            dp["use_xla"] = False
-        settings = validate_dp_arguments(
             required=self._dp_settings_required,
-            **dp,
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            num_microbatches=num_microbatches,
+            use_xla=use_xla,
+            layer_registry=layer_registry,
             seed=seed,
             clipping_mode=clipping_mode,
             secure_mode=secure_mode,

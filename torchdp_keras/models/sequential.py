@@ -11,8 +11,7 @@ from torchdp_keras.models.dp_trainer import (
     NOT_GIVEN,
     PRIVACY_STATE_KEY,
     DPTrainerMixin,
-    split_positional_dp_arguments,
-    validate_dp_arguments,
+    resolve_dp_arguments,
 )
 
 
@@ -83,21 +82,17 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         secure_mode=False,
         **kwargs,
     ):
-        args, dp = split_positional_dp_arguments(
+        args, settings = resolve_dp_arguments(
             "DPSequential",
             args,
-            {
-                "l2_norm_clip": l2_norm_clip,
-                "noise_multiplier": noise_multiplier,
-                "num_microbatches": num_microbatches,
-                "use_xla": use_xla,
-                "layer_registry": layer_registry,
-            },
-        )
-        if dp["use_xla"] is NOT_GIVEN:
-            dp["use_xla"] = False
-        settings = validate_dp_arguments(
-            **dp, seed=seed, clipping_mode=clipping_mode, secure_mode=secure_mode
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            num_microbatches=num_microbatches,
+            use_xla=use_xla,
+            layer_registry=layer_registry,
+            seed=seed,
+            clipping_mode=clipping_mode,
+            secure_mode=secure_mode,
         )
         self._dp_checks_on_add = False
         super().__init__(*args, **kwargs)

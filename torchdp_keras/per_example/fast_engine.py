@@ -1,29 +1,35 @@
 """Fast gradient clipping: one forward, one backward, no per-model vmap.
 
-The engine runs the model's functional graph itself. Every layer with
-trainable weights is called through its `LayerRule`, which exposes the
-layer's pre-activation output `z`; one backward pass of the sum of the
-per-example losses gives `dL/dz` for every such layer at once. From each
-layer's input and `dL/dz` its rule computes per-example squared gradient
-norms (ghost norms where a formula exists, per-layer per-example gradients
-otherwise); the norms are summed over layers, turned into clip factors, and
-each rule forms its clipped-sum gradients directly (book-keeping). There is
-no second backward pass and no B x P tensor for the model.
+The engine runs a functional or Sequential model's graph itself; any other
+model (subclassed, or a wrapper around one) runs its own `call`. Every
+layer with trained weights is called through its `LayerRule` (in a graph)
+or tapped through a torch forward hook that exists only during the step (in
+a model's or a block's own `call`); the rule exposes the layer's
+pre-activation output `z`. One backward pass of the sum of the per-unit
+losses gives `dL/dz` for every such layer at once. From each layer's input
+and `dL/dz` its rule computes per-unit squared gradient norms (ghost norms
+where a formula exists, per-layer per-example gradients otherwise); the
+norms are summed over layers, turned into clip factors, and each rule forms
+its clipped-sum gradients directly (book-keeping). There is no second
+backward pass and no B x P tensor for the model.
 
-Layers registered with `SublayerRule` (MultiHeadAttention) run their own
-`call`; their weighted sublayers are tapped through torch forward hooks that
-exist only during that call. Parameter-free pooling layers run on
-channels_last views (`layout.py`). Rules keep large intermediates in
-per-layer scratch memory that outlives the step (`rules.base.scratch`).
+Layers without a rule whose sublayers own their weights (and layers
+registered with `SublayerRule`, like MultiHeadAttention) are walked: their
+sublayers are tapped instead. Parameter-free pooling layers and Keras's
+convolution run on channels_last views (`layout.py`). Rules keep large
+intermediates in per-layer scratch memory that outlives the step
+(`rules.base.scratch`).
 
 Scope (anything else raises `FastPathUnsupported`, and `clipping_mode="auto"`
 then uses the per-example engine):
-* functional and Sequential models (and `PrivateKerasModel` around them);
-  nested functional models are walked;
-* every layer with trainable weights called once per forward pass (shared
-  layers would need cross terms between their uses: refused, never
-  undercounted);
-* one clipping unit per example (no `num_microbatches`);
+* every layer with trained weights is called once per forward pass, or its
+  rule merges its uses (`LayerRule.merge_uses`: Dense, Embedding,
+  ReversibleEmbedding): a shared weight's per-example gradient is the sum
+  over its uses, never undercounted;
+* every use of a weight goes through the call of the layer that owns it
+  (checked on the first step against autograd's full gradient);
+* one clipping unit per example, or groups of examples (`num_microbatches`)
+  when every rule can fold a group into one row (`LayerRule.fold_units`);
 * losses that are sums of per-example terms: every compiled loss reduced with
   "sum_over_batch_size" (the Keras default) or "sum", or every one unreduced
   (`reduction=None`, an example's loss being the mean of its row), and no
@@ -47,6 +53,7 @@ from torchdp_keras.model_checks import data_updated_state_error, iter_layers, se
 from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.layout import layout_preserving_forward, layout_preserving_ops
+from torchdp_keras.per_example.loss_weights import broadcast_example_weights
 from torchdp_keras.per_example.registry import LayerRegistry
 from torchdp_keras.per_example.rules.base import SAVED_KEY, WORKSPACE_KEY, output_derivative
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
@@ -385,7 +392,7 @@ class FastEngine:
         compile_loss = self._model._compile_loss
         if compile_loss is None:
             raise FastPathUnsupported("The model has no compiled loss.", layer_paths=[])
-        total = compile_loss(y, y_pred, sample_weight)
+        total = compile_loss(y, y_pred, broadcast_example_weights(sample_weight, y_pred))
         reductions = {getattr(fn, "reduction", None) for _, fn, _, _ in compile_loss._flat_losses}
         if reductions == {None} and total.ndim >= 1 and total.shape[0] == batch_size:
             # Unreduced (TF Privacy's tutorial): an example's loss is the mean

@@ -31,6 +31,7 @@ from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_checks import data_updated_state_error, seed_state_ids
 from torchdp_keras.ops import clipped_sum_and_norms
 from torchdp_keras.per_example.keras_patches import per_example_call_context
+from torchdp_keras.per_example.loss_weights import broadcast_example_weights
 
 # Per-unit gradients held at once, in elements (256 MiB of float32).
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 26
@@ -156,7 +157,9 @@ class VmapEngine:
                 y_pred = model(x)
             terms = []
             if model._compile_loss is not None:
-                compiled = model._compile_loss(y, y_pred, sample_weight)
+                compiled = model._compile_loss(
+                    y, y_pred, broadcast_example_weights(sample_weight, y_pred)
+                )
                 if compiled is not None:
                     terms.append(compiled)
             for extra in scope.losses:

@@ -23,7 +23,7 @@ import torch
 from keras import ops
 
 from torchdp_keras.per_example.rules.base import fold_rows, identity
-from torchdp_keras.per_example.rules.dense import matmul_squared_norms, scaled_product_sum
+from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
 from torchdp_keras.per_example.rules.embedding import (
     EmbeddingRule,
     _ids_and_grads,
@@ -105,7 +105,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
             layer.tie_weights and "table" in trained or "reverse" in trained
         ):
             h, g2 = projection
-            norms = norms + matmul_squared_norms(h, g2)
+            norms = norms + matmul_squared_norms(h, g2, cache)  # may keep h_i^T g2_i
             if layer.tie_weights and lookup is not None:
                 ids, g1 = lookup
                 dtype = torch.promote_types(g1.dtype, g2.dtype)
@@ -128,11 +128,11 @@ class ReversibleEmbeddingRule(EmbeddingRule):
                     total = total + _sparse_sum(*lookup, factors, shape).to(g_dtype)
                 if projection is not None and layer.tie_weights:
                     h, g2 = projection
-                    total = total + scaled_product_sum(g2, h, factors).to(g_dtype)
+                    total = total + clipped_product_sum(h, g2, factors, cache).t().to(g_dtype)
                 out.append(total)
             else:
                 h, g2 = projection
-                out.append(scaled_product_sum(h, g2, factors))
+                out.append(clipped_product_sum(h, g2, factors, cache))
         return out
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
