@@ -117,3 +117,31 @@ def test_a_subclassed_step_restores_kerass_pooling_and_convolution_ops():
             assert keras_torch_nn.conv is not ops[2]
             raise RuntimeError("boom")
     assert (keras_torch_nn.max_pool, keras_torch_nn.average_pool, keras_torch_nn.conv) == ops
+
+
+def test_a_subclassed_step_convolves_on_views_not_through_kerass_copying_conv(monkeypatch):
+    """A layer hands Keras's conv its kernel *variable*: the view-based conv must take it."""
+    calls = []
+    original = keras_torch_nn.conv
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(keras_torch_nn, "conv", counting)
+
+    class Net(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = layers.Conv2D(2, 3, padding="same", activation="relu")
+            self.out = layers.Dense(2)
+
+        def call(self, x):
+            return self.out(layers.Flatten()(self.conv(x)))
+
+    model = tdk.make_private(Net(), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0)
+    model.compile(optimizer="sgd", loss="mse")
+    model.train_on_batch(np.ones((4, 6, 6, 1), "float32"), np.zeros((4, 2), "float32"))
+    calls.clear()
+    model.train_on_batch(np.ones((4, 6, 6, 1), "float32"), np.zeros((4, 2), "float32"))
+    assert calls == []

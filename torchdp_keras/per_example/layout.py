@@ -97,6 +97,8 @@ def _conv_on_view(original):
     def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
         data_format = keras_backend.standardize_data_format(data_format)
         spatial = getattr(inputs, "ndim", 0) - 2
+        if isinstance(kernel, keras.Variable):  # a layer passes its kernel variable
+            kernel = kernel.value
         if (
             not isinstance(inputs, torch.Tensor)
             or not isinstance(kernel, torch.Tensor)
