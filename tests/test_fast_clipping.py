@@ -1041,7 +1041,7 @@ def test_lora_factors_take_the_fast_path_and_match_the_per_example_engine(case, 
 
 
 @pytest.mark.parametrize("units", [1, 2, 3])
-@pytest.mark.parametrize("case", ["dense", "embedding_einsum", "fallback_lora"])
+@pytest.mark.parametrize("case", ["dense", "embedding_einsum", "fallback_lora", "conv"])
 def test_num_microbatches_on_the_fast_path_match_the_per_example_engine(case, units, float64):
     """A unit is a group of consecutive examples: its loss the group's mean, its
     gradient the sum of the group's, clipped as one."""
@@ -1051,6 +1051,11 @@ def test_num_microbatches_on_the_fast_path_match_the_per_example_engine(case, un
         h = layers.Dense(6, activation="relu")(inputs)
         outputs = layers.Dense(3)(layers.Flatten()(h))
         x = rng.normal(size=(BATCH, 4, 5))
+    elif case == "conv":
+        inputs = keras.Input((7, 7, 2))
+        h = layers.Conv2D(3, 3, strides=2, padding="same", activation="relu")(inputs)
+        outputs = layers.Dense(3)(layers.Flatten()(layers.Conv1D(2, 2)(layers.Reshape((16, 3))(h))))
+        x = rng.normal(size=(BATCH, 7, 7, 2))
     elif case == "embedding_einsum":
         inputs = keras.Input((5,), dtype="int32")
         h = layers.Embedding(7, 4)(inputs)
@@ -1085,7 +1090,7 @@ def test_num_microbatches_on_the_fast_path_match_the_per_example_engine(case, un
 
 def test_num_microbatches_with_a_rule_that_cannot_group_uses_the_per_example_engine(caplog):
     model = tdk.DPSequential(
-        [keras.Input((6, 6, 1)), layers.Conv2D(2, 3), layers.Flatten(), layers.Dense(2)],
+        [keras.Input((6, 6, 1)), layers.LayerNormalization(), layers.Flatten(), layers.Dense(2)],
         l2_norm_clip=1.0, noise_multiplier=0.0, num_microbatches=2,
     )
     model.compile(optimizer="sgd", loss="mse")

@@ -87,6 +87,10 @@ def _patches(layer, padded: torch.Tensor, out_spatial, cache=None) -> torch.Tens
     return out.view(out_shape)
 
 
+# Keyword marking arguments that `ConvRule.fold_units` already turned into patches.
+FOLDED_PATCHES = "_folded_patches"
+
+
 def _kernel_supported(layer, max_patch_size: int) -> bool:
     kernel = getattr(layer, "kernel", None)
     if kernel is None:
@@ -150,7 +154,17 @@ class ConvRule(LayerRule):
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
 
-    def _patches_and_grads(self, layer, args, grad, cache):
+    def fold_units(self, layer, args, kwargs, grad, units):
+        # A group's kernel gradient is the product of its examples' patches and
+        # gradients side by side: (units, B/units * L, K) and (units, B/units * L, C).
+        padded = _pad_channels_last(layer, _layer_inputs(layer, args).to(grad.dtype))
+        patches = _patches(layer, padded, grad.shape[1:-1])
+        patches = patches.reshape(units, -1, math.prod(patches.shape[2:]))
+        return (patches,), {FOLDED_PATCHES: True}, grad.reshape(units, -1, grad.shape[-1])
+
+    def _patches_and_grads(self, layer, args, kwargs, grad, cache):
+        if kwargs.get(FOLDED_PATCHES):
+            return args[0], grad
         patches = cache.get("patches")
         g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
         if patches is None:
@@ -160,7 +174,7 @@ class ConvRule(LayerRule):
         return patches, g
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
-        patches, g = self._patches_and_grads(layer, args, grad, cache)
+        patches, g = self._patches_and_grads(layer, args, kwargs, grad, cache)
         cache["patches"] = patches
         norms = matmul_squared_norms(patches, g, cache)
         if layer.use_bias:
@@ -168,7 +182,7 @@ class ConvRule(LayerRule):
         return norms
 
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
-        patches, g = self._patches_and_grads(layer, args, grad, cache)
+        patches, g = self._patches_and_grads(layer, args, kwargs, grad, cache)
         kernel = clipped_product_sum(patches, g, factors, cache)
         out = [kernel.reshape(tuple(layer.kernel.shape))]
         if layer.use_bias:
