@@ -32,7 +32,8 @@ PLAIN = "plain keras.Sequential"
 MODES = {PLAIN: None, "DPSequential (auto)": "auto", "DPSequential (vmap)": "vmap"}
 
 
-def _rss_bytes(field: str) -> int:
+def rss_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes (Linux)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -58,7 +59,7 @@ def child(mode: str | None, args) -> dict:
         layers.Dense(args.width, activation="relu"),
         layers.Dense(10),
     ]
-    before = torch.cuda.memory_allocated() if cuda else _rss_bytes("VmRSS")
+    before = torch.cuda.memory_allocated() if cuda else rss_bytes("VmRSS")
     if mode is None:
         model = keras.Sequential(stack)
     else:
@@ -77,7 +78,7 @@ def child(mode: str | None, args) -> dict:
             refs.write("5")  # resets the peak resident set (VmHWM)
     for _ in range(args.steps):
         model.train_on_batch(x, y)
-    peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")
     return {"peak_bytes": peak - before, "parameters": model.count_params()}
 
 

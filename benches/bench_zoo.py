@@ -41,6 +41,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from _timing import add_timing_arguments, interleaved, summarize  # noqa: E402
+from bench_memory import rss_bytes  # noqa: E402
 from bench_step_time import tutorial_layers  # noqa: E402
 from keras import layers  # noqa: E402
 
@@ -48,23 +49,15 @@ import torchdp_keras as tdk  # noqa: E402
 from torchdp_keras.optimizers import DPGradientDescentGaussianOptimizer  # noqa: E402
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_step_bytes(step) -> int | None:
     """Peak resident memory during `step()` above the memory before it (Linux)."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
-    before = _rss("VmRSS")
+    before = rss_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current resident set
     step()
-    return _rss("VmHWM") - before
+    return rss_bytes("VmHWM") - before
 
 
 def tutorial_case(rng):
