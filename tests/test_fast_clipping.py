@@ -1176,3 +1176,16 @@ def test_a_dense_shared_in_a_functional_graph_takes_the_fast_path(float64):
     fast, _ = _engines(model)
     assert not fast.slow_layers
     _compare(model, rng.normal(size=(BATCH, 4)), rng.normal(size=(BATCH, 2)), tol=1e-6)
+
+
+def test_wide_convolutions_take_the_conv_rule(float64):
+    """3x3 over 512 channels (ResNet's last stage, VGG): no fan-in limit sends it elsewhere."""
+    rng = np.random.default_rng(9)
+    inputs = keras.Input((4, 4, 512))
+    h = layers.Conv2D(4, 3, padding="same", activation="relu", name="wide")(inputs)
+    outputs = layers.Dense(2)(layers.Flatten()(h))
+    model = tdk.DPModel(inputs=inputs, outputs=outputs, l2_norm_clip=1.0, noise_multiplier=0.0)
+    model.compile(optimizer="sgd", loss="mse")
+    fast, _ = _engines(model)
+    assert ("ConvRule" in [how for path, _, how in fast.plan if path.endswith("wide")])
+    _compare(model, rng.normal(size=(BATCH, 4, 4, 512)), rng.normal(size=(BATCH, 2)), tol=1e-6)

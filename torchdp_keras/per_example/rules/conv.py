@@ -91,7 +91,7 @@ def _patches(layer, padded: torch.Tensor, out_spatial, cache=None) -> torch.Tens
 FOLDED_PATCHES = "_folded_patches"
 
 
-def _kernel_supported(layer, max_patch_size: int) -> bool:
+def _kernel_supported(layer, max_patch_size: int | None) -> bool:
     kernel = getattr(layer, "kernel", None)
     if kernel is None:
         return False
@@ -102,7 +102,7 @@ def _kernel_supported(layer, max_patch_size: int) -> bool:
         and not getattr(layer, "lora_enabled", False)
         and getattr(layer, "quantization_mode", None) is None
         and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
-        and math.prod(kernel.shape[:-1]) <= max_patch_size
+        and (max_patch_size is None or math.prod(kernel.shape[:-1]) <= max_patch_size)
     )
 
 
@@ -132,13 +132,16 @@ class ConvRule(LayerRule):
     """Kernel and bias of a standard convolution (groups=1), through patches.
 
     Args:
-        max_patch_size: Largest `prod(kernel_size) * in_channels` handled here;
-            wider layers are left to the per-layer per-example fallback.
+        max_patch_size: None (default: any width; the patches are about
+            `prod(kernel_size)` times the input's size, and the products take the
+            cheaper of the ghost and the explicit form within the explicit form's
+            256 MiB cap), or the largest `prod(kernel_size) * in_channels` handled
+            here, wider layers being left to the per-layer fallback.
     """
 
     activation_after_tap = True
 
-    def __init__(self, max_patch_size: int = 4096):
+    def __init__(self, max_patch_size: int | None = None):
         self.max_patch_size = max_patch_size
 
     def supports(self, layer) -> bool:
@@ -203,7 +206,7 @@ class DepthwiseConvRule(LayerRule):
 
     activation_after_tap = True
 
-    def __init__(self, max_patch_size: int = 4096):
+    def __init__(self, max_patch_size: int | None = None):
         self.max_patch_size = max_patch_size
 
     def supports(self, layer) -> bool:
