@@ -126,6 +126,30 @@ def _layers_case(name):
                 layers.Dense(3),
             ],
         ),
+        "separable_2d": (
+            (8, 8, 3),
+            lambda: [
+                layers.SeparableConv2D(4, 3, depth_multiplier=2, activation="relu"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "separable_2d_same_strided": (
+            (9, 9, 2),
+            lambda: [
+                layers.SeparableConv2D(3, 3, strides=2, padding="same", use_bias=False),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "separable_1d_dilated": (
+            (11, 3),
+            lambda: [
+                layers.SeparableConv1D(5, 3, dilation_rate=2, activation="tanh"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
         "layer_norm": (
             (5,),
             lambda: [layers.Dense(6), layers.LayerNormalization(), layers.Dense(3)],
@@ -247,6 +271,9 @@ def _compare(model, x, y, sample_weight=None, clip=0.05, tol=1e-4, atol=None, re
         "depthwise_same_strided",
         "depthwise_ghost",
         "depthwise_1d",
+        "separable_2d",
+        "separable_2d_same_strided",
+        "separable_1d_dilated",
         "layer_norm",
         "group_norm",
         "group_norm_2d",

@@ -16,7 +16,7 @@ import keras
 
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.per_example.rules.base import LayerRule
-from torchdp_keras.per_example.rules.conv import ConvRule, DepthwiseConvRule
+from torchdp_keras.per_example.rules.conv import ConvRule, DepthwiseConvRule, SeparableConvRule
 from torchdp_keras.per_example.rules.dense import DenseRule
 from torchdp_keras.per_example.rules.einsum_dense import EinsumDenseRule
 from torchdp_keras.per_example.rules.embedding import EmbeddingRule
@@ -84,7 +84,8 @@ def make_default_layer_registry() -> LayerRegistry:
 
     Ghost norms or explicit per-example products, whichever is cheaper, and
     book-keeping: Dense, EinsumDense, Embedding (sparse), Conv1D, Conv2D,
-    Conv3D (through patches), DepthwiseConv1D, DepthwiseConv2D.
+    Conv3D (through patches), DepthwiseConv1D, DepthwiseConv2D, SeparableConv1D,
+    SeparableConv2D (depthwise then pointwise).
     Closed-form per-example gradients (as small as the weights):
     LayerNormalization, GroupNormalization, RMSNormalization. MultiHeadAttention through its
     EinsumDense projections (`SublayerRule`). ReversibleEmbedding (tied input and
@@ -102,6 +103,9 @@ def make_default_layer_registry() -> LayerRegistry:
     depthwise = DepthwiseConvRule()
     for layer_class in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
         registry.insert(layer_class, depthwise)
+    separable = SeparableConvRule()
+    for layer_class in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
+        registry.insert(layer_class, separable)
     registry.insert(keras.layers.EinsumDense, EinsumDenseRule())
     normalization = NormalizationRule()
     registry.insert(keras.layers.LayerNormalization, normalization)

@@ -26,6 +26,7 @@ import torch
 
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
+    as_sequence,
     is_linear,
     scratch,
     sq_norm_rows,
@@ -35,6 +36,7 @@ from torchdp_keras.per_example.rules.dense import (
     clipped_product_sum,
     matmul_squared_norms,
     prefers_explicit,
+    scaled_product_sum,
 )
 
 _CONV_FUNCTIONS = {
@@ -225,11 +227,15 @@ class DepthwiseConvRule(LayerRule):
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
 
+    def _kernel(self, layer):
+        """The depthwise kernel variable, (*kernel_size, C, M)."""
+        return layer.kernel
+
     def _parts(self, layer, args, grad, cache):
         if "parts" in cache:
             return cache["parts"]
         batch = grad.shape[0]
-        channels, multiplier = layer.kernel.shape[-2], layer.kernel.shape[-1]
+        channels, multiplier = self._kernel(layer).shape[-2], self._kernel(layer).shape[-1]
         padded = _pad_channels_last(layer, _layer_inputs(layer, args).to(grad.dtype))
         patches = _patches(layer, padded, grad.shape[1:-1], cache)  # (B, L, *k, C)
         steps = patches.shape[1]
@@ -239,7 +245,9 @@ class DepthwiseConvRule(LayerRule):
         cache["parts"] = (p, g)
         return p, g
 
-    def squared_norms(self, layer, args, kwargs, grad, cache):
+    def _kernel_norms(self, layer, args, grad, cache):
+        """Per-example squared norms of the depthwise kernel's gradient, from the
+        gradient `grad` at the depthwise convolution's output."""
         p, g = self._parts(layer, args, grad, cache)
         batch, channels, steps, width = p.shape
         multiplier = g.shape[-1]
@@ -247,17 +255,13 @@ class DepthwiseConvRule(LayerRule):
         if not prefers_explicit(batch * channels, steps, width, multiplier, g.element_size()):
             pp = torch.matmul(p, p.transpose(-1, -2)).double()
             gg = torch.matmul(g, g.transpose(-1, -2)).double()
-            norms = (pp * gg).sum(dim=(1, 2, 3))
-        else:
-            per_example = scratch(cache, "per_example", (batch, channels, width, multiplier), g)
-            torch.matmul(p.transpose(-1, -2), g, out=per_example)  # (B, C, k, M)
-            cache["per_example"] = per_example
-            norms = sq_norm_rows(per_example)
-        if layer.use_bias:
-            norms = norms + sq_norm_rows(grad.reshape(batch, -1, grad.shape[-1]).sum(dim=1))
-        return norms
+            return (pp * gg).sum(dim=(1, 2, 3))
+        per_example = scratch(cache, "per_example", (batch, channels, width, multiplier), g)
+        torch.matmul(p.transpose(-1, -2), g, out=per_example)  # (B, C, k, M)
+        cache["per_example"] = per_example
+        return sq_norm_rows(per_example)
 
-    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+    def _kernel_sum(self, layer, args, grad, factors, cache):
         p, g = self._parts(layer, args, grad, cache)
         per_example = cache.get("per_example")
         if per_example is not None:
@@ -267,9 +271,89 @@ class DepthwiseConvRule(LayerRule):
         else:
             kernel = torch.einsum("bclk,bclm->ckm", p, weighted(g, factors))
         # (C, k, M) -> (*kernel_size, C, M)
-        kernel = kernel.permute(1, 0, 2).reshape(tuple(layer.kernel.shape))
-        out = [kernel]
+        return kernel.permute(1, 0, 2).reshape(tuple(self._kernel(layer).shape))
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        norms = self._kernel_norms(layer, args, grad, cache)
+        if layer.use_bias:
+            norms = norms + sq_norm_rows(grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1))
+        return norms
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        out = [self._kernel_sum(layer, args, grad, factors, cache)]
         if layer.use_bias:
             flat = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(dim=1)
             out.append(torch.einsum("b,bo->o", factors.to(flat.dtype), flat))
+        return out
+
+
+class SeparableConvRule(DepthwiseConvRule):
+    """`SeparableConv1D/2D`: a depthwise convolution `u`, then a 1x1 pointwise one, then bias.
+
+    The pointwise kernel's per-example gradient is the Dense-like `u_i^T g_i`
+    (positions as the sequence); the gradient at `u` is `g W_p^T` (the
+    pointwise step is linear), from which the depthwise kernel is clipped as
+    in `DepthwiseConvRule`. `u` is kept from the forward pass.
+    """
+
+    def _kernel(self, layer):
+        return layer.depthwise_kernel
+
+    def supports(self, layer) -> bool:
+        expected = [layer.depthwise_kernel, layer.pointwise_kernel]
+        if layer.use_bias:
+            expected.append(layer.bias)
+        return (
+            layer.data_format == "channels_last"
+            and layer.padding in ("valid", "same", "causal")
+            and getattr(layer, "quantization_mode", None) is None
+            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
+            and (
+                self.max_patch_size is None
+                or math.prod(layer.depthwise_kernel.shape[:-1]) <= self.max_patch_size
+            )
+        )
+
+    @staticmethod
+    def _pointwise(layer, dtype):
+        kernel = layer.pointwise_kernel.value.to(dtype)
+        return kernel.reshape(-1, kernel.shape[-1])  # (C*M, C_out)
+
+    def forward(self, layer, args, kwargs):
+        inputs = _layer_inputs(layer, args)
+        depthwise = layer.depthwise_kernel.value.to(inputs.dtype)
+        channels, multiplier = depthwise.shape[-2], depthwise.shape[-1]
+        grouped = depthwise.reshape(*depthwise.shape[:-2], 1, channels * multiplier)
+        u = _convolve(layer, inputs, grouped, groups=channels)
+        z = torch.matmul(u, self._pointwise(layer, u.dtype))
+        if layer.use_bias:
+            z = z + layer.bias.value.to(z.dtype)
+        return z, (layer.activation or (lambda t: t)), u
+
+    def tap_output(self, layer, output):
+        return None  # the norms need u, which the forward keeps
+
+    def _depthwise_grad(self, layer, grad, cache):
+        if "depthwise_grad" not in cache:
+            cache["depthwise_grad"] = torch.matmul(grad, self._pointwise(layer, grad.dtype).t())
+        return cache["depthwise_grad"]
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        u = cache["saved"].to(grad.dtype)
+        norms = self._kernel_norms(layer, args, self._depthwise_grad(layer, grad, cache), cache)
+        u_seq, g_seq = u.reshape(u.shape[0], -1, u.shape[-1]), as_sequence(grad)
+        norms = norms + matmul_squared_norms(u_seq, g_seq)
+        if layer.use_bias:
+            norms = norms + sq_norm_rows(g_seq.sum(dim=1))
+        return norms
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        u = cache["saved"].to(grad.dtype)
+        depthwise_grad = self._depthwise_grad(layer, grad, cache)
+        out = [self._kernel_sum(layer, args, depthwise_grad, factors, cache)]
+        u_seq, g_seq = u.reshape(u.shape[0], -1, u.shape[-1]), as_sequence(grad)
+        pointwise = scaled_product_sum(u_seq, g_seq, factors)
+        out.append(pointwise.reshape(tuple(layer.pointwise_kernel.shape)))
+        if layer.use_bias:
+            out.append(torch.einsum("b,bo->o", factors.to(g_seq.dtype), g_seq.sum(dim=1)))
         return out
