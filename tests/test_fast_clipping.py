@@ -142,6 +142,43 @@ def _layers_case(name):
                 layers.Dense(3),
             ],
         ),
+        "conv2d_transpose": (
+            (4, 4, 3),
+            lambda: [
+                layers.Conv2DTranspose(2, 3, strides=2, activation="relu"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "conv2d_transpose_same": (
+            (5, 5, 2),
+            lambda: [
+                layers.Conv2DTranspose(3, 4, strides=2, padding="same"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "conv2d_transpose_output_padding_dilated": (
+            (4, 4, 2),
+            lambda: [
+                layers.Conv2DTranspose(2, 3, strides=2, output_padding=1),
+                layers.Conv2DTranspose(2, 2, dilation_rate=2, use_bias=False),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
+        "conv1d_transpose": (
+            (6, 3),
+            lambda: [layers.Conv1DTranspose(4, 3, strides=2), layers.Flatten(), layers.Dense(3)],
+        ),
+        "conv3d_transpose_same": (
+            (3, 3, 3, 2),
+            lambda: [
+                layers.Conv3DTranspose(2, 2, strides=2, padding="same"),
+                layers.Flatten(),
+                layers.Dense(3),
+            ],
+        ),
         "separable_1d_dilated": (
             (11, 3),
             lambda: [
@@ -274,6 +311,11 @@ def _compare(model, x, y, sample_weight=None, clip=0.05, tol=1e-4, atol=None, re
         "separable_2d",
         "separable_2d_same_strided",
         "separable_1d_dilated",
+        "conv2d_transpose",
+        "conv2d_transpose_same",
+        "conv2d_transpose_output_padding_dilated",
+        "conv1d_transpose",
+        "conv3d_transpose_same",
         "layer_norm",
         "group_norm",
         "group_norm_2d",

@@ -16,7 +16,12 @@ import keras
 
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.per_example.rules.base import LayerRule
-from torchdp_keras.per_example.rules.conv import ConvRule, DepthwiseConvRule, SeparableConvRule
+from torchdp_keras.per_example.rules.conv import (
+    ConvRule,
+    ConvTransposeRule,
+    DepthwiseConvRule,
+    SeparableConvRule,
+)
 from torchdp_keras.per_example.rules.dense import DenseRule
 from torchdp_keras.per_example.rules.einsum_dense import EinsumDenseRule
 from torchdp_keras.per_example.rules.embedding import EmbeddingRule
@@ -103,6 +108,13 @@ def make_default_layer_registry() -> LayerRegistry:
     depthwise = DepthwiseConvRule()
     for layer_class in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
         registry.insert(layer_class, depthwise)
+    transpose = ConvTransposeRule()
+    for layer_class in (
+        keras.layers.Conv1DTranspose,
+        keras.layers.Conv2DTranspose,
+        keras.layers.Conv3DTranspose,
+    ):
+        registry.insert(layer_class, transpose)
     separable = SeparableConvRule()
     for layer_class in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
         registry.insert(layer_class, separable)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from keras import ops
 
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
@@ -356,4 +357,75 @@ class SeparableConvRule(DepthwiseConvRule):
         out.append(pointwise.reshape(tuple(layer.pointwise_kernel.shape)))
         if layer.use_bias:
             out.append(torch.einsum("b,bo->o", factors.to(g_seq.dtype), g_seq.sum(dim=1)))
+        return out
+
+
+class ConvTransposeRule(LayerRule):
+    """Kernel and bias of `Conv1DTranspose/2DTranspose/3DTranspose`.
+
+    A transposed convolution `y = conv_T(x, W)` is the adjoint of the
+    convolution with the same geometry: `<conv_T(x, W), g> = <x, conv(g, W)>`.
+    Example i's kernel gradient is therefore the convolution's, with the roles
+    of input and output swapped: the patches of the output gradient `g_i`
+    (taken as a convolution would, stepping to `x`'s positions) against
+    `x_i`, a Dense-like product (ghost or explicit). Any geometry the check
+    below does not cover (an explicit `output_padding` with "same") is left
+    to the per-layer fallback.
+    """
+
+    activation_after_tap = True
+
+    def supports(self, layer) -> bool:
+        kernel = getattr(layer, "kernel", None)
+        expected = [kernel] + ([layer.bias] if layer.use_bias else [])
+        return (
+            kernel is not None
+            and layer.data_format == "channels_last"
+            and layer.padding in ("valid", "same")
+            and (layer.output_padding is None or layer.padding == "valid")
+            and getattr(layer, "quantization_mode", None) is None
+            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
+        )
+
+    def forward(self, layer, args, kwargs):
+        inputs = _layer_inputs(layer, args)
+        z = ops.conv_transpose(
+            inputs,
+            layer.kernel,
+            strides=list(layer.strides),
+            padding=layer.padding,
+            output_padding=layer.output_padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        if layer.use_bias:
+            z = z + layer.bias.value.to(z.dtype)
+        return z, (layer.activation or (lambda t: t))
+
+    def tap_output(self, layer, output):
+        return output if is_linear(layer.activation) else None
+
+    def _operands(self, layer, args, grad, cache):
+        """(B, L, K*F) patches of the output gradient and (B, L, C) inputs."""
+        if "operands" not in cache:
+            x = _layer_inputs(layer, args).to(grad.dtype)
+            padded = _pad_channels_last(layer, grad)
+            patches = _patches(layer, padded, x.shape[1:-1])
+            patches = patches.reshape(*patches.shape[:2], -1)
+            cache["operands"] = (patches, x.reshape(x.shape[0], -1, x.shape[-1]))
+        return cache["operands"]
+
+    def squared_norms(self, layer, args, kwargs, grad, cache):
+        patches, x = self._operands(layer, args, grad, cache)
+        norms = matmul_squared_norms(patches, x)
+        if layer.use_bias:
+            norms = norms + sq_norm_rows(grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(1))
+        return norms
+
+    def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
+        patches, x = self._operands(layer, args, grad, cache)
+        out = [scaled_product_sum(patches, x, factors).reshape(tuple(layer.kernel.shape))]
+        if layer.use_bias:
+            flat = grad.reshape(grad.shape[0], -1, grad.shape[-1]).sum(dim=1)
+            out.append(torch.einsum("b,bo->o", factors.to(flat.dtype), flat))
         return out
