@@ -4,7 +4,7 @@ Trains a small CNN with `torchdp_keras.DPSequential`, on Poisson-sampled
 batches from `torchdp_keras.PrivateDataLoader`, on the 8x8 digits that
 ship with scikit-learn (no download), shows Keras's progress bar (with the
 epsilon spent at each epoch end), and ends with one summary line holding the
-test accuracy and the final epsilon. About 20 seconds on a 2-core CPU.
+test accuracy and the final epsilon. About 10-20 seconds on a 2-core CPU.
 
     KERAS_BACKEND=torch python examples/quickstart.py
     python examples/quickstart.py --smoke      # a few steps, for the tests
@@ -75,11 +75,11 @@ def main(argv=None) -> float:
     if args.smoke:
         args.epochs = 2
         x_train, y_train = x_train[:256], y_train[:256]
-    # About 0.4 s per epoch of the 1437 training digits on a 2-core CPU (measured: 40
-    # epochs in 16 s), plus a few seconds of start-up.
+    # About 0.15-0.4 s per epoch of the 1437 training digits on a 2-core CPU (measured: 40
+    # epochs in 6 s on a quiet machine, 16 s beside another job), plus start-up.
     print(
         f"quickstart: {args.epochs} epochs of DP-SGD on {len(x_train)} digits; expect about "
-        f"{5 + round(0.4 * args.epochs * len(x_train) / 1437)} s on a 2-core CPU",
+        f"{5 + round(0.25 * args.epochs * len(x_train) / 1437)} s on a 2-core CPU",
         flush=True,
     )
     model = build_model(args)
