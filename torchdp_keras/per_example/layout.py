@@ -29,16 +29,37 @@ import torch
 from keras.src import backend as keras_backend
 from keras.src.backend.torch import nn as keras_torch_nn
 
-_MAX = {
-    keras.layers.MaxPooling1D: torch.nn.functional.max_pool1d,
-    keras.layers.MaxPooling2D: torch.nn.functional.max_pool2d,
-    keras.layers.MaxPooling3D: torch.nn.functional.max_pool3d,
+_MAX_BY_RANK = {
+    1: torch.nn.functional.max_pool1d,
+    2: torch.nn.functional.max_pool2d,
+    3: torch.nn.functional.max_pool3d,
 }
-_AVERAGE = {
-    keras.layers.AveragePooling1D: torch.nn.functional.avg_pool1d,
-    keras.layers.AveragePooling2D: torch.nn.functional.avg_pool2d,
-    keras.layers.AveragePooling3D: torch.nn.functional.avg_pool3d,
+_AVERAGE_BY_RANK = {
+    1: torch.nn.functional.avg_pool1d,
+    2: torch.nn.functional.avg_pool2d,
+    3: torch.nn.functional.avg_pool3d,
 }
+_MAX = dict(
+    zip(
+        (keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D),
+        _MAX_BY_RANK.values(),
+    )
+)
+_AVERAGE = dict(
+    zip(
+        (
+            keras.layers.AveragePooling1D,
+            keras.layers.AveragePooling2D,
+            keras.layers.AveragePooling3D,
+        ),
+        _AVERAGE_BY_RANK.values(),
+    )
+)
+
+
+def _pool_view(pool, inputs: torch.Tensor, size: tuple, strides: tuple) -> torch.Tensor:
+    """`pool` of a channels_last tensor through its channels-first view, channels_last out."""
+    return pool(inputs.movedim(-1, 1), kernel_size=size, stride=strides).movedim(1, -1)
 
 
 def layout_preserving_forward(layer) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -61,10 +82,7 @@ def layout_preserving_forward(layer) -> Callable[[torch.Tensor], torch.Tensor] |
     def forward(inputs: torch.Tensor) -> torch.Tensor:
         if inputs.dtype != dtype:
             inputs = inputs.to(dtype)
-        pooled = pool(
-            inputs.movedim(-1, 1), kernel_size=tuple(layer.pool_size), stride=tuple(layer.strides)
-        )
-        return pooled.movedim(1, -1)
+        return _pool_view(pool, inputs, tuple(layer.pool_size), tuple(layer.strides))
 
     return forward
 
@@ -85,8 +103,7 @@ def _pool_on_view(original, pools):
             strides = size
         elif isinstance(strides, int):
             strides = (strides,) * spatial
-        pooled = pools[spatial](inputs.movedim(-1, 1), kernel_size=size, stride=tuple(strides))
-        return pooled.movedim(1, -1)
+        return _pool_view(pools[spatial], inputs, size, tuple(strides))
 
     return pool
 
@@ -141,22 +158,8 @@ def layout_preserving_ops() -> Iterator[None]:
     """
     originals = (keras_torch_nn.max_pool, keras_torch_nn.average_pool, keras_torch_nn.conv)
     keras_torch_nn.conv = _conv_on_view(originals[2])
-    keras_torch_nn.max_pool = _pool_on_view(
-        originals[0],
-        {
-            1: torch.nn.functional.max_pool1d,
-            2: torch.nn.functional.max_pool2d,
-            3: torch.nn.functional.max_pool3d,
-        },
-    )
-    keras_torch_nn.average_pool = _pool_on_view(
-        originals[1],
-        {
-            1: torch.nn.functional.avg_pool1d,
-            2: torch.nn.functional.avg_pool2d,
-            3: torch.nn.functional.avg_pool3d,
-        },
-    )
+    keras_torch_nn.max_pool = _pool_on_view(originals[0], _MAX_BY_RANK)
+    keras_torch_nn.average_pool = _pool_on_view(originals[1], _AVERAGE_BY_RANK)
     try:
         yield
     finally:

@@ -68,9 +68,16 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         h = torch.as_tensor(args[0])
         return (fold_rows(h, units),), {"reverse": True}, fold_rows(grad, units)
 
+    @classmethod
+    def _split(cls, uses, cache):
+        """`(ids, g1)` of the lookups and `(h, g2)` of the projections, each concatenated
+        (once per step: the norms and the clipped sums share them)."""
+        if "split" not in cache:
+            cache["split"] = cls._concatenated(uses)
+        return cache["split"]
+
     @staticmethod
-    def _split(uses):
-        """`(ids, g1)` of the lookups and `(h, g2)` of the projections, each concatenated."""
+    def _concatenated(uses):
         lookups = [_ids_and_grads(a[:1], g) for a, k, g in uses if not _is_reverse(a, k)]
         projections = [
             (
@@ -95,7 +102,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         return [names[id(w)] for w in layer.trainable_weights]
 
     def use_squared_norms(self, layer, uses, cache):
-        lookup, projection = self._split(uses)
+        lookup, projection = self._split(uses, cache)
         batch = uses[0][2].shape[0]
         norms = torch.zeros(batch, dtype=torch.float64, device=uses[0][2].device)
         trained = self._trainable(layer)
@@ -117,7 +124,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         return norms
 
     def use_clipped_sums(self, layer, uses, factors, cache):
-        lookup, projection = self._split(uses)
+        lookup, projection = self._split(uses, cache)
         out = []
         for name in self._trainable(layer):
             if name == "table":
