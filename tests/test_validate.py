@@ -100,6 +100,32 @@ def test_num_groups_is_the_largest_divisor_up_to_32(channels, groups):
     assert channels % groups == 0
 
 
+@pytest.mark.parametrize(
+    "channels,positions,groups",
+    [(64, 1024, 32), (1280, 1, 20), (96, 4, 6), (8, 4, 1), (48, 16, 12), (7, 100, 7), (5, 1, 1)],
+)
+def test_num_groups_keeps_enough_values_in_every_group(channels, positions, groups):
+    assert num_groups(channels, positions) == groups
+    # The largest divisor up to 32 with at least MIN_GROUP_VALUES values a group.
+    ok = [g for g in range(1, 33) if channels % g == 0 and channels // g * positions >= 64]
+    assert groups == (max(ok) if ok else 1)
+
+
+def test_fix_mobilenet_at_32x32_has_no_tiny_groups():
+    model = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10
+    )
+    fixed = tdk.fix(model)
+    sizes = []
+    for _, layer in tdk.model_checks.iter_layers(fixed):
+        if isinstance(layer, layers.GroupNormalization):
+            shape = layer.input.shape
+            sizes.append((shape[1] * shape[2] * shape[3] // layer.groups, layer.groups))
+    # Every group holds >= 64 values, or the layer is one group (56 channels at 1x1).
+    assert len(sizes) > 40 and all(values >= 64 or groups == 1 for values, groups in sizes)
+    assert min(values for values, _ in sizes) >= 56
+
+
 def _bn_convnet():
     inner = keras.Sequential(
         [keras.Input((6, 6, 8)), layers.Conv2D(12, 3, padding="same"),
@@ -125,7 +151,8 @@ def test_fix_replaces_batch_normalization_and_keeps_the_rest():
     assert "BatchNormalization" not in kinds and kinds.count("GroupNormalization") == 2
     norms = [layer for _, layer in tdk.model_checks.iter_layers(fixed)
              if isinstance(layer, layers.GroupNormalization)]
-    assert [n.groups for n in norms] == [8, 12]
+    # 6 x 6 positions: 8 channels in 4 groups of 72 values, 12 in 6 groups of 72.
+    assert [n.groups for n in norms] == [4, 6]
     assert norms[0].center is False and norms[0].scale is True
     np.testing.assert_allclose(np.asarray(norms[0].gamma), np.linspace(0.5, 1.5, 8), rtol=1e-6)
     for name in ("conv", "head"):

@@ -20,25 +20,68 @@ from torchdp_keras.errors import DPConfigError  # noqa: E402
 from torchdp_keras.model_checks import example_mixing_layers, iter_layers  # noqa: E402
 
 # GroupNormalization's groups: the largest divisor of the channels up to this
-# (Wu and He 2018 found 32 groups a good default).
+# (Wu and He 2018 found 32 groups a good default) ...
 MAX_GROUPS = 32
+# ... such that each group normalises at least this many values of an example
+# (its channels times the positions). The mean and variance of a group of n
+# values are estimates with a relative spread of about sqrt(2/n) (18% at 64):
+# at 1x1 or 2x2 positions, 32 groups of 1280 or 96 channels would hold a
+# handful of values each, and the per-example gradients through them range
+# over orders of magnitude.
+MIN_GROUP_VALUES = 64
 
 
-def num_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
-    """The largest divisor of `channels` that is at most `max_groups`.
+def num_groups(
+    channels: int,
+    positions: int | None = None,
+    *,
+    max_groups: int = MAX_GROUPS,
+    min_group_values: int = MIN_GROUP_VALUES,
+) -> int:
+    """The group count `fix` gives a GroupNormalization over `channels`.
+
+    The largest divisor g of `channels` with g <= `max_groups` and, when the
+    number of positions per channel is known (the product of the other
+    non-batch axes: 8 * 8 for a (B, 8, 8, C) input), `channels / g *
+    positions >= min_group_values`; 1 (one group, like LayerNormalization
+    over the channels) when no divisor reaches that many values.
 
     Example:
         >>> num_groups(64), num_groups(48), num_groups(7)
         (32, 24, 7)
+        >>> num_groups(1280, positions=1), num_groups(96, positions=4), num_groups(8, positions=4)
+        (20, 6, 1)
     """
-    return max(g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0)
+    divisors = [g for g in range(1, min(channels, max_groups) + 1) if channels % g == 0]
+    if positions is not None:
+        divisors = [g for g in divisors if channels // g * positions >= min_group_values] or [1]
+    return max(divisors)
+
+
+def _positions(layer, axis: int) -> int | None:
+    """Positions per channel of a built layer's input (None if a size is unknown)."""
+    try:
+        shape = tuple(layer.input.shape)
+    except (AttributeError, ValueError):
+        shapes = getattr(layer, "_build_shapes_dict", None) or {}
+        shape = next(iter(shapes.values()), None)
+    if not shape:
+        return None
+    axis = axis % len(shape)
+    sizes = [d for i, d in enumerate(shape) if i not in (0, axis)]
+    if any(d is None for d in sizes):
+        return None
+    positions = 1
+    for d in sizes:
+        positions *= int(d)
+    return positions
 
 
 def _replacement(layer: keras.layers.BatchNormalization) -> keras.layers.GroupNormalization:
     axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
     channels = int(layer.gamma.shape[0] if layer.scale else layer.beta.shape[0])
     return keras.layers.GroupNormalization(
-        groups=num_groups(channels),
+        groups=num_groups(channels, _positions(layer, axis)),
         axis=axis,
         epsilon=max(layer.epsilon, 1e-5),
         center=layer.center,
@@ -51,8 +94,10 @@ def fix(model: keras.Model) -> keras.Model:
     """Returns a copy of `model` with BatchNormalization replaced by GroupNormalization.
 
     Each trainable BatchNormalization over C channels becomes a
-    GroupNormalization over the same axis with `num_groups(C)` groups (the
-    largest divisor of C up to 32) and the same `center`/`scale`; its gamma and
+    GroupNormalization over the same axis with `num_groups(C, positions)`
+    groups (the largest divisor of C up to 32 whose groups each hold at least
+    `MIN_GROUP_VALUES` = 64 values of an example, counting the positions of
+    the layer's input: 1 group when none does) and the same `center`/`scale`; its gamma and
     beta are carried over, its moving statistics dropped (they were computed
     from the data without noise). Frozen BatchNormalization layers
     (`trainable=False`, fixed statistics) are private already and are kept.
