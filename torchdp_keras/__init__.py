@@ -43,6 +43,8 @@ _LAZY = {
     "LayerRule": "torchdp_keras.per_example",
     "SublayerRule": "torchdp_keras.per_example",
     "make_default_layer_registry": "torchdp_keras.per_example",
+    "set_explicit_memory_budget": "torchdp_keras.per_example",
+    "explicit_memory_budget": "torchdp_keras.per_example",
     "PrivateDataLoader": "torchdp_keras.data",
     "ModelProblem": "torchdp_keras.model_checks",
     "validate": "torchdp_keras.model_checks",
@@ -121,7 +123,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         LayerRegistry,
         LayerRule,
         SublayerRule,
+        explicit_memory_budget,
         make_default_layer_registry,
+        set_explicit_memory_budget,
     )
     from torchdp_keras.privacy.analysis.rdp_accountant import (  # noqa: F401
         compute_rdp,

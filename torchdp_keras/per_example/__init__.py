@@ -9,6 +9,11 @@ from torchdp_keras.per_example.fast_engine import (  # noqa: E402
     FastPathUnsupported,
     describe_slow_layers,
 )
+from torchdp_keras.per_example.memory import (  # noqa: E402
+    DEFAULT_EXPLICIT_MEMORY_BUDGET,
+    explicit_memory_budget,
+    set_explicit_memory_budget,
+)
 from torchdp_keras.per_example.plan import WHOLE_MODEL, ClippingPlan  # noqa: E402
 from torchdp_keras.per_example.registry import (  # noqa: E402
     LayerRegistry,
@@ -20,6 +25,7 @@ from torchdp_keras.per_example.rules.sublayers import SublayerRule  # noqa: E402
 from torchdp_keras.per_example.vmap_engine import ClippedBatch, VmapEngine  # noqa: E402
 
 __all__ = [
+    "DEFAULT_EXPLICIT_MEMORY_BUDGET",
     "ClippedBatch",
     "ClippingPlan",
     "FastEngine",
@@ -31,5 +37,7 @@ __all__ = [
     "VmapEngine",
     "WHOLE_MODEL",
     "describe_slow_layers",
+    "explicit_memory_budget",
     "make_default_layer_registry",
+    "set_explicit_memory_budget",
 ]

@@ -8,7 +8,7 @@ With input `a` of shape (B, T, d_in) and pre-activation gradient `g` of shape
 * T > 1: either the ghost form `sum_{t,s} (a_it . a_is)(g_it . g_is)`,
   O(T^2 (d_in + d_out)), or the explicit per-example gradient,
   O(T d_in d_out); the cheaper one, counting the clipped sum too and within
-  a memory cap, is chosen per call (mixed ghost clipping, `prefers_explicit`).
+  the step's explicit memory budget, is chosen per call (mixed ghost clipping, `prefers_explicit`).
 
 Clipped sums are `einsum(c_i a_i, g_i)` (book-keeping).
 """
@@ -18,34 +18,42 @@ from __future__ import annotations
 import torch
 from keras import ops
 
+from torchdp_keras.per_example.memory import BUDGET_KEY, explicit_memory_budget
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
     as_sequence,
     fold_rows,
     identity,
     is_linear,
+    option_reason,
     scratch,
     sq_norm_rows,
     weighted,
 )
 
-MAX_EXPLICIT_BYTES = 1 << 28
-"""Largest per-example gradient tensor (B x d_in x d_out) a rule may hold for one layer."""
 
-
-def prefers_explicit(batch: int, steps: int, d_in: int, d_out: int, itemsize: int = 4) -> bool:
+def prefers_explicit(
+    batch: int, steps: int, d_in: int, d_out: int, itemsize: int = 4, budget=None
+) -> bool:
     """Whether explicit per-example products beat the ghost norm for one layer.
 
     Counts the multiply-adds of both routes to the norms *and* the clipped
     sum: ghost `T^2 (d_in + d_out)` for the norms then `T d_in d_out` for the
     book-keeping sum; explicit `T d_in d_out` for the products, from which
     the clipped sum is a `d_in d_out` weighted sum. Explicit products also
-    hold `B d_in d_out` numbers, so they are used only within
-    `MAX_EXPLICIT_BYTES`.
+    hold `B d_in d_out` numbers: they are used only when they fit in what is
+    left of the step's explicit memory budget (`budget`, a
+    `memory.StepBudget`, which they then take), or without one in the whole
+    budget (`set_explicit_memory_budget`).
     """
     ghost = steps * steps * (d_in + d_out) + steps * d_in * d_out
     explicit = steps * d_in * d_out + d_in * d_out
-    return explicit < ghost and batch * d_in * d_out * itemsize <= MAX_EXPLICIT_BYTES
+    if explicit >= ghost:
+        return False
+    num_bytes = batch * d_in * d_out * itemsize
+    if budget is None:
+        return num_bytes <= explicit_memory_budget()
+    return budget.take(num_bytes)
 
 
 def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor, cache: dict | None = None):
@@ -58,7 +66,8 @@ def matmul_squared_norms(a: torch.Tensor, g: torch.Tensor, cache: dict | None = 
     d_out = g.shape[-1]
     if steps == 1:
         return sq_norm_rows(a) * sq_norm_rows(g)
-    if not prefers_explicit(batch, steps, d_in, d_out, g.element_size()):
+    budget = None if cache is None else cache.get(BUDGET_KEY)
+    if not prefers_explicit(batch, steps, d_in, d_out, g.element_size(), budget):
         aa = torch.bmm(a, a.transpose(1, 2)).double()
         gg = torch.bmm(g, g.transpose(1, 2)).double()
         return (aa * gg).sum(dim=(1, 2))
@@ -122,6 +131,15 @@ def trainable_parts(layer, kernel, extra: dict) -> dict | None:
     return parts
 
 
+def parts_reason(layer, kernel, extra: dict | None = None) -> str | None:
+    """Why `trainable_parts` declines `layer`, or None."""
+    if trainable_parts(layer, kernel, extra or {}) is not None:
+        return None
+    return "trainable weights other than kernel, bias and LoRA factors: " + ", ".join(
+        w.path for w in layer.trainable_weights
+    )
+
+
 class DenseRule(LayerRule):
     """Kernel and bias of `Dense`, and its LoRA factors; the activation follows the tap.
 
@@ -133,11 +151,8 @@ class DenseRule(LayerRule):
 
     activation_after_tap = True
 
-    def supports(self, layer) -> bool:
-        return (
-            getattr(layer, "quantization_mode", None) is None
-            and trainable_parts(layer, getattr(layer, "_kernel", None), {}) is not None
-        )
+    def unsupported_reason(self, layer) -> str | None:
+        return option_reason(layer) or parts_reason(layer, getattr(layer, "_kernel", None))
 
     def forward(self, layer, args, kwargs):
         z = ops.matmul(args[0], layer.kernel)
