@@ -510,31 +510,64 @@ def test_matmul_norms_choose_the_cheaper_route_and_agree(shape, explicit, monkey
     cache = {}
     np.testing.assert_allclose(dense.matmul_squared_norms(a, g, cache).numpy(), brute, rtol=1e-10)
     assert ("per_example" in cache) is explicit
-    if explicit:  # over the memory cap the ghost norm is used instead
-        monkeypatch.setattr(dense, "MAX_EXPLICIT_BYTES", batch * d_in * d_out * 8 - 1)
-        cache = {}
-        norms = dense.matmul_squared_norms(a, g, cache).numpy()
-        np.testing.assert_allclose(norms, brute, rtol=1e-10)
-        assert "per_example" not in cache
+    if explicit:  # over what is left of the step's budget the ghost norm is used instead
+        from torchdp_keras.per_example.memory import BUDGET_KEY, StepBudget
+
+        needed = batch * d_in * d_out * 8
+        budget = StepBudget(2 * needed - 1)  # room for one layer's products, not two
+        first, second = {BUDGET_KEY: budget}, {BUDGET_KEY: budget}
+        for cache, kept in ((first, True), (second, False)):
+            norms = dense.matmul_squared_norms(a, g, cache).numpy()
+            np.testing.assert_allclose(norms, brute, rtol=1e-10)
+            assert ("per_example" in cache) is kept
+        assert budget.remaining == needed - 1
+        tdk.set_explicit_memory_budget(needed - 1)  # the setting, without a step budget
+        try:
+            cache = {}
+            dense.matmul_squared_norms(a, g, cache)
+            assert "per_example" not in cache
+        finally:
+            tdk.set_explicit_memory_budget(tdk.per_example.DEFAULT_EXPLICIT_MEMORY_BUDGET)
 
 
-def test_mixed_choice_between_ghost_and_explicit_depthwise_kernels():
+@pytest.mark.parametrize(
+    "input_shape,kwargs",
+    [
+        ((8, 8, 3), dict(kernel_size=3, depth_multiplier=2)),
+        ((6, 6, 2), dict(kernel_size=5, strides=3, depth_multiplier=3)),
+        ((9, 7, 4), dict(kernel_size=(3, 2), padding="same", dilation_rate=2)),
+        ((10, 3), dict(kernel_size=4, strides=2, padding="same")),
+    ],
+)
+def test_windowed_depthwise_kernels_equal_each_examples_autograd(input_shape, kwargs, float64):
     from torchdp_keras.per_example.rules.conv import DepthwiseConvRule
 
     rule = DepthwiseConvRule()
-    for input_shape, kwargs, explicit in [
-        ((8, 8, 3), dict(kernel_size=3, depth_multiplier=2), True),
-        ((6, 6, 2), dict(kernel_size=5, strides=3, depth_multiplier=3), False),
-    ]:
-        layer = layers.DepthwiseConv2D(**kwargs)
-        x = keras.ops.convert_to_tensor(
-            np.random.default_rng(0).normal(size=(2, *input_shape)).astype("float32")
-        )
-        layer(x)  # builds the kernel
-        z, _ = rule.forward(layer, (x,), {})
-        cache = {}
-        rule.squared_norms(layer, (x,), {}, keras.ops.ones_like(z), cache)
-        assert ("per_example" in cache) is explicit
+    conv = layers.DepthwiseConv1D if len(input_shape) == 2 else layers.DepthwiseConv2D
+    layer = conv(**kwargs)
+    rng = np.random.default_rng(0)
+    x = keras.ops.convert_to_tensor(rng.normal(size=(3, *input_shape)))
+    layer(x)  # builds the kernel
+    z, _ = rule.forward(layer, (x,), {})
+    g = torch.as_tensor(rng.normal(size=tuple(z.shape)))
+    factors = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    norms = rule.squared_norms(layer, (x,), {}, g, {})
+    sums = rule.clipped_sums(layer, (x,), {}, g, factors, {})
+    expected = []
+    for i in range(3):
+        kernel = layer.kernel.value.detach().clone().requires_grad_(True)
+        with keras.src.backend.StatelessScope(state_mapping=[(layer.kernel, kernel)]):
+            out = layer(x[i : i + 1])
+        expected.append(torch.autograd.grad((out * g[i : i + 1]).sum(), kernel)[0])
+    bias = g.reshape(3, -1, g.shape[-1]).sum(1)
+    np.testing.assert_allclose(
+        norms.numpy(),
+        [float((e**2).sum() + (b**2).sum()) for e, b in zip(expected, bias)],
+        rtol=1e-10,
+    )
+    np.testing.assert_allclose(
+        sums[0].numpy(), sum(f * e for f, e in zip(factors, expected)).numpy(), rtol=1e-10
+    )
 
 
 def test_sample_weights_and_classification_loss_match():
@@ -726,7 +759,7 @@ def test_user_registered_custom_layer(caplog):
     auto = _scale_model("auto")
     with caplog.at_level(logging.WARNING):
         auto.train_on_batch(x, y)
-    assert "custom/scale (Scale)" in caplog.text  # the slow path is named, once
+    assert "custom/scale (Scale: no rule in the registry)" in caplog.text  # named, once
 
 
 class _Block(layers.Layer):
@@ -941,7 +974,9 @@ def test_a_fallback_layer_with_dropout_clips_the_gradient_of_the_evaluated_masks
     engine = FastEngine(
         model, make_default_layer_registry(), fallback=tdk.per_example.PerExampleGradientRule()
     )
-    assert [s.split("/")[-1] for s in engine.slow_layers] == ["noisy (_DenseThenDropout)"]
+    assert [s.split("/")[-1] for s in engine.slow_layers] == [
+        "noisy (_DenseThenDropout: no rule in the registry)"
+    ]
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(BATCH, 5)), rng.normal(size=(BATCH, 4))
     result = engine.clipped_batch(x, y, None, num_units=BATCH, l2_norm_clip=clip, rng_seed=3)

@@ -54,6 +54,7 @@ from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.layout import layout_preserving_forward, layout_preserving_ops
 from torchdp_keras.per_example.loss_weights import broadcast_example_weights
+from torchdp_keras.per_example.memory import BUDGET_KEY, StepBudget
 from torchdp_keras.per_example.registry import LayerRegistry
 from torchdp_keras.per_example.rules.base import SAVED_KEY, WORKSPACE_KEY, output_derivative
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
@@ -198,7 +199,7 @@ class FastEngine:
         once per time step, are not walked.
         """
         weights = self._trained(layer)
-        rule = registry.lookup(layer)
+        rule, declined = registry.explain(layer)
         if rule is None or isinstance(rule, SublayerRule):
             children = [
                 child
@@ -233,11 +234,11 @@ class FastEngine:
         how = f"{type(rule).__name__}" if rule is not None else None
         if rule is None:
             if fallback is None:
-                problems.append((path, f"{type(layer).__name__}: no rule in the registry"))
+                problems.append((path, f"{type(layer).__name__}: {declined}"))
                 return
             rule = fallback
-            how = "per-layer per-example gradients (no rule in the registry)"
-            self.slow_layers.append(f"{path} ({type(layer).__name__})")
+            how = f"per-layer per-example gradients ({declined})"
+            self.slow_layers.append(f"{path} ({type(layer).__name__}: {declined})")
         if [id(w) for w in weights] != [id(w) for w in layer.trainable_weights]:
             problems.append(
                 (path, f"{type(layer).__name__}: trainable=False, but weights of it are trained")
@@ -383,8 +384,15 @@ class FastEngine:
                 out_mask = layer.compute_mask(args[0], mask)
             except (TypeError, ValueError):
                 out_mask = None
-            if out_mask is not None:
-                keras_backend.set_keras_mask(out, out_mask)
+            # A layer with several outputs (return_state) has one mask (or None) each.
+            pairs = (
+                zip(out, out_mask)
+                if isinstance(out, (list, tuple)) and isinstance(out_mask, (list, tuple))
+                else [(out, out_mask)]
+            )
+            for tensor, tensor_mask in pairs:
+                if isinstance(tensor, torch.Tensor) and tensor_mask is not None:
+                    keras_backend.set_keras_mask(tensor, tensor_mask)
         taps.append((layer, rule, args, kwargs, z, saved[0] if saved else None, None))
         return out
 
@@ -490,16 +498,12 @@ class FastEngine:
         )
         mapping = None if leaves is None else list(zip(self._trainable, leaves))
         with torch.enable_grad():
-            with keras_backend.StatelessScope(
-                state_mapping=mapping, collect_losses=True
-            ) as scope:
+            with keras_backend.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
                 if self._graph is not None:
                     y_pred = self._run_graph(self._graph, x, taps)
                 else:
                     with layout_preserving_ops():
-                        y_pred = self._composite_call(
-                            self._model, (x,), {"training": True}, taps
-                        )
+                        y_pred = self._composite_call(self._model, (x,), {"training": True}, taps)
                 loss = self._loss_sum(y, y_pred, sample_weight, batch_size)
                 if units != batch_size:  # a unit's loss is the mean over its examples
                     loss = loss / (batch_size // units)
@@ -510,9 +514,7 @@ class FastEngine:
                 )
             self._check_state_updates(scope)
             zs = [tap[4] for tap in taps]
-            grads = torch.autograd.grad(
-                loss * loss_scale, zs + (leaves or []), allow_unused=True
-            )
+            grads = torch.autograd.grad(loss * loss_scale, zs + (leaves or []), allow_unused=True)
             full = None
             if leaves is not None:
                 grads, full = grads[: len(zs)], grads[len(zs) :]
@@ -532,15 +534,15 @@ class FastEngine:
             # One entry per tapped layer: its uses (a shared layer has several).
             groups: dict[int, list] = {}
             for tap, g in zip(taps, grads):
-                groups.setdefault(id(tap[0]), []).append(
-                    self._unit_view(tap, g, units, batch_size)
-                )
+                groups.setdefault(id(tap[0]), []).append(self._unit_view(tap, g, units, batch_size))
             entries = []
+            budget = StepBudget()  # explicit per-example products, over all layers
             for uses in groups.values():
                 layer, rule = uses[0][0], uses[0][1]
                 cache = {
                     WORKSPACE_KEY: self._workspaces.setdefault(id(layer), {}),
                     SAVED_KEY: uses[0][5],
+                    BUDGET_KEY: budget,
                 }
                 entries.append((layer, rule, [use[2:5] for use in uses], cache))
             sq_norms = None
@@ -585,7 +587,7 @@ class FastEngine:
                 f"examples (num_microbatches={units} with batches of {batch_size}).",
                 layer_paths=[path],
             )
-        return (layer, rule, *view, tap[5])
+        return (layer, rule, *view, rule.fold_saved(layer, tap[5], units))
 
     def _verify(self, entries, full, loss_scale, keep, like) -> None:
         """The taps' unclipped sums must be autograd's full gradient of every weight.
@@ -676,10 +678,10 @@ def describe_slow_layers(engine: FastEngine) -> str | None:
     if not engine.slow_layers:
         return None
     return (
-        "clipping_mode='auto': these layers have no fast-clipping rule and use explicit "
-        "per-example gradients of the layer (memory B x its parameters): "
-        + ", ".join(engine.slow_layers)
-        + ". Register a LayerRule for them to avoid it."
+        "clipping_mode='auto': these layers use explicit per-example gradients of the "
+        "layer (memory B x its parameters), no fast-clipping rule covering them: "
+        + "; ".join(engine.slow_layers)
+        + ". Register a LayerRule (or change the option named) to avoid it."
     )
 
 

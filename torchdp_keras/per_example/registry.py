@@ -27,6 +27,7 @@ from torchdp_keras.per_example.rules.einsum_dense import EinsumDenseRule
 from torchdp_keras.per_example.rules.embedding import EmbeddingRule
 from torchdp_keras.per_example.rules.normalization import NormalizationRule
 from torchdp_keras.per_example.rules.position_embedding import PositionEmbeddingRule
+from torchdp_keras.per_example.rules.recurrent import BidirectionalRule, RecurrentRule
 from torchdp_keras.per_example.rules.reversible_embedding import ReversibleEmbeddingRule
 from torchdp_keras.per_example.rules.sublayers import SublayerRule
 
@@ -65,16 +66,39 @@ class LayerRegistry:
             )
         self._rules[layer_class] = rule
 
+    def _registered(self, cls) -> LayerRule | None:
+        return self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
+
     def lookup(self, layer: keras.layers.Layer) -> LayerRule | None:
         """The rule for this layer, or None if its class is not registered or
-        the rule cannot handle this instance (e.g. a LoRA-enabled Dense)."""
+        the rule cannot handle this instance (e.g. a grouped convolution)."""
+        return self.explain(layer)[0]
+
+    def explain(self, layer: keras.layers.Layer) -> tuple[LayerRule | None, str | None]:
+        """`(rule, None)`, or `(None, why no rule handles this layer)`.
+
+        The reason names the option or limit the rule declines, or the
+        subclass whose own `call` the registered base's rule cannot vouch for.
+        """
+        overriding = None
         for cls in type(layer).__mro__:
-            rule = self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
+            rule = self._registered(cls)
+            if rule is not None and overriding is None:
+                reason = rule.unsupported_reason(layer)
+                if reason is None and not rule.supports(layer):
+                    reason = "declined by the rule's supports()"
+                if reason is None:
+                    return rule, None
+                return None, f"{type(rule).__name__} declines it: {reason}"
             if rule is not None:
-                return rule if rule.supports(layer) else None
-            if "call" in vars(cls):  # this class computes differently from its bases
-                return None
-        return None
+                return None, (
+                    f"{overriding.__name__} overrides the call of {cls.__name__}, whose "
+                    f"{type(rule).__name__} cannot vouch for it (register a rule for "
+                    f"{overriding.__name__})"
+                )
+            if "call" in vars(cls) and overriding is None:
+                overriding = cls  # computes differently from its bases
+        return None, "no rule in the registry"
 
     def is_elem(self, layer: keras.layers.Layer) -> bool:
         """Whether `lookup(layer)` finds a rule."""
@@ -90,7 +114,10 @@ def make_default_layer_registry() -> LayerRegistry:
     Ghost norms or explicit per-example products, whichever is cheaper, and
     book-keeping: Dense, EinsumDense, Embedding (sparse), Conv1D, Conv2D,
     Conv3D (through patches), DepthwiseConv1D, DepthwiseConv2D, SeparableConv1D,
-    SeparableConv2D (depthwise then pointwise).
+    SeparableConv2D (depthwise then pointwise), Conv1DTranspose, Conv2DTranspose,
+    Conv3DTranspose (patches of the output gradient), SimpleRNN, GRU, LSTM and
+    `RNN` over their cells, and Bidirectional around them (the cell loop run by
+    the rule, input and recurrent kernels as sequence products).
     Closed-form per-example gradients (as small as the weights):
     LayerNormalization, GroupNormalization, RMSNormalization. MultiHeadAttention through its
     EinsumDense projections (`SublayerRule`). ReversibleEmbedding (tied input and
@@ -118,6 +145,15 @@ def make_default_layer_registry() -> LayerRegistry:
     separable = SeparableConvRule()
     for layer_class in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
         registry.insert(layer_class, separable)
+    recurrent = RecurrentRule()
+    for layer_class in (
+        keras.layers.RNN,
+        keras.layers.SimpleRNN,
+        keras.layers.GRU,
+        keras.layers.LSTM,
+    ):
+        registry.insert(layer_class, recurrent)
+    registry.insert(keras.layers.Bidirectional, BidirectionalRule(recurrent))
     registry.insert(keras.layers.EinsumDense, EinsumDenseRule())
     normalization = NormalizationRule()
     registry.insert(keras.layers.LayerNormalization, normalization)

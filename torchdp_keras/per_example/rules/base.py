@@ -22,6 +22,7 @@ import keras
 import torch
 
 from torchdp_keras.ops.clip_noise import squared_row_norms
+from torchdp_keras.per_example.memory import BUDGET_KEY
 
 Finish = Callable[[torch.Tensor], torch.Tensor]
 
@@ -89,7 +90,15 @@ class LayerRule(abc.ABC):
 
     def supports(self, layer) -> bool:
         """Whether this rule can handle this particular layer instance."""
-        return True
+        return self.unsupported_reason(layer) is None
+
+    def unsupported_reason(self, layer) -> str | None:
+        """Why this rule declines this layer instance (the option or limit), or None.
+
+        The log of `clipping_mode="auto"` names it for a layer left to the
+        per-layer fallback. Override this rather than `supports`.
+        """
+        return None
 
     @abc.abstractmethod
     def forward(self, layer, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Finish]:
@@ -159,6 +168,14 @@ class LayerRule(abc.ABC):
         """
         return None
 
+    def fold_saved(self, layer, saved, units: int):
+        """What `forward` saved, seen as `units` groups (see `fold_units`).
+
+        Rules whose norms read saved per-example tensors fold them as they
+        fold the gradient; the default returns `saved` unchanged.
+        """
+        return saved
+
     @abc.abstractmethod
     def squared_norms(
         self, layer, args: tuple, kwargs: dict, grad: torch.Tensor, cache: dict
@@ -180,6 +197,23 @@ class LayerRule(abc.ABC):
 
 WORKSPACE_KEY = "workspace"
 SAVED_KEY = "saved"
+
+
+def sub_cache(cache: dict, name: str) -> dict:
+    """A cache of its own for one part of a layer (one of several products).
+
+    It shares the layer's step budget for explicit products, and has its
+    own workspace inside the layer's, so that the parts' scratch tensors
+    and `per_example` products never overwrite each other.
+    """
+    sub = cache.get(name)
+    if sub is None:
+        sub = {key: cache[key] for key in (BUDGET_KEY,) if key in cache}
+        workspace = cache.get(WORKSPACE_KEY)
+        if workspace is not None:
+            sub[WORKSPACE_KEY] = workspace.setdefault(name, {})
+        cache[name] = sub
+    return sub
 
 
 def scratch(cache: dict, name: str, shape, like: torch.Tensor) -> torch.Tensor:
@@ -208,6 +242,34 @@ def scratch(cache: dict, name: str, shape, like: torch.Tensor) -> torch.Tensor:
         tensor = torch.empty(shape, dtype=like.dtype, device=like.device)
         workspace[name] = tensor
     return tensor
+
+
+def weights_reason(layer, expected) -> str | None:
+    """Why `layer.trainable_weights` is not `expected` (in order), or None.
+
+    `expected` maps the names a rule knows to the variables (None: absent).
+    """
+    known = {name: w for name, w in expected.items() if w is not None}
+    if [id(w) for w in layer.trainable_weights] == [id(w) for w in known.values()]:
+        return None
+    return (
+        "trainable weights other than "
+        + ", ".join(known)
+        + " (in that order): "
+        + ", ".join(w.path for w in layer.trainable_weights)
+    )
+
+
+def option_reason(layer, *, paddings=None, channels_last: bool = False) -> str | None:
+    """The first option of `layer` that rules built on Keras's own arithmetic decline."""
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is not None:
+        return f"quantization_mode={mode!r}"
+    if channels_last and getattr(layer, "data_format", "channels_last") != "channels_last":
+        return f"data_format={layer.data_format!r} (channels_last only)"
+    if paddings is not None and layer.padding not in paddings:
+        return f"padding={layer.padding!r} (supported: {', '.join(paddings)})"
+    return None
 
 
 def identity(t):

@@ -20,6 +20,7 @@ and the explicit per-example kernel (mixed ghost clipping).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -29,14 +30,15 @@ from torchdp_keras.per_example.rules.base import (
     LayerRule,
     as_sequence,
     is_linear,
+    option_reason,
     scratch,
     sq_norm_rows,
-    weighted,
+    sub_cache,
+    weights_reason,
 )
 from torchdp_keras.per_example.rules.dense import (
     clipped_product_sum,
     matmul_squared_norms,
-    prefers_explicit,
     scaled_product_sum,
 )
 
@@ -94,19 +96,22 @@ def _patches(layer, padded: torch.Tensor, out_spatial, cache=None) -> torch.Tens
 FOLDED_PATCHES = "_folded_patches"
 
 
-def _kernel_supported(layer, max_patch_size: int | None) -> bool:
+_PADDINGS = ("valid", "same", "causal")
+
+
+def _kernel_reason(layer, max_patch_size: int | None) -> str | None:
     kernel = getattr(layer, "kernel", None)
     if kernel is None:
-        return False
-    expected = [kernel] + ([layer.bias] if layer.use_bias else [])
-    return (
-        layer.data_format == "channels_last"
-        and layer.padding in ("valid", "same", "causal")
-        and not getattr(layer, "lora_enabled", False)
-        and getattr(layer, "quantization_mode", None) is None
-        and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
-        and (max_patch_size is None or math.prod(kernel.shape[:-1]) <= max_patch_size)
-    )
+        return "no kernel"
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA-enabled convolution"
+    reason = option_reason(layer, paddings=_PADDINGS, channels_last=True)
+    reason = reason or weights_reason(layer, {"kernel": kernel, "bias": layer.bias})
+    if reason is None and max_patch_size is not None:
+        width = math.prod(kernel.shape[:-1])
+        if width > max_patch_size:
+            reason = f"patch width {width} over the rule's max_patch_size={max_patch_size}"
+    return reason
 
 
 def _convolve(layer, inputs, kernel, groups):
@@ -147,8 +152,11 @@ class ConvRule(LayerRule):
     def __init__(self, max_patch_size: int | None = None):
         self.max_patch_size = max_patch_size
 
-    def supports(self, layer) -> bool:
-        return getattr(layer, "groups", 1) == 1 and _kernel_supported(layer, self.max_patch_size)
+    def unsupported_reason(self, layer) -> str | None:
+        groups = getattr(layer, "groups", 1)
+        if groups != 1:
+            return f"groups={groups} (grouped convolution)"
+        return _kernel_reason(layer, self.max_patch_size)
 
     def forward(self, layer, args, kwargs):
         inputs = _layer_inputs(layer, args)
@@ -197,14 +205,13 @@ class ConvRule(LayerRule):
 
 
 class DepthwiseConvRule(LayerRule):
-    """Kernel and bias of `DepthwiseConv1D`/`DepthwiseConv2D` (mixed ghost clipping).
+    """Kernel and bias of `DepthwiseConv1D`/`DepthwiseConv2D`.
 
-    Channel c of example i has kernel gradient `P_ic^T g_ic` (patches of
-    channel c, and the gradients of its `depth_multiplier` outputs). Per
-    layer, `prefers_explicit` chooses between the ghost norm, `sum_c
-    sum_{l,l'} (P_icl . P_icl') (g_icl . g_icl')`, and the explicit
-    per-example kernel, counting the clipped sum too and within the memory
-    cap (each channel is a Dense-like product of its patches and gradients).
+    Channel c of example i has kernel gradient `sum_l x_ic[l*s + o*d] g_ic[l]`
+    at kernel offset o. The per-example kernels (B x the kernel's size, as
+    small as the layer's input is large) are formed explicitly, one strided
+    window of the input per kernel offset; the ghost norm would cost L^2
+    per channel and the patches tensor prod(kernel_size) copies of the input.
     """
 
     activation_after_tap = True
@@ -212,8 +219,8 @@ class DepthwiseConvRule(LayerRule):
     def __init__(self, max_patch_size: int | None = None):
         self.max_patch_size = max_patch_size
 
-    def supports(self, layer) -> bool:
-        return _kernel_supported(layer, self.max_patch_size)
+    def unsupported_reason(self, layer) -> str | None:
+        return _kernel_reason(layer, self.max_patch_size)
 
     def forward(self, layer, args, kwargs):
         inputs = _layer_inputs(layer, args)
@@ -232,47 +239,47 @@ class DepthwiseConvRule(LayerRule):
         """The depthwise kernel variable, (*kernel_size, C, M)."""
         return layer.kernel
 
-    def _parts(self, layer, args, grad, cache):
-        if "parts" in cache:
-            return cache["parts"]
-        batch = grad.shape[0]
-        channels, multiplier = self._kernel(layer).shape[-2], self._kernel(layer).shape[-1]
+    def _per_example_kernel(self, layer, args, grad, cache):
+        """(B, *kernel_size, C, M): every example's depthwise kernel gradient.
+
+        Kernel offset `o` of example i is `sum_l x_i[l*s + o*d] g_i[l]` per
+        channel: one strided window of the padded input against the
+        gradient, offset by offset, without the patches tensor.
+        """
+        if "per_example" in cache:
+            return cache["per_example"]
+        kernel_shape = tuple(self._kernel(layer).shape)
+        channels, multiplier = kernel_shape[-2], kernel_shape[-1]
+        batch, out_spatial = grad.shape[0], tuple(grad.shape[1:-1])
         padded = _pad_channels_last(layer, _layer_inputs(layer, args).to(grad.dtype))
-        patches = _patches(layer, padded, grad.shape[1:-1], cache)  # (B, L, *k, C)
-        steps = patches.shape[1]
-        # (B, C, L, k) patches and (B, C, L, M) gradients, channel-major.
-        p = patches.reshape(batch, steps, -1, channels).permute(0, 3, 1, 2)
-        g = grad.reshape(batch, steps, channels, multiplier).permute(0, 2, 1, 3)
-        cache["parts"] = (p, g)
-        return p, g
+        g = grad.reshape(batch, *out_spatial, channels, multiplier)
+        out = scratch(cache, "per_example", (batch, *kernel_shape), g)
+        axes = "xyz"[: len(out_spatial)]
+        equation = f"b{axes}c,b{axes}cm->bcm"
+        positions = tuple(range(1, 1 + len(out_spatial)))
+        for offset in itertools.product(*(range(k) for k in layer.kernel_size)):
+            window = padded[
+                (slice(None),)
+                + tuple(
+                    slice(o * d, o * d + (n - 1) * s + 1, s)
+                    for o, d, n, s in zip(offset, layer.dilation_rate, out_spatial, layer.strides)
+                )
+            ]
+            if multiplier == 1:  # elementwise, then a sum over the positions
+                torch.sum(window * grad, dim=positions, out=out[(slice(None), *offset, ..., 0)])
+            else:
+                out[(slice(None), *offset)] = torch.einsum(equation, window, g)
+        cache["per_example"] = out
+        return out
 
     def _kernel_norms(self, layer, args, grad, cache):
         """Per-example squared norms of the depthwise kernel's gradient, from the
         gradient `grad` at the depthwise convolution's output."""
-        p, g = self._parts(layer, args, grad, cache)
-        batch, channels, steps, width = p.shape
-        multiplier = g.shape[-1]
-        # Each channel is a (steps x width) by (steps x multiplier) product.
-        if not prefers_explicit(batch * channels, steps, width, multiplier, g.element_size()):
-            pp = torch.matmul(p, p.transpose(-1, -2)).double()
-            gg = torch.matmul(g, g.transpose(-1, -2)).double()
-            return (pp * gg).sum(dim=(1, 2, 3))
-        per_example = scratch(cache, "per_example", (batch, channels, width, multiplier), g)
-        torch.matmul(p.transpose(-1, -2), g, out=per_example)  # (B, C, k, M)
-        cache["per_example"] = per_example
-        return sq_norm_rows(per_example)
+        return sq_norm_rows(self._per_example_kernel(layer, args, grad, cache))
 
     def _kernel_sum(self, layer, args, grad, factors, cache):
-        p, g = self._parts(layer, args, grad, cache)
-        per_example = cache.get("per_example")
-        if per_example is not None:
-            kernel = torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
-        elif p.numel() <= g.numel():
-            kernel = torch.einsum("bclk,bclm->ckm", weighted(p, factors), g)
-        else:
-            kernel = torch.einsum("bclk,bclm->ckm", p, weighted(g, factors))
-        # (C, k, M) -> (*kernel_size, C, M)
-        return kernel.permute(1, 0, 2).reshape(tuple(self._kernel(layer).shape))
+        per_example = self._per_example_kernel(layer, args, grad, cache)
+        return torch.tensordot(factors.to(per_example.dtype), per_example, dims=1)
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
         norms = self._kernel_norms(layer, args, grad, cache)
@@ -300,20 +307,21 @@ class SeparableConvRule(DepthwiseConvRule):
     def _kernel(self, layer):
         return layer.depthwise_kernel
 
-    def supports(self, layer) -> bool:
-        expected = [layer.depthwise_kernel, layer.pointwise_kernel]
-        if layer.use_bias:
-            expected.append(layer.bias)
-        return (
-            layer.data_format == "channels_last"
-            and layer.padding in ("valid", "same", "causal")
-            and getattr(layer, "quantization_mode", None) is None
-            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
-            and (
-                self.max_patch_size is None
-                or math.prod(layer.depthwise_kernel.shape[:-1]) <= self.max_patch_size
-            )
+    def unsupported_reason(self, layer) -> str | None:
+        reason = option_reason(layer, paddings=_PADDINGS, channels_last=True)
+        reason = reason or weights_reason(
+            layer,
+            {
+                "depthwise_kernel": layer.depthwise_kernel,
+                "pointwise_kernel": layer.pointwise_kernel,
+                "bias": layer.bias,
+            },
         )
+        if reason is None and self.max_patch_size is not None:
+            width = math.prod(layer.depthwise_kernel.shape[:-1])
+            if width > self.max_patch_size:
+                reason = f"patch width {width} over the rule's max_patch_size={self.max_patch_size}"
+        return reason
 
     @staticmethod
     def _pointwise(layer, dtype):
@@ -343,7 +351,7 @@ class SeparableConvRule(DepthwiseConvRule):
         u = cache["saved"].to(grad.dtype)
         norms = self._kernel_norms(layer, args, self._depthwise_grad(layer, grad, cache), cache)
         u_seq, g_seq = u.reshape(u.shape[0], -1, u.shape[-1]), as_sequence(grad)
-        norms = norms + matmul_squared_norms(u_seq, g_seq)
+        norms = norms + matmul_squared_norms(u_seq, g_seq, sub_cache(cache, "pointwise"))
         if layer.use_bias:
             norms = norms + sq_norm_rows(g_seq.sum(dim=1))
         return norms
@@ -353,7 +361,7 @@ class SeparableConvRule(DepthwiseConvRule):
         depthwise_grad = self._depthwise_grad(layer, grad, cache)
         out = [self._kernel_sum(layer, args, depthwise_grad, factors, cache)]
         u_seq, g_seq = u.reshape(u.shape[0], -1, u.shape[-1]), as_sequence(grad)
-        pointwise = scaled_product_sum(u_seq, g_seq, factors)
+        pointwise = clipped_product_sum(u_seq, g_seq, factors, sub_cache(cache, "pointwise"))
         out.append(pointwise.reshape(tuple(layer.pointwise_kernel.shape)))
         if layer.use_bias:
             out.append(torch.einsum("b,bo->o", factors.to(g_seq.dtype), g_seq.sum(dim=1)))
@@ -375,17 +383,14 @@ class ConvTransposeRule(LayerRule):
 
     activation_after_tap = True
 
-    def supports(self, layer) -> bool:
+    def unsupported_reason(self, layer) -> str | None:
         kernel = getattr(layer, "kernel", None)
-        expected = [kernel] + ([layer.bias] if layer.use_bias else [])
-        return (
-            kernel is not None
-            and layer.data_format == "channels_last"
-            and layer.padding in ("valid", "same")
-            and (layer.output_padding is None or layer.padding == "valid")
-            and getattr(layer, "quantization_mode", None) is None
-            and [id(w) for w in layer.trainable_weights] == [id(w) for w in expected]
-        )
+        if kernel is None:
+            return "no kernel"
+        reason = option_reason(layer, paddings=("valid", "same"), channels_last=True)
+        if reason is None and layer.output_padding is not None and layer.padding != "valid":
+            reason = f"output_padding={layer.output_padding} with padding={layer.padding!r}"
+        return reason or weights_reason(layer, {"kernel": kernel, "bias": layer.bias})
 
     def forward(self, layer, args, kwargs):
         inputs = _layer_inputs(layer, args)

@@ -26,11 +26,18 @@ import string
 import torch
 from keras import ops
 
-from torchdp_keras.per_example.rules.base import LayerRule, is_linear, reduce_to_shape, sq_norm_rows
+from torchdp_keras.per_example.rules.base import (
+    LayerRule,
+    is_linear,
+    option_reason,
+    reduce_to_shape,
+    sq_norm_rows,
+)
 from torchdp_keras.per_example.rules.dense import (
     clipped_product_sum,
     lora_factors,
     matmul_squared_norms,
+    parts_reason,
     trainable_parts,
 )
 
@@ -52,21 +59,24 @@ class EinsumDenseRule(LayerRule):
 
     activation_after_tap = True
 
-    def supports(self, layer) -> bool:
+    def unsupported_reason(self, layer) -> str | None:
         try:
             inputs, kernel, output = layer.equation.replace(" ", "").replace("->", ",").split(",")
         except ValueError:
-            return False
+            return f"equation {layer.equation!r} is not 'inputs,kernel->output'"
         # The batch axis leads input and output (possibly inside a leading "...").
         batch = "..." if inputs.startswith("...") else inputs[:1]
-        return (
+        if not (
             "..." not in kernel
             and output.startswith(batch)
             and batch not in kernel
             and all(c in inputs or c in output for c in kernel)
-            and getattr(layer, "quantization_mode", None) is None
-            and trainable_parts(layer, getattr(layer, "_kernel", None), {}) is not None
-        )
+        ):
+            return (
+                f"equation {layer.equation!r} (the batch axis must lead the input and "
+                "the output, and stay out of the kernel)"
+            )
+        return option_reason(layer) or parts_reason(layer, getattr(layer, "_kernel", None))
 
     def forward(self, layer, args, kwargs):
         z = ops.einsum(layer.equation, args[0], layer.kernel)
@@ -136,9 +146,7 @@ class EinsumDenseRule(LayerRule):
         if matrices is None:
             return self._explicit(layer, a, g, cache)
         am, gm, permutation = matrices
-        per_example = torch.bmm(am.transpose(1, 2), gm).reshape(
-            g.shape[0], *cache["kernel_shape"]
-        )
+        per_example = torch.bmm(am.transpose(1, 2), gm).reshape(g.shape[0], *cache["kernel_shape"])
         per_example = per_example.permute(0, *[1 + p for p in permutation])
         cache["per_example_kernel"] = per_example
         return per_example

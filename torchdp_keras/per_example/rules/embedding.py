@@ -18,6 +18,7 @@ from torchdp_keras.per_example.rules.base import (
     LayerRule,
     fold_rows,
     identity,
+    option_reason,
     scratch,
     sq_norm_rows,
     weighted,
@@ -25,6 +26,7 @@ from torchdp_keras.per_example.rules.base import (
 from torchdp_keras.per_example.rules.dense import (
     lora_factors,
     matmul_squared_norms,
+    parts_reason,
     scaled_product_sum,
     trainable_parts,
 )
@@ -65,11 +67,8 @@ class EmbeddingRule(LayerRule):
     that of A is sparse like the table's, with rows `s g_it B^T`.
     """
 
-    def supports(self, layer) -> bool:
-        return (
-            getattr(layer, "quantization_mode", None) is None
-            and trainable_parts(layer, getattr(layer, "_embeddings", None), {}) is not None
-        )
+    def unsupported_reason(self, layer) -> str | None:
+        return option_reason(layer) or parts_reason(layer, getattr(layer, "_embeddings", None))
 
     def forward(self, layer, args, kwargs):
         ids = args[0]

@@ -45,14 +45,16 @@ def _scale(layer):
 class NormalizationRule(LayerRule):
     """The scale (`gamma`) and offset (`beta`) of the normalisation layers."""
 
-    def supports(self, layer) -> bool:
+    def unsupported_reason(self, layer) -> str | None:
         own = [w for w in (_scale(layer), getattr(layer, "beta", None)) if w is not None]
         trainable = layer.trainable_weights
-        return (
-            isinstance(layer, _LAYERS)
-            and len(trainable) == len({id(w) for w in trainable})
-            and {id(w) for w in trainable} <= {id(w) for w in own}
-        )
+        if not isinstance(layer, _LAYERS):
+            return "not a LayerNormalization, GroupNormalization or RMSNormalization"
+        if len(trainable) != len({id(w) for w in trainable}) or not {id(w) for w in trainable} <= {
+            id(w) for w in own
+        }:
+            return "trainable weights other than its scale and offset"
+        return None
 
     def forward(self, layer, args, kwargs):
         # One normalisation: x_hat from the layer's own call with the affine

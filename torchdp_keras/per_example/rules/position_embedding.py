@@ -12,15 +12,17 @@ from __future__ import annotations
 import torch
 from keras import ops
 
-from torchdp_keras.per_example.rules.base import LayerRule, identity, sq_norm_rows
+from torchdp_keras.per_example.rules.base import LayerRule, identity, sq_norm_rows, weights_reason
 
 
 class PositionEmbeddingRule(LayerRule):
     """The `position_embeddings` table of keras_hub's `PositionEmbedding`."""
 
-    def supports(self, layer) -> bool:
+    def unsupported_reason(self, layer) -> str | None:
         table = getattr(layer, "position_embeddings", None)
-        return table is not None and [id(w) for w in layer.trainable_weights] == [id(table)]
+        if table is None:
+            return "no position_embeddings table"
+        return weights_reason(layer, {"position_embeddings": table})
 
     def forward(self, layer, args, kwargs):
         start = kwargs.get("start_index", args[1] if len(args) > 1 else 0)

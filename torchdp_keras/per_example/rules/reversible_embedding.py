@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from keras import ops
 
-from torchdp_keras.per_example.rules.base import fold_rows, identity
+from torchdp_keras.per_example.rules.base import fold_rows, identity, option_reason
 from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
 from torchdp_keras.per_example.rules.embedding import (
     EmbeddingRule,
@@ -41,17 +41,17 @@ class ReversibleEmbeddingRule(EmbeddingRule):
 
     supports_shared_uses = True
 
-    def supports(self, layer) -> bool:
+    def unsupported_reason(self, layer) -> str | None:
         expected = {id(layer._embeddings)}
         if not layer.tie_weights:
             expected.add(id(getattr(layer, "reverse_embeddings", None)))
-        return (
-            getattr(layer, "quantization_mode", None) is None
-            and not getattr(layer, "lora_enabled", False)
-            and getattr(layer, "logit_soft_cap", None) is None
-            and getattr(layer, "reverse_dtype", None) is None
-            and {id(w) for w in layer.trainable_weights} <= expected
-        )
+        for option in ("lora_enabled", "logit_soft_cap", "reverse_dtype"):
+            value = getattr(layer, option, None)
+            if value not in (None, False):
+                return f"{option}={value!r}"
+        if not {id(w) for w in layer.trainable_weights} <= expected:
+            return "trainable weights other than the embeddings and reverse_embeddings"
+        return option_reason(layer)
 
     def forward(self, layer, args, kwargs):
         if not _is_reverse(args, kwargs):
