@@ -489,14 +489,18 @@ class FastEngine:
         self, x, y, sample_weight, batch_size, units, keep, l2_norm_clip, loss_scale
     ):
         taps: list = []
-        # On the first step every trainable weight is read through a fresh leaf
-        # tensor, whose gradient is the weight's full gradient (every use).
-        leaves = (
-            None
-            if self._verified
-            else [v.value.detach().clone().requires_grad_(True) for v in self._trainable]
-        )
-        mapping = None if leaves is None else list(zip(self._trainable, leaves))
+        # On the first step the gradient of every trainable weight (every use)
+        # is taken too: of its own parameter where that is an autograd leaf,
+        # else of a fresh leaf copy the step reads instead.
+        leaves = mapping = None
+        if not self._verified:
+            leaves, mapping = [], []
+            for variable in self._trainable:
+                value = variable.value
+                if not (value.is_leaf and value.requires_grad):
+                    value = value.detach().clone().requires_grad_(True)
+                    mapping.append((variable, value))
+                leaves.append(value)
         with torch.enable_grad():
             with keras_backend.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
                 if self._graph is not None:

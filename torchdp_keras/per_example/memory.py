@@ -10,9 +10,9 @@ per-layer fallback).
 
 Example:
     >>> import torchdp_keras as tdk
-    >>> tdk.set_explicit_memory_budget(256 * 2**20)  # 256 MiB per step
+    >>> tdk.set_explicit_memory_budget(128 * 2**20)  # 128 MiB per step
     >>> tdk.explicit_memory_budget()
-    268435456
+    134217728
     >>> tdk.set_explicit_memory_budget(tdk.per_example.DEFAULT_EXPLICIT_MEMORY_BUDGET)
 """
 
@@ -22,8 +22,13 @@ import numbers
 
 from torchdp_keras.errors import DPConfigError
 
-DEFAULT_EXPLICIT_MEMORY_BUDGET = 512 * 2**20
-"""512 MiB of explicit per-example products per step, over all layers."""
+DEFAULT_EXPLICIT_MEMORY_BUDGET = 256 * 2**20
+"""256 MiB of explicit per-example products per step, over all layers.
+
+Measured on a 2-core CPU (2026-12-06), explicit products made ResNet50 (32x32,
+batch 32) and a 2-layer BERT 2-3% faster than the ghost form alone, for
+up to 230 MiB more memory: a larger budget buys little.
+"""
 
 _budget = DEFAULT_EXPLICIT_MEMORY_BUDGET
 

@@ -72,7 +72,12 @@ def _pad_channels_last(layer, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def _patches(layer, padded: torch.Tensor, out_spatial, cache=None) -> torch.Tensor:
-    """(B, L, *kernel_size, C) patches of a padded input (in a scratch tensor)."""
+    """(B, L, *kernel_size, C) patches of a padded input (in a scratch tensor).
+
+    A 1x1 kernel at stride 1 has the input itself as its patches: no copy.
+    """
+    if all(k == 1 for k in layer.kernel_size) and all(s == 1 for s in layer.strides):
+        return padded.reshape(padded.shape[0], math.prod(out_spatial), *layer.kernel_size, -1)
     padded = padded.contiguous()
     strides = padded.stride()
     rank = len(out_spatial)
@@ -142,9 +147,9 @@ class ConvRule(LayerRule):
     Args:
         max_patch_size: None (default: any width; the patches are about
             `prod(kernel_size)` times the input's size, and the products take the
-            cheaper of the ghost and the explicit form within the explicit form's
-            256 MiB cap), or the largest `prod(kernel_size) * in_channels` handled
-            here, wider layers being left to the per-layer fallback.
+            cheaper of the ghost and the explicit form within the step's explicit
+            memory budget), or the largest `prod(kernel_size) * in_channels`
+            handled here, wider layers being left to the per-layer fallback.
     """
 
     activation_after_tap = True
