@@ -12,6 +12,17 @@ are measured; nothing is downloaded):
   `bert`: `BertBackbone` + Dense head (classification);
   `gpt2_lora`: `GPT2Backbone.enable_lora(4)` + head;
   `gpt2_causal_lm`: `GPT2CausalLM` (tied input/output embedding).
+* layers (issue 23), each a Keras model made private with `make_private`
+  and its plain twin:
+  `bilstm`, `gru`, `simple_rnn`: text classifiers (vocabulary 10000,
+  embedding 64 with `mask_zero=True`, sequences of 80 tokens zero-padded to
+  random lengths, batch 64) with `Bidirectional(LSTM(64))`, `GRU(64)`,
+  `SimpleRNN(64)`;
+  `separable`: SeparableConv2D stack on 32x32x3 (batch 64);
+  `conv_transpose`: a Conv2D/Conv2DTranspose autoencoder on 32x32x3 (batch 64);
+  `mobilenet_v2`: `keras.applications.MobileNetV2(alpha=0.35)` at 32x32
+  after `fix` (batch 32); `resnet50`: `keras.applications.ResNet50` at
+  32x32 after `fix` (batch 32).
 * `--gpt2-small`: GPT-2 small's shape (12 layers, hidden 768, vocabulary
   50257, sequence 128, batch 8) with `enable_lora(rank=8)`, a causal LM.
 
@@ -140,6 +151,93 @@ def hub_case(name, rng, *, batch, length, vocab, hidden, num_layers, heads, lora
     return {"DP": dp, "plain": plain}, x, y
 
 
+def layer_case(name, rng):
+    """A layer row: the plain Keras model and its `make_private` twin (same weights)."""
+    if name in ("bilstm", "gru", "simple_rnn"):
+        batch, length, vocab = 64, 80, 10000
+        recurrent = {
+            "bilstm": lambda: layers.Bidirectional(layers.LSTM(64)),
+            "gru": lambda: layers.GRU(64),
+            "simple_rnn": lambda: layers.SimpleRNN(64),
+        }[name]
+
+        def build():
+            return keras.Sequential(
+                [
+                    keras.Input((length,), dtype="int32"),
+                    layers.Embedding(vocab, 64, mask_zero=True),
+                    recurrent(),
+                    layers.Dense(1),
+                ]
+            )
+
+        x = rng.integers(1, vocab, (batch, length)).astype("int32")
+        for row, kept in enumerate(rng.integers(length // 4, length + 1, batch)):
+            x[row, kept:] = 0
+        y = rng.integers(0, 2, (batch, 1)).astype("float32")
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    else:
+        batch = 64 if name in ("separable", "conv_transpose") else 32
+        shape = (32, 32, 3)
+
+        def build():
+            if name == "separable":
+                return keras.Sequential(
+                    [
+                        keras.Input(shape),
+                        layers.SeparableConv2D(32, 3, padding="same", activation="relu"),
+                        layers.SeparableConv2D(64, 3, strides=2, padding="same", activation="relu"),
+                        layers.SeparableConv2D(
+                            128, 3, strides=2, padding="same", activation="relu"
+                        ),
+                        layers.GlobalAveragePooling2D(),
+                        layers.Dense(10),
+                    ]
+                )
+            if name == "conv_transpose":
+                return keras.Sequential(
+                    [
+                        keras.Input(shape),
+                        layers.Conv2D(32, 3, strides=2, padding="same", activation="relu"),
+                        layers.Conv2D(64, 3, strides=2, padding="same", activation="relu"),
+                        layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu"),
+                        layers.Conv2DTranspose(3, 3, strides=2, padding="same"),
+                    ]
+                )
+            head = dict(input_shape=shape, weights=None, classes=10, classifier_activation=None)
+            application = (
+                keras.applications.MobileNetV2(alpha=0.35, **head)
+                if name == "mobilenet_v2"
+                else keras.applications.ResNet50(**head)
+            )
+            return tdk.fix(application)
+
+        x = rng.random((batch, *shape), dtype=np.float32)
+        if name == "conv_transpose":
+            y, loss = x, "mse"
+        else:
+            y = rng.integers(0, 10, batch)
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    keras.utils.set_random_seed(0)
+    plain = build()
+    plain.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    keras.utils.set_random_seed(0)
+    dp = tdk.make_private(build(), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0)
+    dp.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    return {"DP": dp, "plain": plain}, x, y
+
+
+LAYER_ROWS = (
+    "bilstm",
+    "gru",
+    "simple_rnn",
+    "separable",
+    "conv_transpose",
+    "mobilenet_v2",
+    "resnet50",
+)
+
+
 def memory_in_child(name: str, label: str, argv: list[str]) -> int | None:
     """Peak memory of one step of one model, in a fresh process (nothing else in it)."""
     import subprocess
@@ -190,6 +288,8 @@ def main(argv=None) -> dict:
     passed_on = list(sys.argv[1:] if argv is None else argv)
     rng = np.random.default_rng(0)
     cases = {"tutorial": lambda: tutorial_case(rng)}
+    for name in LAYER_ROWS:
+        cases[name] = lambda name=name: layer_case(name, rng)
     try:
         import keras_hub  # noqa: F401
 
