@@ -14,17 +14,27 @@ from torchdp_keras.lipschitz import (
     DP_Sequential,
     DPParameters,
     NoisifyStrategyError,
+    accounting_noise_multiplier,
     compute_gradient_bounds,
     get_eps_delta,
     get_noise_multiplier_coefs,
+    get_optimal_noise_multiplier_coefs,
     global_noisify,
     local_noisify,
+    optimal_noisify,
 )
 from torchdp_keras.lipschitz import layers as L
 from torchdp_keras.lipschitz import losses as LL
 from torchdp_keras.per_example import VmapEngine
 
 MAX_NORM = 2.0
+BATCH = 32
+
+
+def _example_bounds(model):
+    """Per-example bounds C_l: deel-lipdp's batch-mean bounds times the batch size."""
+    batch = model.dataset_metadata.batch_size
+    return {path: b * batch for path, b in compute_gradient_bounds(model).items()}
 
 
 def _metadata(n=256, batch_size=32, shape=(8, 8, 1), classes=4):
@@ -92,7 +102,7 @@ def test_every_per_example_gradient_is_within_its_bound(loss, model_cls):
     for step in range(3):  # random weights, then weights after (projected) updates
         # Inputs inside the bound, at it, and far outside (DP_BoundedInput clips them).
         x, y = _data(24, seed=step, scale=[0.05, 0.3, 5.0][step])
-        bounds = compute_gradient_bounds(model)
+        bounds = _example_bounds(model)
         assert set(bounds) == {v.path for v in model.trainable_variables}
         norms = _per_layer_norms(model, x, y)
         for path, bound in bounds.items():
@@ -112,8 +122,10 @@ def test_bounds_are_not_vacuous():
     )
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=50.0))
     x, y = _data(64, seed=3, scale=5.0)
-    (path, bound), = compute_gradient_bounds(model).items()
+    (path, bound), = _example_bounds(model).items()
     assert bound == pytest.approx(MAX_NORM * math.sqrt(2))
+    # deel-lipdp's convention: the share of one example in the batch-mean gradient.
+    assert compute_gradient_bounds(model)[path] == pytest.approx(bound / BATCH)
     observed = float(_per_layer_norms(model, x, y)[path].max())
     assert 0.9 * bound < observed <= bound * (1 + 1e-5)
 
@@ -143,33 +155,47 @@ def _zero_gradients(model):
     return [torch.zeros_like(v.value) for v in model.trainable_variables]
 
 
-@pytest.mark.parametrize("strategy", ["global", "per-layer"])
+@pytest.mark.parametrize("strategy", ["global", "per-layer", "optimal-per-layer"])
 def test_noise_has_the_stated_scale_per_layer(strategy):
     sigma = 1.7
     model = _conv_net(strategy, sigma)
+    model.layers[-1].nm_coef = 2.0  # deel-lipdp's per-layer coefficient of the last layer
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
     bounds = compute_gradient_bounds(model)
     variables = model.trainable_variables
-    noisify = global_noisify if strategy == "global" else local_noisify
+    noisify = {"global": global_noisify, "per-layer": local_noisify}.get(strategy, optimal_noisify)
     draws = [noisify(model, bounds, variables, _zero_gradients(model)) for _ in range(600)]
-    per_layer = {layer.name: bounds[layer.trainable_variables[0].path]
-                 for layer in model.layers if layer.trainable_variables}
+    weighted = [layer for layer in model.layers if layer.trainable_variables]
+    per_layer = {layer.name: bounds[layer.trainable_variables[0].path] for layer in weighted}
     total, total_sq = sum(per_layer.values()), sum(c * c for c in per_layer.values())
     coefs = get_noise_multiplier_coefs(model)
-    for layer in model.layers:
-        if not layer.trainable_variables:
-            continue
-        c = per_layer[layer.name]
-        expected = sigma * (math.sqrt(total_sq) if strategy == "global" else math.sqrt(c * total))
-        assert coefs[layer.name] * c == pytest.approx(math.sqrt(c * total))
-        index = [v.path for v in variables].index(layer.trainable_variables[0].path)
+    optimal = get_optimal_noise_multiplier_coefs(model)
+    for layer in weighted:
+        c, path = per_layer[layer.name], layer.trainable_variables[0].path
+        assert coefs[path] == (2.0 if layer is model.layers[-1] else 1.0)
+        expected = {
+            "global": sigma * math.sqrt(total_sq),
+            "per-layer": sigma * coefs[path] * c,
+            "optimal-per-layer": sigma * math.sqrt(c * total),
+        }[strategy]
+        assert optimal[path] * c == pytest.approx(math.sqrt(c * total))
+        index = [v.path for v in variables].index(path)
         sample = torch.cat([d[index].reshape(-1) for d in draws]).double()
         assert abs(float(sample.std()) / expected - 1) < 0.05, layer.name
         assert abs(float(sample.std()) / (1.5 * expected) - 1) > 0.2  # power against 1.5x
-    # Per-layer is equivalent to one Gaussian mechanism of noise multiplier sigma:
-    # sum_l C_l^2 / s_l^2 = 1 / sigma^2.
-    s2 = {n: (sigma * coefs[n] * c) ** 2 for n, c in per_layer.items()}
-    assert sum(c * c / s2[n] for n, c in per_layer.items()) == pytest.approx(1 / sigma**2)
+    # The Gaussian mechanism each strategy is accounted as: deel-lipdp composes
+    # one per layer (noise multipliers sigma * nm_coef_l); the others are one
+    # mechanism of noise multiplier sigma (sum_l C_l^2 / s_l^2 = 1 / sigma^2).
+    accounted = accounting_noise_multiplier(model)
+    if strategy == "per-layer":
+        layer_sigmas = [sigma * coefs[layer.trainable_variables[0].path] for layer in weighted]
+        assert accounted == pytest.approx(sum(s**-2 for s in layer_sigmas) ** -0.5)
+        assert accounted < sigma / math.sqrt(len(weighted) - 1)  # pays for the composition
+    else:
+        assert accounted == sigma
+    if strategy == "optimal-per-layer":
+        s2 = {n: (sigma * math.sqrt(c * total)) ** 2 for n, c in per_layer.items()}
+        assert sum(c * c / s2[n] for n, c in per_layer.items()) == pytest.approx(1 / sigma**2)
 
 
 def test_train_step_adds_that_noise_to_the_summed_gradient():
@@ -191,25 +217,43 @@ def test_train_step_adds_that_noise_to_the_summed_gradient():
     x_clipped = x * np.minimum(1, 1 / np.linalg.norm(x, axis=1, keepdims=True))
     expected_grad = np.sign(x_clipped + before - y).sum(0) / width  # sum of per-example grads
     noise = update * batch - expected_grad
-    (bound,) = compute_gradient_bounds(model).values()
+    (bound,) = _example_bounds(model).values()
     assert bound == pytest.approx(1.0)  # MAE: L = 1; the bias passes it through
     assert abs(noise.std() / (sigma * bound) - 1) < 0.05
     assert model.dp_steps == 1
 
 
-def test_accounting_matches_a_hand_computation():
-    model = _conv_net(sigma=1.1)
+@pytest.mark.parametrize("strategy", ["global", "per-layer", "optimal-per-layer"])
+def test_get_eps_delta_matches_a_hand_computation(strategy):
+    model = _conv_net(strategy=strategy, sigma=1.1)
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
-    epsilon, delta = get_eps_delta(model, epochs=3)
-    hand = tdk.PRVAccountant()
-    hand.compose(1.1, 32 / 256, 3 * 8)
-    assert (epsilon, delta) == (pytest.approx(hand.get_epsilon(1e-5)), 1e-5)
+    # deel-lipdp's per-layer strategy composes one Gaussian per weighted layer (6 here).
+    sigma = 1.1 / math.sqrt(6) if strategy == "per-layer" else 1.1
+    assert accounting_noise_multiplier(model) == pytest.approx(sigma)
+    for accountant, hand in (("rdp", tdk.RDPAccountant()), ("prv", tdk.PRVAccountant())):
+        hand.compose(sigma, 32 / 256, 3 * 8)
+        epsilon, delta = get_eps_delta(model, epochs=3, accountant=accountant)
+        assert (epsilon, delta) == (pytest.approx(hand.get_epsilon(1e-5)), 1e-5)
+    assert get_eps_delta(model, 3)[0] == get_eps_delta(model, 3, accountant="rdp")[0]
+    assert get_eps_delta(model, 0) == (0.0, 1e-5)
+    with pytest.raises(tdk.DPConfigError, match="accountant='moments'"):
+        get_eps_delta(model, 1, accountant="moments")
+    # A fractional number of steps per epoch (deel-lipdp's n / batch_size) rounds up.
+    model.dataset_metadata.nb_steps_per_epochs = 256 / 30
+    rounded = tdk.RDPAccountant()
+    rounded.compose(sigma, 32 / 256, math.ceil(3 * 256 / 30))
+    assert get_eps_delta(model, 3)[0] == pytest.approx(rounded.get_epsilon(1e-5))
+
+
+def test_accounting_of_training_follows_the_strategy():
+    model = _conv_net(sigma=1.1)  # "per-layer": six layers of sigma 1.1 composed
+    model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
     # Training on the Poisson loader: the accountant composes what the sampler did.
     x, y = _data(256, seed=1)
     loader = tdk.PrivateDataLoader(x, y, batch_size=32, seed=0)
     history = model.fit(loader, epochs=2, verbose=0)
     done = tdk.PRVAccountant()
-    done.compose(1.1, 32 / 256, model.dp_steps)
+    done.compose(1.1 / math.sqrt(6), 32 / 256, model.dp_steps)
     assert model.dp_steps == 2 * 8
     assert history.history["epsilon"][-1] == pytest.approx(done.get_epsilon(1e-5))
 
@@ -282,16 +326,31 @@ def test_bad_dataset_metadata():
 
 
 def test_signal_to_noise_diagnostics():
+    """deel-lipdp's meanings: per-example arrays, and ratios to the per-example bound."""
     model = _conv_net()
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
-    batch = _data(32, seed=0)
-    for method in (model.signal_to_noise_average, model.signal_to_noise_elementwise):
-        ratios, norms, bounds = method(batch)
-        assert set(ratios) == set(norms) == set(bounds) == {v.path for v in
-                                                           model.trainable_variables}
-        assert all(r >= 0 and math.isfinite(r) for r in ratios.values())
-        # The batch gradient's norm never exceeds batch_size times the per-example bound.
-        assert all(norms[p] <= 32 * bounds[p] * (1 + 1e-5) for p in norms)
+    x, y = _data(32, seed=0, scale=5.0)
+    paths = {v.path for v in model.trainable_variables}
+    bounds_c = _example_bounds(model)
+    ratios, norms, bounds = model.signal_to_noise_elementwise((x[:5], y[:5]))
+    assert set(ratios) == set(norms) == set(bounds) == paths
+    reference = _per_layer_norms(model, x[:5], y[:5])
+    for path in paths:
+        assert bounds[path] == pytest.approx(bounds_c[path])
+        assert norms[path].shape == (5,)
+        np.testing.assert_allclose(norms[path], reference[path].numpy(), rtol=1e-4)
+        np.testing.assert_allclose(ratios[path], norms[path] / bounds[path])
+        assert np.all(ratios[path] <= 1 + 1e-5)  # the guarantee, example by example
+    ratios, norms, bounds = model.signal_to_noise_average((x, y))
+    grads, _ = VmapEngine(model).per_unit_gradients(x, y, None, num_units=len(x))
+    for v, g in zip(model.trainable_variables, grads):
+        path = v.path
+        mean_norm = float(torch.linalg.vector_norm(g.double().mean(0)))
+        assert norms[path] == pytest.approx(mean_norm, rel=1e-4)
+        assert ratios[path] == pytest.approx(norms[path] / bounds_c[path])
+        assert 0 <= ratios[path] <= 1 + 1e-5  # a mean of vectors within the bound
+    with pytest.raises(tdk.DPConfigError, match="batch_size=32"):
+        model.signal_to_noise_average((x[:5], y[:5]))
 
 
 def test_save_and_load_keeps_bounds_and_privacy_state(tmp_path):
@@ -324,3 +383,34 @@ def test_dp_model_saves_and_loads(tmp_path):
     assert isinstance(loaded, DP_Model) and loaded.dp_steps == model.dp_steps
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_deel_lipdp_layer_arguments_nm_coef_and_use_bias():
+    with pytest.raises(tdk.DPConfigError, match="use_bias=True"):
+        L.DP_SpectralDense(4, use_bias=True)
+    with pytest.raises(tdk.DPConfigError, match="use_bias=True"):
+        L.DP_SpectralConv2D(4, 3, use_bias=True)
+    with pytest.raises(tdk.DPConfigError, match="nm_coef"):
+        L.DP_SpectralDense(4, nm_coef=0)
+    for layer in (L.DP_SpectralDense(4, use_bias=False, nm_coef=3.0),
+                  L.DP_SpectralConv2D(4, 3, nm_coef=3.0), L.DP_AddBias(1.0, nm_coef=3.0)):
+        assert layer.nm_coef == 3.0
+        assert type(layer).from_config(layer.get_config()).nm_coef == 3.0
+
+
+def test_dp_parameters_are_read_at_every_step():
+    """deel-lipdp's DPParameters is a plain dataclass; a change applies to later steps."""
+    model = _conv_net(strategy="global", sigma=1.0)
+    model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
+    x, y = _data(32, seed=0)
+    model.train_on_batch(x, y)
+    model.dp_parameters.noise_multiplier = 2.0
+    assert model.noise_multiplier == 2.0
+    model.train_on_batch(x, y)
+    hand = tdk.PRVAccountant()
+    hand.compose(1.0, 32 / 256, 1)
+    hand.compose(2.0, 32 / 256, 1)
+    assert model.get_epsilon() == pytest.approx(hand.get_epsilon(1e-5))
+    model.dp_parameters.noisify_strategy = "local"
+    with pytest.raises(NoisifyStrategyError, match="noisify_strategy='local'"):
+        model.train_on_batch(x, y)

@@ -21,11 +21,14 @@ from torchdp_keras.lipschitz.model import (  # noqa: E402
     DP_Sequential,
     DPParameters,
     NoisifyStrategyError,
+    accounting_noise_multiplier,
     compute_gradient_bounds,
     get_eps_delta,
     get_noise_multiplier_coefs,
+    get_optimal_noise_multiplier_coefs,
     global_noisify,
     local_noisify,
+    optimal_noisify,
 )
 
 __all__ = [
@@ -35,11 +38,14 @@ __all__ = [
     "DPParameters",
     "DatasetMetadata",
     "NoisifyStrategyError",
+    "accounting_noise_multiplier",
     "compute_gradient_bounds",
     "get_eps_delta",
     "get_noise_multiplier_coefs",
+    "get_optimal_noise_multiplier_coefs",
     "global_noisify",
     "layers",
     "local_noisify",
     "losses",
+    "optimal_noisify",
 ]

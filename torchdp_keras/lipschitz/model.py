@@ -30,6 +30,7 @@ import secrets
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 import torch
 from keras import tree
 from keras.src.saving import serialization_lib
@@ -44,7 +45,7 @@ from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrac
 
 logger = logging.getLogger(__name__)
 
-NOISIFY_STRATEGIES = ("global", "per-layer")
+NOISIFY_STRATEGIES = ("global", "per-layer", "optimal-per-layer")
 
 __all__ = [
     "DPParameters",
@@ -53,11 +54,14 @@ __all__ = [
     "DP_Sequential",
     "DatasetMetadata",
     "NoisifyStrategyError",
+    "accounting_noise_multiplier",
     "compute_gradient_bounds",
     "get_eps_delta",
     "get_noise_multiplier_coefs",
+    "get_optimal_noise_multiplier_coefs",
     "global_noisify",
     "local_noisify",
+    "optimal_noisify",
 ]
 
 # deel-lipdp's callback: the generic one works for these models too.
@@ -65,17 +69,32 @@ DP_Accountant = DPAccountant
 
 
 class NoisifyStrategyError(DPError, TypeError):
-    """`noisify_strategy` is neither "global" nor "per-layer" (deel-lipdp's TypeError)."""
+    """An unknown `noisify_strategy` (deel-lipdp raises a TypeError)."""
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_strategy(strategy) -> None:
+    if strategy not in NOISIFY_STRATEGIES:
+        raise NoisifyStrategyError(
+            f"Expected noisify_strategy in {NOISIFY_STRATEGIES}. Received: "
+            f"noisify_strategy={strategy!r}"
+        )
+
+
+@dataclasses.dataclass
 class DPParameters:
-    """How noise is added (deel-lipdp's `DPParameters`).
+    """How noise is added (deel-lipdp's `DPParameters`, a plain dataclass).
+
+    The model reads it at every step (as deel-lipdp does): a change made
+    between steps applies to the noise and the accounting of later steps.
 
     Attributes:
-        noisify_strategy: "global" (one noise scale from the whole model's
-            gradient bound) or "per-layer" (one scale per layer; less noise
-            overall for the same guarantee).
+        noisify_strategy: "global" (deel-lipdp: one noise scale from the whole
+            model's gradient bound), "per-layer" (deel-lipdp: layer l gets
+            std `noise_multiplier * nm_coef_l * C_l`, and the accountant
+            composes one Gaussian mechanism per layer) or "optimal-per-layer"
+            (torchdp_keras: the allocation with the least total noise for the
+            guarantee of one Gaussian mechanism of `noise_multiplier`; see
+            `get_optimal_noise_multiplier_coefs`).
         noise_multiplier: sigma >= 0: the noise std over the sensitivity.
         delta: The delta of the reported (epsilon, delta) guarantee.
     """
@@ -92,9 +111,14 @@ class DPParameters:
             raise DPConfigError(f"Expected 0 < delta < 1. Received: delta={self.delta!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class DatasetMetadata:
     """What the DP model must know about the training data (deel-lipdp's fields).
+
+    A plain dataclass, as deel-lipdp's. `nb_steps_per_epochs` may be
+    fractional (deel-lipdp's pipeline sets `nb_samples_train / batch_size`
+    when the number of batches is unknown); the accounting rounds the steps
+    of an epoch count up.
 
     Attributes:
         input_shape: Shape of one example.
@@ -119,8 +143,9 @@ class DatasetMetadata:
     max_norm: float
 
     def __post_init__(self):
-        for name in ("nb_samples_train", "nb_steps_per_epochs", "batch_size", "nb_classes"):
+        for name in ("nb_samples_train", "batch_size", "nb_classes"):
             _validation.check_int(getattr(self, name), name)
+        _validation.check_positive(self.nb_steps_per_epochs, "nb_steps_per_epochs")
         _validation.check_int(self.nb_samples_test, "nb_samples_test", minimum=0)
         _validation.check_positive(self.max_norm, "max_norm")
         if self.batch_size > self.nb_samples_train:
@@ -141,19 +166,14 @@ def _dp_layers(model) -> list:
     return [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
 
 
-def compute_gradient_bounds(model) -> dict[str, float]:
-    """Per-example gradient norm bounds of every trainable variable of a Lipschitz DP model.
+def _per_example_bounds(model) -> dict[str, float]:
+    """`{variable.path: C_l}`: one example's gradient bound for the *summed* loss.
 
     The input bound `dataset_metadata.max_norm` is propagated forward through
     the layers; the loss's Lipschitz constant `L` backward; each layer with
-    weights gets `C_l = layer.backpropagate_params(input_bound, gradient_bound)`.
-
-    Args:
-        model: A compiled `DP_Sequential` or `DP_Model`.
-
-    Returns:
-        `{variable.path: bound}`, in backward order of the layers (each
-        variable of a layer gets the layer's bound, which bounds every part).
+    weights gets `C_l = layer.backpropagate_params(input_bound, gradient_bound)`
+    (every variable of a layer gets the layer's bound, which bounds every
+    part). Backward order of the layers.
     """
     loss_bound = model._loss_lipschitz_constant()
     input_bounds = []
@@ -173,49 +193,117 @@ def compute_gradient_bounds(model) -> dict[str, float]:
     return bounds
 
 
-def _layer_bounds(model, gradient_bounds) -> dict[str, float]:
-    """One bound per layer with weights (the variables of a layer share it)."""
-    result = {}
-    for layer in _dp_layers(model):
-        if layer.has_parameters():
-            result[layer.name] = gradient_bounds[layer.trainable_variables[0].path]
-    return result
+def compute_gradient_bounds(model) -> dict[str, float]:
+    """deel-lipdp's gradient bounds: one example's share of the batch-mean gradient.
+
+    For each trainable variable, the bound `C_l / batch_size` on the norm of
+    one example's contribution to the gradient of the loss averaged over a
+    batch of `dataset_metadata.batch_size` examples (deel-lipdp starts the
+    backward pass at `L / batch_size`, the loss being reduced with
+    SUM_OVER_BATCH_SIZE), where `C_l` bounds that example's gradient of its
+    own loss.
+
+    Args:
+        model: A compiled `DP_Sequential` or `DP_Model`.
+
+    Returns:
+        `{variable.path: bound}` in backward order of the layers. Keras 3's
+        `variable.name` is the bare name ("kernel"), shared by every layer;
+        `variable.path` ("dp_spectral_dense/kernel") is what TensorFlow's
+        `variable.name` was in deel-lipdp.
+    """
+    batch_size = model.dataset_metadata.batch_size
+    return {path: c / batch_size for path, c in _per_example_bounds(model).items()}
+
+
+def _layers_with_weights(model) -> list:
+    return [layer for layer in _dp_layers(model) if layer.has_parameters()]
 
 
 def get_noise_multiplier_coefs(model) -> dict[str, float]:
-    """Per-layer noise multiplier coefficients of the "per-layer" strategy.
+    """deel-lipdp's per-layer noise multiplier coefficients: `{variable.path: nm_coef}`.
 
-    Layer `l` gets noise std `sigma * coef_l * C_l` with
-    `coef_l = sqrt(sum_k C_k / C_l)` (std `sigma * sqrt(C_l * sum_k C_k)`),
-    the allocation minimising the summed noise variance subject to the whole
-    step being equivalent to one Gaussian mechanism of noise multiplier sigma.
-
-    Returns:
-        `{layer_name: coef}` in forward order of the layers.
+    Each variable gets its layer's `nm_coef` (1 unless the layer was built
+    with another), in forward order of the layers. Under the "per-layer"
+    strategy, layer `l`'s noise std is `noise_multiplier * nm_coef_l *
+    bound_l`.
     """
-    per_layer = _layer_bounds(model, compute_gradient_bounds(model))
-    total = sum(per_layer.values())
-    return {name: math.sqrt(total / c) if c > 0 else 0.0 for name, c in per_layer.items()}
+    return {
+        variable.path: float(layer.nm_coef)
+        for layer in _layers_with_weights(model)
+        for variable in layer.trainable_variables
+    }
+
+
+def get_optimal_noise_multiplier_coefs(model) -> dict[str, float]:
+    """The coefficients of the "optimal-per-layer" strategy: `{variable.path: coef}`.
+
+    Layer `l` gets noise std `sigma * coef_l * C_l` with `coef_l =
+    sqrt(sum_k C_k / C_l)` (std `sigma * sqrt(C_l * sum_k C_k)`): among
+    allocations equivalent to one Gaussian mechanism of noise multiplier
+    sigma, the one with the least total noise variance (Lagrange: minimise
+    `sum_l s_l^2` subject to `sum_l C_l^2 / s_l^2 = 1 / sigma^2`). This is
+    torchdp_keras's own strategy, not deel-lipdp's "per-layer".
+    """
+    bounds = _layer_bounds(model, _per_example_bounds(model))
+    total = sum(bounds.values())
+    return {
+        variable.path: math.sqrt(total / bounds[layer.name]) if bounds[layer.name] > 0 else 0.0
+        for layer in _layers_with_weights(model)
+        for variable in layer.trainable_variables
+    }
+
+
+def _layer_bounds(model, gradient_bounds) -> dict[str, float]:
+    """One bound per layer with weights (the variables of a layer share it)."""
+    return {
+        layer.name: gradient_bounds[layer.trainable_variables[0].path]
+        for layer in _layers_with_weights(model)
+    }
 
 
 def _noise_stds(model, gradient_bounds, strategy: str) -> dict[str, float]:
-    """`{variable.path: noise std}` of a step: the one formula both strategies use.
+    """`{variable.path: noise std}` for bounds `gradient_bounds` (either convention).
 
     "global": `sigma * sqrt(sum_l C_l^2)` everywhere; "per-layer":
-    `sigma * sqrt(C_l * sum_k C_k)` on layer `l`'s variables.
+    `sigma * nm_coef_l * C_l`; "optimal-per-layer": `sigma * sqrt(C_l *
+    sum_k C_k)`, on layer `l`'s variables.
     """
     sigma = model.noise_multiplier
     per_layer = _layer_bounds(model, gradient_bounds)
-    if strategy == "global":
-        std = sigma * math.sqrt(sum(c * c for c in per_layer.values()))
-        return {path: std for path in gradient_bounds}
+    stds = {}
     total = sum(per_layer.values())
-    return {
-        v.path: sigma * math.sqrt(per_layer[layer.name] * total)
-        for layer in _dp_layers(model)
-        if layer.has_parameters()
-        for v in layer.trainable_variables
-    }
+    global_std = sigma * math.sqrt(sum(c * c for c in per_layer.values()))
+    for layer in _layers_with_weights(model):
+        c = per_layer[layer.name]
+        if strategy == "global":
+            std = global_std
+        elif strategy == "per-layer":
+            std = sigma * float(layer.nm_coef) * c
+        else:
+            std = sigma * math.sqrt(c * total)
+        for variable in layer.trainable_variables:
+            stds[variable.path] = std
+    return stds
+
+
+def accounting_noise_multiplier(model) -> float:
+    """The noise multiplier of the one Gaussian mechanism a step of `model` is.
+
+    "global" and "optimal-per-layer": `noise_multiplier`. "per-layer" (deel-
+    lipdp): the layers' Gaussian mechanisms of noise multipliers `sigma_l =
+    noise_multiplier * nm_coef_l` composed, which is one Gaussian mechanism
+    of noise multiplier `(sum_l sigma_l^-2)^(-1/2)` (each block divided by
+    its noise std has unit noise and sensitivity `1 / sigma_l`); with L
+    layers and `nm_coef` 1, `noise_multiplier / sqrt(L)`.
+    """
+    sigma = model.noise_multiplier
+    if model.dp_parameters.noisify_strategy != "per-layer":
+        return sigma
+    coefs = [float(layer.nm_coef) for layer in _layers_with_weights(model)]
+    if sigma == 0 or not coefs:
+        return sigma
+    return 1.0 / math.sqrt(sum(1.0 / (sigma * c) ** 2 for c in coefs))
 
 
 def _noise_like(gradient, std, generator):
@@ -223,56 +311,90 @@ def _noise_like(gradient, std, generator):
     return gradient + std * noise.to(gradient.dtype)
 
 
-def local_noisify(model, gradient_bounds, trainable_vars, gradients):
-    """Adds per-layer noise: std `sigma * sqrt(C_l * sum_k C_k)` to layer `l`'s gradients.
+def _noisify(model, gradient_bounds, trainable_vars, gradients, strategy):
+    stds = _noise_stds(model, gradient_bounds, strategy)
+    missing = [v.path for v in trainable_vars if v.path not in stds]
+    if missing:
+        raise DPConfigError(f"Variables not in gradient_bounds: {', '.join(missing)}")
+    generator = model._noise_generator_for(gradients[0].device)
+    return [_noise_like(g, stds[v.path], generator) for v, g in zip(trainable_vars, gradients)]
 
-    Tighter than `global_noisify` for the same guarantee when the layers'
-    bounds differ.
+
+def local_noisify(model, gradient_bounds, trainable_vars, gradients):
+    """deel-lipdp's "per-layer" noise: std `sigma * bound_l * nm_coef_l` on layer `l`.
 
     Args:
         model: The Lipschitz DP model.
-        gradient_bounds: `{variable.path: C}` from `compute_gradient_bounds`.
+        gradient_bounds: `{variable.path: bound}` from `compute_gradient_bounds`
+            (batch-mean convention, matching `gradients`).
         trainable_vars: The variables, in the order of `gradients`.
-        gradients: Gradients of the summed loss (sensitivity `C_l` per layer).
+        gradients: Gradients of the batch-mean loss.
 
     Returns:
         The noisy gradients, in the same order.
     """
-    stds = _noise_stds(model, gradient_bounds, "per-layer")
-    generator = model._noise_generator_for(gradients[0].device)
-    return [_noise_like(g, stds[v.path], generator) for v, g in zip(trainable_vars, gradients)]
+    return _noisify(model, gradient_bounds, trainable_vars, gradients, "per-layer")
 
 
 def global_noisify(model, gradient_bounds, trainable_vars, gradients):
-    """Adds one noise scale to all gradients: std `sigma * sqrt(sum_l C_l^2)`.
-
-    The sensitivity of the whole gradient is `sqrt(sum_l C_l^2)` (the
-    original DP gradient descent).
+    """deel-lipdp's "global" noise: std `sigma * sqrt(sum_l bound_l^2)` on every gradient.
 
     Args and returns: as `local_noisify`.
     """
-    stds = _noise_stds(model, gradient_bounds, "global")
-    generator = model._noise_generator_for(gradients[0].device)
-    return [_noise_like(g, stds[v.path], generator) for v, g in zip(trainable_vars, gradients)]
+    return _noisify(model, gradient_bounds, trainable_vars, gradients, "global")
 
 
-def get_eps_delta(model, epochs: float) -> tuple[float, float]:
-    """The (epsilon, delta) of `epochs` epochs as planned by the dataset metadata.
+def optimal_noisify(model, gradient_bounds, trainable_vars, gradients):
+    """The "optimal-per-layer" noise: std `sigma * sqrt(bound_l * sum_k bound_k)`.
 
-    Poisson sampling at `q = batch_size / nb_samples_train`,
-    `epochs * nb_steps_per_epochs` steps, noise multiplier sigma, PRV
-    accountant (upper bound). What a model actually spent is
-    `model.get_epsilon()`.
+    Args and returns: as `local_noisify`.
+    """
+    return _noisify(model, gradient_bounds, trainable_vars, gradients, "optimal-per-layer")
+
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def get_eps_delta(model, epochs: float, accountant: str = "rdp") -> tuple[float, float]:
+    """deel-lipdp's (epsilon, delta) after `epochs` epochs of the planned training.
+
+    `epochs * nb_steps_per_epochs` steps (rounded up when fractional, which
+    can only raise epsilon), each a Gaussian mechanism of noise multiplier
+    `accounting_noise_multiplier(model)` on a Poisson sample at rate
+    `q = batch_size / nb_samples_train`, with delta from the model's
+    `DPParameters`. deel-lipdp reports RDP (autodp, with the improved
+    conversion to (epsilon, delta)); `accountant="prv"` gives the tighter
+    PRV bound. What a model actually spent is `model.get_epsilon()`.
+
+    Args:
+        model: A `DP_Sequential` or `DP_Model`.
+        epochs: Epochs elapsed, a number >= 0.
+        accountant: "rdp" (deel-lipdp's) or "prv".
 
     Returns:
-        `(epsilon, delta)` with delta from the model's `DPParameters`.
+        `(epsilon, delta)`.
+
+    Raises:
+        DPConfigError: `epochs` < 0 or an unknown `accountant`.
     """
+    from torchdp_keras.accounting import RDPAccountant
+
+    if accountant not in ACCOUNTANTS:
+        raise DPConfigError(
+            f"Expected accountant in {ACCOUNTANTS}. Received: accountant={accountant!r}"
+        )
+    epochs = _validation.to_float(epochs) if isinstance(epochs, (int, float)) else math.nan
+    if not epochs >= 0:
+        raise DPConfigError(f"Expected epochs >= 0. Received: epochs={epochs!r}")
     meta = model.dataset_metadata
-    accountant = PRVAccountant()
-    steps = int(round(epochs * meta.nb_steps_per_epochs))
-    accountant.compose(model.noise_multiplier, meta.batch_size / meta.nb_samples_train, steps)
+    steps = math.ceil(epochs * meta.nb_steps_per_epochs - 1e-9)
     delta = model.dp_parameters.delta
-    return accountant.get_epsilon(delta), delta
+    if steps == 0:
+        return 0.0, delta
+    counter = PRVAccountant() if accountant == "prv" else RDPAccountant()
+    rate = meta.batch_size / meta.nb_samples_train
+    counter.compose(accounting_noise_multiplier(model), rate, steps)
+    return counter.get_epsilon(delta), delta
 
 
 # -- the model mixin --------------------------------------------------------------------
@@ -285,11 +407,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 "Expected dp_parameters to be a torchdp_keras.lipschitz.DPParameters. "
                 f"Received: dp_parameters={dp_parameters!r}"
             )
-        if dp_parameters.noisify_strategy not in NOISIFY_STRATEGIES:
-            raise NoisifyStrategyError(
-                f"Expected noisify_strategy in {NOISIFY_STRATEGIES}. Received: "
-                f"noisify_strategy={dp_parameters.noisify_strategy!r}"
-            )
+        _check_strategy(dp_parameters.noisify_strategy)
         if not isinstance(dataset_metadata, DatasetMetadata):
             raise DPConfigError(
                 "Expected dataset_metadata to be a torchdp_keras.lipschitz.DatasetMetadata. "
@@ -299,6 +417,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self.dp_parameters = dp_parameters
         self.dataset_metadata = dataset_metadata
         self.debug = bool(debug)
+        # Set from accounting_noise_multiplier before each step is recorded.
         self._noise_multiplier = float(dp_parameters.noise_multiplier)
         self._target_delta = dp_parameters.delta
         self._train_size = dataset_metadata.nb_samples_train
@@ -337,8 +456,8 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
     @property
     def noise_multiplier(self) -> float:
-        """sigma of every step."""
-        return self._noise_multiplier
+        """sigma: `dp_parameters.noise_multiplier` (read at every step)."""
+        return float(self.dp_parameters.noise_multiplier)
 
     def _noise_generator_for(self, device) -> torch.Generator:
         if self._noise_generator is None or self._noise_generator.device != torch.device(device):
@@ -403,18 +522,23 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 "beyond the bound the noise is calibrated to."
             )
         keep = None if mask is None else keras.ops.convert_to_tensor(mask) > 0
+        strategy = self.dp_parameters.noisify_strategy
+        _check_strategy(strategy)
         trainable, grads, y_pred, total, batch = self._summed_loss_gradients(x, y, keep)
+        # deel-lipdp's convention: the gradient of the loss summed over the batch
+        # and divided by the planned batch size B, whose per-example bounds are
+        # compute_gradient_bounds' C_l / B, noised as deel-lipdp noises it; then
+        # rescaled to the mean over this batch (or the expected Poisson size).
+        planned = self.dataset_metadata.batch_size
         bounds = compute_gradient_bounds(self)
-        noisify = local_noisify if self.dp_parameters.noisify_strategy == "per-layer" else (
-            global_noisify
-        )
-        grads = noisify(self, bounds, trainable, grads)
+        grads = _noisify(self, bounds, trainable, [g / planned for g in grads], strategy)
         normaliser = self._poisson_expected_batch_size if mask is not None else batch
-        grads = [g / max(1, normaliser) for g in grads]
+        grads = [g * (planned / max(1, normaliser)) for g in grads]
         with torch.no_grad():
             self.optimizer.apply(grads, trainable)
             for layer in _dp_layers(self):
                 layer.project()
+        self._noise_multiplier = accounting_noise_multiplier(self)
         self._record_step()
         if self.debug:
             logger.info("torchdp_keras.lipschitz: step %d, gradient bounds %s",
@@ -428,9 +552,6 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         return self.compute_metrics(x, y, y_pred.detach(), sample_weight=None)
 
     # -- diagnostics (deel-lipdp) ------------------------------------------------------
-    def _noise_stds(self) -> dict[str, float]:
-        return _noise_stds(self, compute_gradient_bounds(self), self.dp_parameters.noisify_strategy)
-
     def _summed_loss_gradients(self, x, y, keep=None):
         """Gradients of the summed per-example loss (rows where `keep` is False left out).
 
@@ -451,36 +572,64 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         return trainable, grads, y_pred, total, int(losses.shape[0])
 
     def signal_to_noise_elementwise(self, data):
-        """Mean of |gradient entry| / noise std per variable, for a batch `(x, y)`.
+        """deel-lipdp's per-example ratios of gradient norm to gradient bound.
+
+        For every example of `data = (x, y)`, the norm of the gradient of its
+        own loss for each variable, and its ratio to the variable's
+        per-example bound `C_l` (`compute_gradient_bounds` times the batch
+        size). A ratio near 1 means the bound is tight for that example.
 
         Returns:
-            `(ratios, norms, bounds)`: dicts keyed by variable path.
+            `(ratios, norms, bounds)`: `ratios` and `norms` map each variable
+            path to a numpy array with one value per example; `bounds` to `C_l`.
         """
-        trainable, grads, *_ = self._summed_loss_gradients(data[0], data[1])
-        stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
-        ratios, norms = {}, {}
-        for v, g in zip(trainable, grads):
-            ratios[v.path] = float(g.abs().mean() / stds[v.path]) if stds[v.path] else math.inf
-            norms[v.path] = float(torch.linalg.vector_norm(g))
-        return ratios, norms, {p: bounds[p] for p in ratios}
+        x, y = data
+        size = int(tree.flatten(x)[0].shape[0])
+        bounds = _per_example_bounds(self)
+        paths = [v.path for v in self.trainable_variables]
+        norms = {path: [] for path in paths}
+        for i in range(size):
+            one = tree.map_structure(lambda t, i=i: t[i : i + 1], (x, y))
+            trainable, grads, *_ = self._summed_loss_gradients(*one)
+            for v, g in zip(trainable, grads):
+                norms[v.path].append(float(torch.linalg.vector_norm(g)))
+        norms = {path: np.asarray(values) for path, values in norms.items()}
+        ratios = {path: norms[path] / bounds[path] for path in paths}
+        return ratios, norms, {path: bounds[path] for path in paths}
 
     def signal_to_noise_average(self, data):
-        """||summed gradient|| / expected noise norm per variable, for a batch `(x, y)`.
+        """deel-lipdp's ratio of the batch-mean gradient's norm to the per-example bound.
 
-        The batch should have the dataset's batch size, as in a training step.
+        `data = (x, y)` must hold `dataset_metadata.batch_size` examples.
 
         Returns:
-            `(ratios, norms, bounds)`: dicts keyed by variable path.
+            `(ratios, norms, bounds)`: dicts keyed by variable path; `norms`
+            are those of the gradient of the batch-mean loss, `bounds` the
+            per-example bounds `C_l`, `ratios` their quotient.
+
+        Raises:
+            DPConfigError: the batch does not have the dataset's batch size.
         """
-        trainable, grads, *_ = self._summed_loss_gradients(data[0], data[1])
-        stds, bounds = self._noise_stds(), compute_gradient_bounds(self)
+        x, y = data
+        size = int(tree.flatten(x)[0].shape[0])
+        if size != self.dataset_metadata.batch_size:
+            raise DPConfigError(
+                f"Expected a batch of dataset_metadata.batch_size="
+                f"{self.dataset_metadata.batch_size} examples. Received: {size}"
+            )
+        trainable, grads, *_ = self._summed_loss_gradients(x, y)
+        bounds = _per_example_bounds(self)
         ratios, norms = {}, {}
         for v, g in zip(trainable, grads):
-            norm = float(torch.linalg.vector_norm(g))
-            noise_norm = stds[v.path] * math.sqrt(v.value.numel())
-            ratios[v.path] = norm / noise_norm if noise_norm else math.inf
-            norms[v.path] = norm
+            norms[v.path] = float(torch.linalg.vector_norm(g)) / size
+            ratios[v.path] = norms[v.path] / bounds[v.path] if bounds[v.path] else math.inf
         return ratios, norms, {p: bounds[p] for p in ratios}
+
+    def noise_stds(self) -> dict[str, float]:
+        """`{variable.path: std}` of the noise a step adds to the batch-mean gradient."""
+        return _noise_stds(
+            self, compute_gradient_bounds(self), self.dp_parameters.noisify_strategy
+        )
 
     # -- saving ------------------------------------------------------------------------
     def _lipschitz_config(self) -> dict:

@@ -22,9 +22,36 @@ is post-processing of the noisy update, so it costs no privacy.
 
 from __future__ import annotations
 
+from torchdp_keras._validation import check_positive
+
+
+def check_nm_coef(value) -> float:
+    """`nm_coef` as a float; it must be a finite number > 0."""
+    return check_positive(value, "nm_coef")
+
+
+def check_no_bias(use_bias, layer: str) -> None:
+    """deel-lipdp's spectral layers take `use_bias` and refuse True."""
+    if use_bias:
+        from torchdp_keras.errors import DPConfigError
+
+        raise DPConfigError(
+            f"Expected use_bias=False for {layer}: its bounds are those of a linear map "
+            f"(add a bias with DP_AddBias, whose norm is bounded). Received: use_bias={use_bias!r}"
+        )
+
 
 class DPLayer:
     """Mixin for Keras layers allowed in a Lipschitz DP model (see the module docstring)."""
+
+    nm_coef: float = 1.0
+    """deel-lipdp's noise multiplier coefficient of a layer with weights.
+
+    Under the "per-layer" strategy this layer's gradient gets noise of std
+    `noise_multiplier * nm_coef * bound`, and the accountant composes one
+    Gaussian mechanism of noise multiplier `noise_multiplier * nm_coef` per
+    layer.
+    """
 
     def propagate_inputs(self, input_bound: float) -> float:
         """Bound on the L2 norm of one example's output, given one on its input."""

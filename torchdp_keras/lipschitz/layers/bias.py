@@ -10,7 +10,7 @@ from keras import ops
 
 from torchdp_keras._validation import check_positive
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.lipschitz.layers.base import DPLayer, NormPreservingDPLayer
+from torchdp_keras.lipschitz.layers.base import DPLayer, NormPreservingDPLayer, check_nm_coef
 
 __all__ = ["DP_AddBias", "DP_LayerCentering"]
 
@@ -36,6 +36,8 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
 
     Args:
         norm_max: Largest L2 norm of `b`, a finite number `> 0`.
+        nm_coef: deel-lipdp's noise multiplier coefficient ("per-layer"
+            strategy), a finite number `> 0`.
         **kwargs: Passed to `keras.layers.Layer`.
 
     Raises:
@@ -43,9 +45,10 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
             built) an input dimension other than the batch is unknown.
     """
 
-    def __init__(self, norm_max: float, **kwargs) -> None:
+    def __init__(self, norm_max: float, *, nm_coef: float = 1.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.norm_max = check_positive(norm_max, "norm_max")
+        self.nm_coef = check_nm_coef(nm_coef)
         self._positions: int | None = None
 
     def build(self, input_shape) -> None:
@@ -114,7 +117,7 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update({"norm_max": self.norm_max})
+        config.update({"norm_max": self.norm_max, "nm_coef": self.nm_coef})
         return config
 
 

@@ -20,7 +20,7 @@ from keras import ops
 
 from torchdp_keras._validation import check_int
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.lipschitz.layers.base import DPLayer
+from torchdp_keras.lipschitz.layers.base import DPLayer, check_nm_coef, check_no_bias
 
 __all__ = ["DP_SpectralConv2D", "DP_SpectralDense", "spectral_projection"]
 
@@ -213,6 +213,10 @@ class DP_SpectralDense(keras.layers.Layer, _SpectralMixin):
         kernel_initializer: Keras initializer of the kernel (projected once
             when the layer is built).
         bjorck_iterations: Bjorck steps per projection, an integer `>= 0`.
+        use_bias: deel-lipdp's argument: only False (add a bias with
+            `DP_AddBias`).
+        nm_coef: deel-lipdp's noise multiplier coefficient ("per-layer"
+            strategy), a finite number `> 0`.
         **kwargs: Passed to `keras.layers.Layer`.
 
     Raises:
@@ -224,9 +228,14 @@ class DP_SpectralDense(keras.layers.Layer, _SpectralMixin):
         units: int,
         kernel_initializer="orthogonal",
         bjorck_iterations: int = _DEFAULT_BJORCK_ITERATIONS,
+        *,
+        use_bias: bool = False,
+        nm_coef: float = 1.0,
         **kwargs,
     ) -> None:
+        check_no_bias(use_bias, "DP_SpectralDense")
         super().__init__(**kwargs)
+        self.nm_coef = check_nm_coef(nm_coef)
         self.units = check_int(units, "units")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bjorck_iterations = check_int(bjorck_iterations, "bjorck_iterations", minimum=0)
@@ -259,6 +268,7 @@ class DP_SpectralDense(keras.layers.Layer, _SpectralMixin):
                 "units": self.units,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bjorck_iterations": self.bjorck_iterations,
+                "nm_coef": self.nm_coef,
             }
         )
         return config
@@ -297,6 +307,10 @@ class DP_SpectralConv2D(keras.layers.Layer, _SpectralMixin):
             when the layer is built).
         bjorck_iterations: Bjorck steps per projection, an integer `>= 0`.
         dilation_rate: Only 1 (or `(1, 1)`) is supported.
+        use_bias: deel-lipdp's argument: only False (add a bias with
+            `DP_AddBias`).
+        nm_coef: deel-lipdp's noise multiplier coefficient ("per-layer"
+            strategy), a finite number `> 0`.
         **kwargs: Passed to `keras.layers.Layer`.
 
     Raises:
@@ -312,9 +326,14 @@ class DP_SpectralConv2D(keras.layers.Layer, _SpectralMixin):
         kernel_initializer="orthogonal",
         bjorck_iterations: int = _DEFAULT_BJORCK_ITERATIONS,
         dilation_rate=(1, 1),
+        *,
+        use_bias: bool = False,
+        nm_coef: float = 1.0,
         **kwargs,
     ) -> None:
+        check_no_bias(use_bias, "DP_SpectralConv2D")
         super().__init__(**kwargs)
+        self.nm_coef = check_nm_coef(nm_coef)
         self.filters = check_int(filters, "filters")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.strides = _pair(strides, "strides")
@@ -386,6 +405,7 @@ class DP_SpectralConv2D(keras.layers.Layer, _SpectralMixin):
                 "padding": self.padding,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bjorck_iterations": self.bjorck_iterations,
+                "nm_coef": self.nm_coef,
             }
         )
         return config
