@@ -47,7 +47,7 @@ def lipschitz_layers(max_norm: float) -> list:
     """A small 1-Lipschitz CNN: spectral convolutions, GroupSort, L2-norm pooling."""
     return [
         keras.Input((28, 28, 1)),
-        L.DP_BoundedInput(max_norm=max_norm),
+        L.DP_BoundedInput(upper_bound=max_norm),
         L.DP_SpectralConv2D(16, 3, padding="same"),
         L.DP_GroupSort(2),
         L.DP_ScaledL2NormPooling2D(2),

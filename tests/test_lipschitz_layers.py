@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import torchdp_keras as tdk
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.lipschitz.layers import (
     DP_AddBias,
@@ -133,7 +134,8 @@ LAYER_CASES = [
     ),
     ("conv_k1", lambda: DP_SpectralConv2D(2, 1), (3, 3, 3), True),
     ("conv_init", lambda: DP_SpectralConv2D(3, 3), (5, 5, 2), False),
-    ("groupsort2", lambda: DP_GroupSort(), (8,), False),
+    ("groupsort2", lambda: DP_GroupSort(2), (8,), False),
+    ("groupsort_whole_axis", lambda: DP_GroupSort(), (8,), False),
     ("groupsort3_img", lambda: DP_GroupSort(3), (2, 2, 6), False),
     ("fullsort", lambda: DP_FullSort(), (7,), False),
     ("fullsort_3d", lambda: DP_FullSort(), (2, 5), False),
@@ -149,6 +151,12 @@ LAYER_CASES = [
     ("bias_img", lambda: DP_AddBias(norm_max=2.0), (2, 3, 4), True),
     ("centering_vec", lambda: DP_LayerCentering(), (6,), False),
     ("centering_img", lambda: DP_LayerCentering(), (3, 3, 2), False),
+    (
+        "centering_img_pixelwise",
+        lambda: DP_LayerCentering(pixelwise=True, channelwise=False),
+        (3, 3, 2),
+        False,
+    ),
 ]
 
 
@@ -294,8 +302,22 @@ def test_sort_and_centering_values():
     )
     np.testing.assert_allclose(_built(DP_LayerCentering(), (6,))(x).numpy(), x.numpy() - 7 / 6)
     img = torch.randn(2, 3, 3, 2)
+    # deel-lipdp's default (channelwise): each pixel over its channels.
     centred = _built(DP_LayerCentering(), (3, 3, 2))(img)
+    np.testing.assert_allclose(centred.numpy().mean(axis=3), 0.0, atol=1e-6)
+    centred = _built(DP_LayerCentering(pixelwise=True, channelwise=False), (3, 3, 2))(img)
     np.testing.assert_allclose(centred.numpy().mean(axis=(1, 2)), 0.0, atol=1e-6)
+    centred = _built(DP_LayerCentering(channelwise=False), (3, 3, 2))(img)
+    np.testing.assert_allclose(centred.numpy().mean(axis=(1, 2, 3)), 0.0, atol=1e-6)
+    with pytest.raises(DPConfigError, match="pixelwise=True, channelwise=True"):
+        DP_LayerCentering(pixelwise=True)
+    # A vector is centred within the example, never over the batch (deel-lipdp's axis 0).
+    batch = torch.randn(4, 6)
+    out = _built(DP_LayerCentering(), (6,))(batch).numpy()
+    np.testing.assert_allclose(out[0], (batch[0] - batch[0].mean()).numpy(), atol=1e-6)
+    layer = DP_LayerCentering(pixelwise=True, channelwise=False)
+    again = DP_LayerCentering.from_config(layer.get_config())
+    assert (again.pixelwise, again.channelwise) == (True, False)
 
 
 # ---------------------------------------------------------------- spectral projection
@@ -559,7 +581,11 @@ def test_loss_serialization_round_trip(factory):
         (lambda: DP_SpectralConv2D(2, 3, strides=(1, 0)), "strides"),
         (lambda: DP_SpectralConv2D(2, 3, padding="causal"), "padding"),
         (lambda: DP_SpectralConv2D(2, 3, dilation_rate=(1, 2)), "dilation_rate"),
-        (lambda: DP_GroupSort(group_size=0), "group_size"),
+        (lambda: DP_GroupSort(n=0), "n"),
+        (lambda: DP_GroupSort(group_size=0), "n"),
+        (lambda: DP_GroupSort(2, group_size=2), "n"),
+        (lambda: DP_BoundedInput(upper_bound=0.0), "upper_bound"),
+        (lambda: DP_BoundedInput(upper_bound=1.0, max_norm=1.0), "upper_bound"),
         (lambda: DP_ScaledL2NormPooling2D(pool_size=2, strides=1), "strides"),
         (lambda: DP_ScaledL2NormPooling2D(padding="same"), "padding"),
         (lambda: DP_ScaledL2NormPooling2D(eps=-1.0), "eps"),
@@ -577,8 +603,30 @@ def test_bad_arguments_raise_dp_config_error(factory, argument):
 
 
 def test_group_sort_needs_divisible_last_axis():
-    with pytest.raises(DPConfigError, match="group_size=3"):
+    with pytest.raises(DPConfigError, match="n=3"):
         _built(DP_GroupSort(3), (8,))
+
+
+def test_group_sort_default_sorts_the_whole_axis_as_deel_lip():
+    layer = DP_GroupSort()
+    x = torch.tensor([[3.0, 1.0, 2.0, 0.0]])
+    np.testing.assert_array_equal(np.asarray(layer(x)), [[0.0, 1.0, 2.0, 3.0]])
+    assert layer.n == 4 and DP_GroupSort(2)(x).tolist() == [[1.0, 3.0, 0.0, 2.0]]
+    assert DP_GroupSort.from_config(DP_GroupSort(2).get_config()).n == 2
+
+
+def test_bounded_input_takes_deel_lipdp_arguments():
+    layer = DP_BoundedInput(input_shape=(3,), upper_bound=2.0)
+    assert layer.upper_bound == layer.max_norm == 2.0 and layer.propagate_inputs(None) == 2.0
+    x = torch.tensor([[3.0, 4.0, 0.0], [0.3, 0.4, 0.0]])
+    np.testing.assert_allclose(np.asarray(layer(x)), [[1.2, 1.6, 0.0], [0.3, 0.4, 0.0]])
+    trusting = DP_BoundedInput(upper_bound=1.0, enforce_clipping=False)
+    np.testing.assert_array_equal(np.asarray(trusting(x[1:])), np.asarray(x[1:]))
+    # Unlike deel-lipdp, an input above the bound is an error, not weaker privacy.
+    with pytest.raises(tdk.DPError, match="norm 5 > upper_bound=1"):
+        trusting(x)
+    again = DP_BoundedInput.from_config(trusting.get_config())
+    assert again.upper_bound == 1.0 and again.enforce_clipping is False
 
 
 def test_hkr_needs_two_classes():

@@ -47,7 +47,7 @@ def _metadata(n=256, batch_size=32, shape=(8, 8, 1), classes=4):
 
 def _conv_net(strategy="per-layer", sigma=1.0, model_cls=DP_Sequential):
     layers = [
-        L.DP_BoundedInput(max_norm=MAX_NORM),
+        L.DP_BoundedInput(upper_bound=MAX_NORM),
         L.DP_SpectralConv2D(6, 3, padding="same"),
         L.DP_AddBias(norm_max=0.5),
         L.DP_GroupSort(2),
@@ -116,7 +116,7 @@ def test_every_per_example_gradient_is_within_its_bound(loss, model_cls):
 def test_bounds_are_not_vacuous():
     """On a dense network the bound C = max_norm * L is nearly attained: the check has teeth."""
     model = DP_Sequential(
-        [keras.Input((8, 8, 1)), L.DP_BoundedInput(max_norm=MAX_NORM), L.DP_Flatten(),
+        [keras.Input((8, 8, 1)), L.DP_BoundedInput(upper_bound=MAX_NORM), L.DP_Flatten(),
          L.DP_SpectralDense(4)],
         dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata(),
     )
@@ -286,18 +286,22 @@ def test_only_lipschitz_layers_are_allowed_and_named_by_path():
     kwargs = dict(dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata())
     with pytest.raises(tdk.UnsupportedLayerError, match=r"net/dense.*net/dropout") as info:
         DP_Sequential(
-            [keras.Input((8, 8, 1)), L.DP_BoundedInput(max_norm=MAX_NORM), L.DP_Flatten(),
+            [keras.Input((8, 8, 1)), L.DP_BoundedInput(upper_bound=MAX_NORM), L.DP_Flatten(),
              keras.layers.Dense(4, name="dense"), keras.layers.Dropout(0.5, name="dropout")],
             name="net", **kwargs,
         )
     assert info.value.layer_paths == ("net/dense", "net/dropout")
     with pytest.raises(tdk.UnsupportedLayerError, match="DP_BoundedInput"):
         DP_Sequential([keras.Input((8, 8, 1)), L.DP_Flatten(), L.DP_SpectralDense(4)], **kwargs)
-    with pytest.raises(tdk.UnsupportedLayerError, match="max_norm <= dataset_metadata"):
-        DP_Sequential(
-            [keras.Input((8, 8, 1)), L.DP_BoundedInput(max_norm=10 * MAX_NORM), L.DP_Flatten()],
-            **kwargs,
-        )
+    # As deel-lipdp, the bounds start from the layer's upper_bound, whatever the metadata says.
+    model = DP_Sequential(
+        [keras.Input((8, 8, 1)), L.DP_BoundedInput(upper_bound=10 * MAX_NORM), L.DP_Flatten(),
+         L.DP_SpectralDense(4)],
+        **kwargs,
+    )
+    model.compile(optimizer="sgd", loss=LL.DP_MeanAbsoluteError())
+    (bound,) = _example_bounds(model).values()
+    assert bound == pytest.approx(10 * MAX_NORM)
 
 
 def test_a_loss_without_lipschitz_constant_is_refused():

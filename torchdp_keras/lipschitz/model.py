@@ -169,19 +169,20 @@ def _dp_layers(model) -> list:
 def _per_example_bounds(model) -> dict[str, float]:
     """`{variable.path: C_l}`: one example's gradient bound for the *summed* loss.
 
-    The input bound `dataset_metadata.max_norm` is propagated forward through
-    the layers; the loss's Lipschitz constant `L` backward; each layer with
+    As deel-lipdp: the input bound starts unknown (None) and the first layer,
+    `DP_BoundedInput`, sets it to its `upper_bound`; it is propagated forward
+    through the layers, and the loss's Lipschitz constant `L` backward; each layer with
     weights gets `C_l = layer.backpropagate_params(input_bound, gradient_bound)`
     (every variable of a layer gets the layer's bound, which bounds every
     part). Backward order of the layers.
     """
     loss_bound = model._loss_lipschitz_constant()
     input_bounds = []
-    bound = float(model.dataset_metadata.max_norm)
+    bound = None
     layers = _dp_layers(model)
     for layer in layers:
         input_bounds.append(bound)
-        bound = float(layer.propagate_inputs(bound))
+        bound = layer.propagate_inputs(bound)
     bounds = {}
     gradient = loss_bound
     for layer, x_bound in zip(reversed(layers), reversed(input_bounds)):
@@ -444,12 +445,10 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         if not layers:
             return
         first = layers[0]
-        max_norm = self.dataset_metadata.max_norm
-        if not isinstance(first, DP_BoundedInput) or first.max_norm > max_norm:
+        if not isinstance(first, DP_BoundedInput):
             raise UnsupportedLayerError(
-                "Expected the first layer to be DP_BoundedInput(max_norm <= dataset_metadata."
-                f"max_norm={self.dataset_metadata.max_norm}): the gradient bounds assume "
-                "inputs of at most that norm, and only this layer guarantees it. Received: "
+                "Expected the first layer to be DP_BoundedInput(upper_bound=...): the "
+                "gradient bounds start from the input bound it guarantees. Received: "
                 f"{self.name}/{first.name} ({type(first).__name__})",
                 layer_paths=[f"{self.name}/{first.name}"],
             )
@@ -679,7 +678,7 @@ class DP_Sequential(LipschitzDPMixin, keras.Sequential):  # noqa: N801 (deel-lip
     Example:
         >>> from torchdp_keras.lipschitz import layers as L
         >>> model = DP_Sequential(
-        ...     [keras.Input((4,)), L.DP_BoundedInput(max_norm=1.0),
+        ...     [keras.Input((4,)), L.DP_BoundedInput(upper_bound=1.0),
         ...      L.DP_SpectralDense(3)],
         ...     dp_parameters=DPParameters("per-layer", 1.0, 1e-5),
         ...     dataset_metadata=DatasetMetadata((4,), 3, 1000, 100, ["a", "b", "c"],

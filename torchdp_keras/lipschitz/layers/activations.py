@@ -28,42 +28,64 @@ class _PermutationMixin(NormPreservingDPLayer):
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
 class DP_GroupSort(keras.layers.Layer, _PermutationMixin):
-    """Sorts the values within consecutive groups of `group_size` features of the last axis.
+    """Sorts the values within consecutive groups of `n` features of the last axis.
 
-    With `group_size=2` this is the MaxMin activation
-    `(a, b) -> (min(a, b), max(a, b))`. Each example is permuted, so
-    `propagate_inputs(X) = X`, `backpropagate_inputs(X, G) = G` and
-    `backpropagate_params = 0` (see `_PermutationMixin` for the proof).
+    deel-lip's `GroupSort(n=None)`: the default sorts the whole last axis
+    (`n` becomes its size when the layer is built); `n=2` is the MaxMin
+    activation `(a, b) -> (min(a, b), max(a, b))` (`DP_GroupSort2`). Each
+    example is permuted, so `propagate_inputs(X) = X`,
+    `backpropagate_inputs(X, G) = G` and `backpropagate_params = 0` (see
+    `_PermutationMixin` for the proof).
 
     Args:
-        group_size: Size of each group, an integer `>= 1`; the last input
-            dimension must be a multiple of it.
+        n: Size of each group, an integer `>= 1`, or None for the whole last
+            axis; the last input dimension must be a multiple of it (alias:
+            `group_size`, this package's earlier name).
         **kwargs: Passed to `keras.layers.Layer`.
 
     Raises:
-        DPConfigError: `group_size` is not an integer `>= 1`, or (when built)
+        DPConfigError: `n` is not None or an integer `>= 1`, or (when built)
             the last input dimension is not a multiple of it.
     """
 
-    def __init__(self, group_size: int = 2, **kwargs) -> None:
+    def __init__(self, n: int | None = None, *, group_size: int | None = None, **kwargs) -> None:
+        if group_size is not None:
+            if n is not None:
+                raise DPConfigError(
+                    "Expected one of n (deel-lip's name) and group_size, not both. "
+                    f"Received: n={n!r}, group_size={group_size!r}"
+                )
+            n = group_size
+        data_format = kwargs.pop("data_format", "channels_last")  # deel-lip's argument
+        if data_format != "channels_last":
+            raise DPConfigError(
+                f"Expected data_format='channels_last'. Received: data_format={data_format!r}"
+            )
         super().__init__(**kwargs)
-        self.group_size = check_int(group_size, "group_size")
+        self.n = None if n is None else check_int(n, "n")
+
+    @property
+    def group_size(self) -> int | None:
+        """`n` (this package's earlier name)."""
+        return self.n
 
     def build(self, input_shape) -> None:
         last = input_shape[-1]
-        if last is None or last % self.group_size != 0:
+        if self.n is None and last is not None:
+            self.n = int(last)
+        if last is None or self.n is None or last % self.n != 0:
             raise DPConfigError(
-                f"Expected the last input dimension to be divisible by group_size. "
-                f"Received: group_size={self.group_size}, input_shape={tuple(input_shape)}"
+                f"Expected the last input dimension to be divisible by n. "
+                f"Received: n={self.n}, input_shape={tuple(input_shape)}"
             )
 
     def call(self, inputs):
-        if self.group_size == 1:
+        if self.n == 1:
             return inputs
         shape = tuple(inputs.shape)
-        grouped = ops.reshape(
-            inputs, (-1, *shape[1:-1], shape[-1] // self.group_size, self.group_size)
-        )
+        if self.n == shape[-1]:
+            return ops.sort(inputs, axis=-1)
+        grouped = ops.reshape(inputs, (-1, *shape[1:-1], shape[-1] // self.n, self.n))
         return ops.reshape(ops.sort(grouped, axis=-1), (-1, *shape[1:]))
 
     def compute_output_shape(self, input_shape):
@@ -71,7 +93,7 @@ class DP_GroupSort(keras.layers.Layer, _PermutationMixin):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update({"group_size": self.group_size})
+        config.update({"n": self.n})
         return config
 
 

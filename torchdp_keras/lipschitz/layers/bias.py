@@ -123,24 +123,61 @@ class DP_AddBias(keras.layers.Layer, DPLayer):
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
 class DP_LayerCentering(keras.layers.Layer, NormPreservingDPLayer):
-    """Subtracts the mean over the spatial axes, channel by channel.
+    """Subtracts a per-example mean (deel-lipdp's `DP_LayerCentering`).
 
-    For an input `(B, d1, ..., dk, C)` with `k >= 1`,
-    `y[..., c] = x[..., c] - mean_{d1..dk} x[..., c]`; for a 2-D input
-    `(B, F)`, `y = x - mean_F(x)`. Per example (and per channel) this is
-    `I - 1 1^T / n`, an orthogonal projection (symmetric, idempotent, norm
-    `<= 1`), hence for `||x|| <= X` and output gradient `<= G`:
-    `propagate_inputs(X) = X`, `backpropagate_inputs(X, G) = G`,
-    `backpropagate_params = 0`.
+    For an image `(B, H, W, C)`: with `channelwise=True` (deel-lipdp's
+    default) the mean over the channels of each pixel; with
+    `pixelwise=True` the mean over the pixels of each channel; with neither,
+    the mean over the whole example; both at once is refused (deel-lipdp
+    raises too). Any other input `(B, ..., F)` is centred over all its axes
+    but the batch. deel-lipdp centres such inputs over
+    `range(rank - 1)`, which for `(B, F)` is the *batch* axis: each example
+    would then depend on the others in its batch and its gradient on theirs,
+    outside the bound; this port never mixes examples.
+
+    Per example the map is `I - 1 1^T / n` on each averaged group, an
+    orthogonal projection (symmetric, idempotent, norm `<= 1`), hence for
+    `||x|| <= X` and output gradient `<= G`: `propagate_inputs(X) = X`,
+    `backpropagate_inputs(X, G) = G`, `backpropagate_params = 0`.
 
     Args:
+        pixelwise: Centre each channel over the pixels (images only).
+        channelwise: Centre each pixel over the channels (images only).
         **kwargs: Passed to `keras.layers.Layer`.
+
+    Raises:
+        DPConfigError: `pixelwise` and `channelwise` both True, or deel-lipdp's
+            `scale=True` (no scaling is allowed).
     """
 
+    def __init__(self, pixelwise: bool = False, channelwise: bool = True, **kwargs) -> None:
+        if kwargs.pop("scale", False):
+            raise DPConfigError("Expected scale=False: DP_LayerCentering only centres.")
+        kwargs.pop("center", None)
+        if pixelwise and channelwise:
+            raise DPConfigError(
+                "Expected at most one of pixelwise and channelwise: both would average "
+                "a single value. Received: pixelwise=True, channelwise=True"
+            )
+        super().__init__(**kwargs)
+        self.pixelwise = bool(pixelwise)
+        self.channelwise = bool(channelwise)
+
+    def _axes(self, rank: int) -> tuple[int, ...]:
+        if rank == 4 and self.channelwise:
+            return (3,)
+        if rank == 4 and self.pixelwise:
+            return (1, 2)
+        return tuple(range(1, rank))
+
     def call(self, inputs):
-        rank = len(inputs.shape)
-        axes = (1,) if rank == 2 else tuple(range(1, rank - 1))
+        axes = self._axes(len(inputs.shape))
         return inputs - ops.mean(inputs, axis=axes, keepdims=True)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"pixelwise": self.pixelwise, "channelwise": self.channelwise})
+        return config
 
     def compute_output_shape(self, input_shape):
         return input_shape
