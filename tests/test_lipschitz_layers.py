@@ -25,10 +25,14 @@ from torchdp_keras.lipschitz.layers import (
     DP_Flatten,
     DP_FullSort,
     DP_GroupSort,
+    DP_Lambda,
     DP_LayerCentering,
+    DP_MaxPool2D,
     DP_Permute,
+    DP_ReLU,
     DP_Reshape,
     DP_ScaledGlobalL2NormPooling2D,
+    DP_ScaledL2NormPooling1D,
     DP_ScaledL2NormPooling2D,
     DP_SpectralConv2D,
     DP_SpectralDense,
@@ -157,6 +161,21 @@ LAYER_CASES = [
         (3, 3, 2),
         False,
     ),
+    ("relu", lambda: DP_ReLU(), (3, 4), False),
+    ("leaky_relu", lambda: DP_ReLU(negative_slope=0.3), (7,), False),
+    ("maxpool", lambda: DP_MaxPool2D(), (4, 5, 3), False),
+    ("maxpool_same", lambda: DP_MaxPool2D(pool_size=3, padding="same"), (4, 5, 2), False),
+    ("l2pool1d", lambda: DP_ScaledL2NormPooling1D(), (3, 5), False),
+    ("l2pool1d_axis1", lambda: DP_ScaledL2NormPooling1D(axis=1, eps=0.01), (3, 5), False),
+    (
+        "l2pool2d_deel_lip_args",
+        lambda: DP_ScaledL2NormPooling2D(
+            pool_size=(2, 2), data_format="channels_last", k_coef_lip=2.0, eps_grad_sqrt=1e-6
+        ),
+        (4, 4, 2),
+        False,
+    ),
+    ("lambda_sign_flip", lambda: DP_Lambda(lambda x: -x), (6,), False),
 ]
 
 
@@ -605,6 +624,33 @@ def test_bad_arguments_raise_dp_config_error(factory, argument):
 def test_group_sort_needs_divisible_last_axis():
     with pytest.raises(DPConfigError, match="n=3"):
         _built(DP_GroupSort(3), (8,))
+
+
+def test_deel_lipdp_pooling_and_activation_options():
+    with pytest.raises(DPConfigError, match="strides=1"):
+        DP_MaxPool2D(pool_size=2, strides=1)
+    with pytest.raises(DPConfigError, match="negative_slope=2"):
+        DP_ReLU(negative_slope=2)
+    with pytest.raises(DPConfigError, match="eps_grad_sqrt"):
+        DP_ScaledL2NormPooling2D(eps=1e-6, eps_grad_sqrt=1e-6)
+    with pytest.raises(DPConfigError, match="data_format='channels_first'"):
+        DP_ScaledL2NormPooling2D(data_format="channels_first")
+    pool = _built(DP_ScaledL2NormPooling2D(k_coef_lip=2.0), (4, 4, 1))
+    x = torch.ones(1, 4, 4, 1)
+    np.testing.assert_allclose(np.asarray(pool(x)), 2 * np.sqrt(4 + pool.eps), rtol=1e-6)
+    assert pool.backpropagate_inputs(1.0, 0.5) == 1.0
+    again = DP_ScaledL2NormPooling2D.from_config(pool.get_config())
+    assert again.k_coef_lip == 2.0
+    assert _built(DP_ScaledL2NormPooling1D(), (3, 5)).compute_output_shape((None, 3, 5)) == (
+        None,
+        3,
+    )
+
+
+def test_lambda_that_grows_an_example_is_refused():
+    layer = DP_Lambda(lambda x: 2 * x)
+    with pytest.raises(tdk.DPError, match="increased an example's norm"):
+        layer(torch.ones(2, 3))
 
 
 def test_group_sort_default_sorts_the_whole_axis_as_deel_lip():

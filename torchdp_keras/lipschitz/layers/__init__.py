@@ -1,14 +1,22 @@
 """Layers of Lipschitz (clipless) DP models, each with the `DPLayer` bounds."""
 
-from torchdp_keras.lipschitz.layers.activations import DP_FullSort, DP_GroupSort
+from torchdp_keras.lipschitz.layers.activations import DP_FullSort, DP_GroupSort, DP_ReLU
 from torchdp_keras.lipschitz.layers.base import DPLayer
 from torchdp_keras.lipschitz.layers.bias import DP_AddBias, DP_LayerCentering
 from torchdp_keras.lipschitz.layers.bounded import DP_BoundedInput
 from torchdp_keras.lipschitz.layers.pooling import (
+    DP_MaxPool2D,
     DP_ScaledGlobalL2NormPooling2D,
+    DP_ScaledL2NormPooling1D,
     DP_ScaledL2NormPooling2D,
 )
-from torchdp_keras.lipschitz.layers.reshaping import DP_Flatten, DP_Permute, DP_Reshape
+from torchdp_keras.lipschitz.layers.reshaping import (
+    DP_Flatten,
+    DP_InputLayer,
+    DP_Lambda,
+    DP_Permute,
+    DP_Reshape,
+)
 from torchdp_keras.lipschitz.layers.spectral import (
     DP_SpectralConv2D,
     DP_SpectralDense,
@@ -22,10 +30,15 @@ __all__ = [
     "DP_Flatten",
     "DP_FullSort",
     "DP_GroupSort",
+    "DP_InputLayer",
+    "DP_Lambda",
     "DP_LayerCentering",
+    "DP_MaxPool2D",
     "DP_Permute",
+    "DP_ReLU",
     "DP_Reshape",
     "DP_ScaledGlobalL2NormPooling2D",
+    "DP_ScaledL2NormPooling1D",
     "DP_ScaledL2NormPooling2D",
     "DP_SpectralConv2D",
     "DP_SpectralDense",

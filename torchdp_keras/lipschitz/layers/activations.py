@@ -1,4 +1,4 @@
-"""1-Lipschitz activations that preserve the norm: sorting within groups of features."""
+"""1-Lipschitz activations: sorting within groups of features (norm-preserving), and ReLU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torchdp_keras._validation import check_int
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.lipschitz.layers.base import NormPreservingDPLayer
 
-__all__ = ["DP_FullSort", "DP_GroupSort"]
+__all__ = ["DP_FullSort", "DP_GroupSort", "DP_ReLU"]
 
 
 class _PermutationMixin(NormPreservingDPLayer):
@@ -114,3 +114,33 @@ class DP_FullSort(keras.layers.Layer, _PermutationMixin):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_ReLU(keras.layers.ReLU, NormPreservingDPLayer):
+    """`keras.layers.ReLU` with the bounds of a 1-Lipschitz, norm-non-increasing map.
+
+    `|max(a, 0)| <= |a|` entrywise, so `||relu(x)|| <= ||x||`
+    (`propagate_inputs(X) = X`); its derivative is 0 or 1 entrywise, so the
+    input gradient is the output gradient with entries zeroed
+    (`backpropagate_inputs(X, G) = G`); no weights. (deel-lipdp lists it among
+    its gradient-norm-preserving layers; it is not one, but the bounds only
+    need 1-Lipschitz.) Keras's `max_value`, `negative_slope` and `threshold`
+    are refused unless they keep these bounds (`negative_slope` in [0, 1],
+    `threshold` 0).
+
+    Raises:
+        DPConfigError: an option that breaks the bounds.
+    """
+
+    def __init__(self, max_value=None, negative_slope=0.0, threshold=0.0, **kwargs) -> None:
+        slope_ok = isinstance(negative_slope, (int, float)) and 0 <= negative_slope <= 1
+        if not slope_ok or threshold != 0:
+            raise DPConfigError(
+                "Expected negative_slope in [0, 1] and threshold=0 (a 1-Lipschitz map whose "
+                "output norm is at most its input's). Received: "
+                f"negative_slope={negative_slope!r}, threshold={threshold!r}"
+            )
+        super().__init__(
+            max_value=max_value, negative_slope=negative_slope, threshold=threshold, **kwargs
+        )

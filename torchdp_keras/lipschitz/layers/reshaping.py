@@ -1,12 +1,14 @@
-"""Reshaping layers: they only rearrange the values of each example."""
+"""Reshaping layers (they only rearrange the values of each example), the input layer and Lambda."""
 
 from __future__ import annotations
 
 import keras
+import torch
 
+from torchdp_keras.errors import DPError
 from torchdp_keras.lipschitz.layers.base import NormPreservingDPLayer
 
-__all__ = ["DP_Flatten", "DP_Permute", "DP_Reshape"]
+__all__ = ["DP_Flatten", "DP_InputLayer", "DP_Lambda", "DP_Permute", "DP_Reshape"]
 
 
 class _IdentityBoundsMixin(NormPreservingDPLayer):
@@ -36,3 +38,41 @@ class DP_Reshape(keras.layers.Reshape, _IdentityBoundsMixin):
 @keras.saving.register_keras_serializable(package="torchdp_keras")
 class DP_Permute(keras.layers.Permute, _IdentityBoundsMixin):
     """`keras.layers.Permute(dims)` with the identity bounds (see `_IdentityBoundsMixin`)."""
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_InputLayer(keras.layers.InputLayer, _IdentityBoundsMixin):
+    """`keras.layers.InputLayer` (deel-lipdp's `DP_InputLayer`): the identity."""
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_Lambda(keras.layers.Lambda, _IdentityBoundsMixin):
+    """`keras.layers.Lambda(function)` that the bounds treat as the identity (deel-lipdp's).
+
+    deel-lipdp trusts the function to be gradient-norm preserving. The
+    bounds here need less but still something the layer cannot verify: the
+    function must map each example on its own, be 1-Lipschitz, and not
+    increase the example's norm (a reshape, a crop, a sign flip, a
+    permutation). The last condition is checked on every call: an example
+    whose output norm exceeds its input's raises `DPError`, instead of
+    training with gradients above the bounds the noise is calibrated to.
+    Whether the function is 1-Lipschitz and example-wise remains yours to
+    ensure, as in deel-lipdp.
+
+    Args:
+        function: The function, as `keras.layers.Lambda`.
+        **kwargs: Passed to `keras.layers.Lambda`.
+    """
+
+    def call(self, inputs, mask=None, training=None):
+        outputs = super().call(inputs, mask=mask, training=training)
+        if isinstance(inputs, torch.Tensor) and isinstance(outputs, torch.Tensor):
+            before = torch.linalg.vector_norm(inputs.reshape(inputs.shape[0], -1), dim=1)
+            after = torch.linalg.vector_norm(outputs.reshape(outputs.shape[0], -1), dim=1)
+            if bool((after > before * (1 + 1e-5) + 1e-6).any()):
+                raise DPError(
+                    f"DP_Lambda '{self.name}': the function increased an example's norm "
+                    f"({float((after - before).max()):.6g} more), so the gradient bounds "
+                    "computed for the model no longer hold. Use a norm-preserving function."
+                )
+        return outputs
