@@ -42,7 +42,10 @@ from torchdp_keras.lipschitz.layers import (
 from torchdp_keras.lipschitz.losses import (
     DP_KCosineSimilarity,
     DP_MeanAbsoluteError,
+    DP_MulticlassHinge,
     DP_MulticlassHKR,
+    DP_MulticlassKR,
+    DP_TauBCE,
     DP_TauCategoricalCrossentropy,
 )
 
@@ -485,6 +488,9 @@ LOSS_CASES = [
     ("cos0.1", lambda: DP_KCosineSimilarity(K=0.1)),
     ("cos5", lambda: DP_KCosineSimilarity(K=5.0)),
     ("mae", lambda: DP_MeanAbsoluteError()),
+    ("hinge", lambda: DP_MulticlassHinge(min_margin=2.0)),
+    ("kr", lambda: DP_MulticlassKR()),
+    ("tau_bce", lambda: DP_TauBCE(tau=3.0)),
 ]
 
 
@@ -524,11 +530,17 @@ def test_mae_on_higher_rank_targets():
 
 
 def test_hkr_and_tau_bounds_are_attained():
-    for alpha in (0.0, 1.0, 10.0):
-        hkr = DP_MulticlassHKR(alpha=alpha, min_margin=1.0)
-        z = torch.tensor([[0.0, 0.5]], requires_grad=True)  # class 0 true, hinge active
-        (g,) = torch.autograd.grad(hkr.call(_one_hot(np.array([0]), 2), z).sum(), z)
-        assert _norm(g) == pytest.approx(hkr.get_L(), rel=1e-6)
+    # KR alone attains sqrt(2) with two classes: deel-lipdp's alpha + 1 would be exceeded.
+    kr = DP_MulticlassHKR(alpha=0.0, min_margin=1.0)
+    z = torch.tensor([[0.0, 0.5]], requires_grad=True)
+    (g,) = torch.autograd.grad(kr.call(_one_hot(np.array([0]), 2), z).sum(), z)
+    assert _norm(g) == pytest.approx(math.sqrt(2), rel=1e-6) and _norm(g) > 0.0 + 1.0
+    for alpha in (1.0, 10.0):
+        hkr = DP_MulticlassHKR(alpha=alpha, min_margin=4.0)
+        # With one output (binary labels) KR has gradient norm 1 and the hinge 1 too.
+        z = torch.tensor([[0.5]], requires_grad=True)
+        (g,) = torch.autograd.grad(hkr.call(torch.ones(1, 1), z).sum(), z)
+        assert _norm(g) == pytest.approx(1.0 + alpha, rel=1e-6) and _norm(g) <= hkr.get_L()
     tau = DP_TauCategoricalCrossentropy(5.0)
     z = torch.tensor([[-10.0, 10.0, 0.0]], requires_grad=True)
     (g,) = torch.autograd.grad(tau.call(_one_hot(np.array([0]), 3), z).sum(), z)
@@ -556,19 +568,37 @@ def test_loss_values_match_numpy():
         np.testing.assert_allclose(float(reduced), expected.mean(), rtol=1e-5)
 
     alpha, margin = 3.0, 1.5
-    expected = []
+    expected_hinge, expected_kr = [], []
     for zi, c in zip(z64, labels):
-        others = np.delete(zi, c)
-        kr = -(zi[c] - others.mean())
-        hinge = max(0.0, margin - (zi[c] - others.max()))
-        expected.append(alpha * hinge + kr)
+        sign = -np.ones(3)
+        sign[c] = 1.0
+        expected_hinge.append(np.maximum(0.0, margin / 2 - sign * zi).mean())  # deel-lip's
+        expected_kr.append(zi[c] - np.delete(zi, c).mean())
+    expected_hinge, expected_kr = np.array(expected_hinge), np.array(expected_kr)
     got = DP_MulticlassHKR(alpha, margin).call(yt, zt).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, alpha * expected_hinge - expected_kr, rtol=1e-5, atol=1e-6)
+    got = DP_MulticlassHinge(margin).call(yt, zt).numpy()
+    np.testing.assert_allclose(got, expected_hinge, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(DP_MulticlassKR().call(yt, zt).numpy(), expected_kr, rtol=1e-5)
+    # deel-lip's batch-normalised KR equals the per-example one on a balanced batch.
+    balanced = np.eye(3)[[0, 1, 2]]
+    b, n_pos = 3, balanced.sum(0)
+    deel = (b * z64[:3] * (balanced / n_pos - (1 - balanced) / (b - n_pos))).mean(axis=1)
+    got = DP_MulticlassKR().call(torch.tensor(balanced), zt[:3].double()).numpy()
+    np.testing.assert_allclose(got, deel, rtol=1e-6)
+    bce = DP_TauBCE(tau=2.0).call(yt, zt).numpy()
+    sig = 1 / (1 + np.exp(-2.0 * z64))
+    expected = -(y * np.log(sig) + (1 - y) * np.log(1 - sig)).mean(axis=1) / 2.0
+    np.testing.assert_allclose(bce, expected, rtol=1e-5)
 
     for k in (0.5, 10.0):
-        expected = -(y * z64).sum(axis=1) / np.maximum(np.linalg.norm(z64, axis=1), k)
-        got = DP_KCosineSimilarity(k).call(yt * 2.0, zt).numpy()  # y is normalised
-        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        # deel-lipdp: both y and z divided by max(norm, K); K**2 stored as loss.K.
+        y_scaled = y * 2.0
+        y_n = y_scaled / np.maximum(np.linalg.norm(y_scaled, axis=1, keepdims=True), k)
+        expected = -(y_n * z64).sum(axis=1) / np.maximum(np.linalg.norm(z64, axis=1), k)
+        loss = DP_KCosineSimilarity(k)
+        np.testing.assert_allclose(loss.call(yt * 2.0, zt).numpy(), expected, rtol=1e-5)
+        assert loss.K == pytest.approx(k**2) and loss.get_L() == pytest.approx(1 / k)
     assert float(DP_KCosineSimilarity().call(torch.zeros(1, 3), zt[:1])[0]) == 0.0
 
     expected = np.abs(z64 - y).mean(axis=1)
@@ -675,9 +705,9 @@ def test_bounded_input_takes_deel_lipdp_arguments():
     assert again.upper_bound == 1.0 and again.enforce_clipping is False
 
 
-def test_hkr_needs_two_classes():
-    with pytest.raises(DPConfigError, match="2 classes"):
-        DP_MulticlassHKR().call(torch.ones(2, 1), torch.zeros(2, 1))
+def test_kcosine_axis_other_than_the_last_is_refused():
+    with pytest.raises(DPConfigError, match="axis=0"):
+        DP_KCosineSimilarity(axis=0)
 
 
 # ---------------------------------------------------------------- saving

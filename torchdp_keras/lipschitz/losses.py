@@ -23,6 +23,9 @@ __all__ = [
     "DP_KCosineSimilarity",
     "DP_MeanAbsoluteError",
     "DP_MulticlassHKR",
+    "DP_MulticlassHinge",
+    "DP_MulticlassKR",
+    "DP_TauBCE",
     "DP_TauCategoricalCrossentropy",
 ]
 
@@ -90,32 +93,69 @@ class DP_TauCategoricalCrossentropy(keras.losses.Loss):
         return config
 
 
+def _one_hot_pair(y_true, y_pred, loss: str):
+    z = _flatten(y_pred)
+    y = ops.cast(_flatten(y_true), z.dtype)
+    if z.shape[-1] is None:
+        raise DPConfigError(f"{loss} needs a known number of outputs. Received: {z.shape}")
+    return y, z
+
+
+def _kr_per_example(y, z):
+    """deel-lip's multiclass KR term at balanced class frequencies, per example.
+
+    deel-lip weights the logit of class c by `B / n_c` (positives) and
+    `B / (B - n_c)` (negatives), with `n_c` the positives of class c *in the
+    batch*, and averages over the classes. With every class at its expected
+    share (`n_c = B / C`) this is `z_true - mean_{j != true} z_j`; for one
+    output (binary labels in {0, 1}) `(2y - 1) z`. Unlike the batch-level
+    form, it depends on the example alone, so its gradient has the bound
+    below whatever the rest of the batch is.
+    """
+    num_classes = z.shape[-1]
+    if num_classes == 1:
+        return ops.sum((2.0 * y - 1.0) * z, axis=-1)
+    positive = ops.cast(y > 0.5, z.dtype)
+    z_true = ops.sum(positive * z, axis=-1)
+    mean_others = ops.sum((1.0 - positive) * z, axis=-1) / (num_classes - 1)
+    return z_true - mean_others
+
+
+def _hinge_one_vs_all(y, z, min_margin):
+    """deel-lip's multiclass hinge: `mean_c relu(min_margin / 2 - s_c z_c)`, `s_c = +-1`."""
+    sign = ops.where(y > 0, ops.ones_like(z), -ops.ones_like(z))
+    return ops.mean(ops.relu(min_margin / 2.0 - sign * z), axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="torchdp_keras")
 class DP_MulticlassHKR(keras.losses.Loss):
-    """Multiclass hinge-Kantorovich-Rubinstein loss for one-hot labels.
+    """deel-lip's multiclass hinge-KR loss: `-KR + alpha * hinge`, per example.
 
-    With `c` the true class (the entry of `y` above 0.5) and `K >= 2` classes:
-    `KR = -(z_c - mean_{j != c} z_j)`, `hinge = relu(min_margin - (z_c -
-    max_{j != c} z_j))`, `loss = alpha * hinge + KR`.
+    `hinge` is deel-lip's one-vs-all multiclass hinge, `mean_c relu(
+    min_margin / 2 - s_c z_c)` with `s_c = +1` for the true class and -1
+    otherwise. `KR` is deel-lip's multiclass Kantorovich-Rubinstein term at
+    balanced class frequencies (see `_kr_per_example`): deel-lip normalises
+    it by the class counts *of the batch*, which makes an example's loss
+    depend on the other examples (and its gradient up to `B` times larger
+    for a class with one example in the batch); no per-example bound holds
+    for that form, so it cannot be trained clipless. The two coincide when
+    the batch is balanced.
 
-    `get_L() = (alpha + 1) * sqrt(2)`: the KR gradient is
-    `-e_c + 1_{j != c} / (K - 1)`, of norm `sqrt(1 + 1 / (K - 1)) <= sqrt(2)`;
-    the hinge gradient is 0 or `-e_c + e_{j*}` (`j*` the arg-max; with ties,
-    autograd spreads it evenly over the tied `j`, a convex combination), of
-    norm `<= sqrt(2)`; the triangle inequality gives
-    `alpha sqrt(2) + sqrt(2)`. The bound is attained for `K = 2` when the
-    hinge is active.
+    `get_L() = sqrt(2) + alpha`: the KR gradient is `-e_c + 1_{j != c} /
+    (C - 1)`, of norm `sqrt(1 + 1 / (C - 1)) <= sqrt(2)` (1 for one
+    output); the hinge gradient has entries in `{0, +-1/C}`, norm `<= 1 /
+    sqrt(C) <= 1`; triangle inequality. deel-lipdp states `alpha + 1`, which
+    the KR term alone exceeds (`sqrt(2)` for two classes).
 
     Args:
         alpha: Weight of the hinge term, a finite number `>= 0`.
-        min_margin: The margin of the hinge, a finite number `> 0`.
+        min_margin: The margin, a finite number `> 0`.
         reduction: Keras reduction of the per-example losses.
         name: Name of the loss.
         dtype: Dtype of the loss computation.
 
     Raises:
-        DPConfigError: `alpha` or `min_margin` is out of range, or (when
-            called) there are fewer than 2 classes.
+        DPConfigError: `alpha` or `min_margin` is out of range.
     """
 
     def __init__(
@@ -131,25 +171,12 @@ class DP_MulticlassHKR(keras.losses.Loss):
         self.min_margin = check_positive(min_margin, "min_margin")
 
     def call(self, y_true, y_pred):
-        z = _flatten(y_pred)
-        y = ops.cast(_flatten(y_true), z.dtype)
-        num_classes = z.shape[-1]
-        if num_classes is None or num_classes < 2:
-            raise DPConfigError(
-                f"DP_MulticlassHKR needs at least 2 classes. Received: y_pred.shape="
-                f"{tuple(y_pred.shape)}"
-            )
-        z_true = ops.sum(y * z, axis=-1)
-        mean_others = ops.sum((1.0 - y) * z, axis=-1) / (num_classes - 1)
-        others = ops.where(y > 0.5, ops.full_like(z, -float("inf")), z)
-        max_others = ops.max(others, axis=-1)
-        kr = -(z_true - mean_others)
-        hinge = ops.relu(self.min_margin - (z_true - max_others))
-        return self.alpha * hinge + kr
+        y, z = _one_hot_pair(y_true, y_pred, "DP_MulticlassHKR")
+        return self.alpha * _hinge_one_vs_all(y, z, self.min_margin) - _kr_per_example(y, z)
 
     def get_L(self) -> float:
-        """Returns `(alpha + 1) * sqrt(2)`."""
-        return (self.alpha + 1.0) * math.sqrt(2.0)
+        """Returns `sqrt(2) + alpha`."""
+        return math.sqrt(2.0) + self.alpha
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -158,54 +185,171 @@ class DP_MulticlassHKR(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_KCosineSimilarity(keras.losses.Loss):
-    """Negative cosine similarity with the norm of the logits floored at `K`.
+class DP_MulticlassHinge(keras.losses.Loss):
+    """deel-lip's one-vs-all multiclass hinge: `mean_c relu(min_margin / 2 - s_c z_c)`.
 
-    `loss = -<y / ||y||, z> / max(||z||, K)` (0 for `y = 0`), norms over all
-    axes but the batch.
-
-    `get_L() = 1 / K`: with `u = y / ||y||` (`||u|| <= 1`), for `||z|| < K`
-    the gradient is `-u / K`; for `||z|| > K` it is
-    `-(I - z z^T / ||z||^2) u / ||z||`, of norm `<= 1 / ||z|| < 1 / K`; at
-    `||z|| = K` autograd returns a convex combination of the two. The floor
-    is computed as `sqrt(max(||z||^2, K^2))`, so the gradient is defined at
-    `z = 0` too.
+    `s_c = +1` for the true class (labels > 0), -1 otherwise. The gradient has
+    entries in `{0, +-1/C}` for `C` outputs: `get_L() = 1` (`1 / sqrt(C)` in
+    fact; deel-lipdp's value).
 
     Args:
-        K: The floor of the logits' norm, a finite number `> 0`.
-        reduction: Keras reduction of the per-example losses.
-        name: Name of the loss.
-        dtype: Dtype of the loss computation.
+        min_margin: The margin, a finite number `> 0`.
+        reduction, name, dtype: As `keras.losses.Loss`.
+    """
+
+    def __init__(
+        self,
+        min_margin: float = 1.0,
+        reduction: str | None = "sum_over_batch_size",
+        name: str = "dp_multiclass_hinge",
+        dtype=None,
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.min_margin = check_positive(min_margin, "min_margin")
+
+    def call(self, y_true, y_pred):
+        y, z = _one_hot_pair(y_true, y_pred, "DP_MulticlassHinge")
+        return _hinge_one_vs_all(y, z, self.min_margin)
+
+    def get_L(self) -> float:
+        """Returns 1."""
+        return 1.0
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"min_margin": self.min_margin})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_MulticlassKR(keras.losses.Loss):
+    """deel-lip's multiclass KR term, per example: `z_true - mean_{j != true} z_j`.
+
+    See `_kr_per_example` for why the batch-normalised form of deel-lip is
+    replaced by its value at balanced class frequencies. `get_L() = sqrt(2)`
+    (deel-lipdp states 1, which two classes already exceed).
+
+    Args:
+        reduction, name, dtype: As `keras.losses.Loss`.
+    """
+
+    def __init__(
+        self,
+        reduction: str | None = "sum_over_batch_size",
+        name: str = "dp_multiclass_kr",
+        dtype=None,
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+
+    def call(self, y_true, y_pred):
+        y, z = _one_hot_pair(y_true, y_pred, "DP_MulticlassKR")
+        return _kr_per_example(y, z)
+
+    def get_L(self) -> float:
+        """Returns `sqrt(2)`."""
+        return math.sqrt(2.0)
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_TauBCE(keras.losses.Loss):
+    """Binary cross-entropy with temperature: `mean_j BCE(y_j, sigmoid(tau z_j)) / tau`.
+
+    Labels in {0, 1} (or {-1, 1}, read as y > 0). The gradient w.r.t. `z_j`
+    is `(sigmoid(tau z_j) - y_j) / n` for `n` outputs, entries in
+    `[-1/n, 1/n]`: `get_L() = 1` (`1 / sqrt(n)` in fact).
+
+    Args:
+        tau: The temperature, a finite number `> 0`.
+        reduction, name, dtype: As `keras.losses.Loss`.
+    """
+
+    def __init__(
+        self,
+        tau: float,
+        reduction: str | None = "sum_over_batch_size",
+        name: str = "dp_tau_bce",
+        dtype=None,
+    ) -> None:
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.tau = check_positive(tau, "tau")
+
+    def call(self, y_true, y_pred):
+        y, z = _one_hot_pair(y_true, y_pred, "DP_TauBCE")
+        labels = ops.cast(y > 0, z.dtype)
+        logits = z * self.tau
+        # log(1 + exp(l)) - y l, computed stably: the sigmoid cross-entropy.
+        per_output = ops.relu(logits) - logits * labels + ops.log1p(ops.exp(-ops.abs(logits)))
+        return ops.mean(per_output, axis=-1) / self.tau
+
+    def get_L(self) -> float:
+        """Returns 1."""
+        return 1.0
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"tau": self.tau})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class DP_KCosineSimilarity(keras.losses.Loss):
+    """deel-lipdp's negative cosine similarity with both norms floored at `K`.
+
+    `loss = -<y / max(||y||, K), z / max(||z||, K)>` along `axis`
+    (deel-lipdp's `l2_normalize(., epsilon=K**2)` of both; it stores `K**2`
+    as `self.K`, and so does this port).
+
+    `get_L() = 1 / K`: with `u = y / max(||y||, K)` (`||u|| <= 1`), the map
+    `z -> z / max(||z||, K)` has Jacobian `I / K` inside the ball and
+    `(I - z z^T / ||z||^2) / ||z||` outside, both of norm `<= 1 / K`. deel-lipdp
+    returns `1 / self.K = 1 / K**2`, which is below the true constant for
+    `K > 1` (noise too small for the bound): the sound `1 / K` is kept.
+
+    Args:
+        K: The floor of the norms, a finite number `> 0`.
+        axis: The axis of the similarity: -1 (or 1) on `(batch, outputs)`.
+        reduction, name, dtype: As `keras.losses.Loss`.
 
     Raises:
-        DPConfigError: `K` is not a finite number `> 0`.
+        DPConfigError: `K` is not a finite number `> 0`, or another `axis`.
     """
 
     def __init__(
         self,
         K: float = 1.0,
+        axis: int = -1,
         reduction: str | None = "sum_over_batch_size",
         name: str = "dp_k_cosine_similarity",
         dtype=None,
     ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.K = check_positive(K, "K")
+        floor = check_positive(K, "K")
+        if axis not in (-1, 1):
+            raise DPConfigError(
+                f"Expected axis=-1 (outputs of shape (batch, n)). Received: axis={axis!r}"
+            )
+        self.axis = axis
+        self.K = floor**2  # deel-lipdp's attribute: the epsilon of l2_normalize
+
+    @property
+    def floor(self) -> float:
+        """The floor `K` of the norms (`sqrt(self.K)`)."""
+        return math.sqrt(self.K)
 
     def call(self, y_true, y_pred):
         z = _flatten(y_pred)
         y = ops.cast(_flatten(y_true), z.dtype)
-        y_norm = ops.sqrt(ops.sum(ops.square(y), axis=-1, keepdims=True))
-        u = y / ops.maximum(y_norm, 1e-30)
-        z_norm = ops.sqrt(ops.maximum(ops.sum(ops.square(z), axis=-1), self.K**2))
-        return -ops.sum(u * z, axis=-1) / z_norm
+        y_norm = ops.sqrt(ops.maximum(ops.sum(ops.square(y), axis=-1, keepdims=True), self.K))
+        z_norm = ops.sqrt(ops.maximum(ops.sum(ops.square(z), axis=-1), self.K))
+        return -ops.sum((y / y_norm) * z, axis=-1) / z_norm
 
     def get_L(self) -> float:
-        """Returns `1 / K`."""
-        return 1.0 / self.K
+        """Returns `1 / K` (see the class docstring; not deel-lipdp's `1 / K**2`)."""
+        return 1.0 / self.floor
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update({"K": self.K})
+        config.update({"K": self.floor, "axis": self.axis})
         return config
 
 

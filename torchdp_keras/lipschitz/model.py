@@ -480,8 +480,9 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         if not callable(getattr(loss, "get_L", None)):
             raise DPConfigError(
                 "Expected a loss with a known Lipschitz constant, one of "
-                "torchdp_keras.lipschitz.losses (DP_TauCategoricalCrossentropy, "
-                "DP_MulticlassHKR, DP_KCosineSimilarity, DP_MeanAbsoluteError). "
+                "torchdp_keras.lipschitz.losses (DP_TauCategoricalCrossentropy, DP_TauBCE, "
+                "DP_MulticlassHKR, DP_MulticlassHinge, DP_MulticlassKR, DP_KCosineSimilarity, "
+                "DP_MeanAbsoluteError). "
                 f"Received: loss={loss!r}"
             )
         if kwargs.get("jit_compile") is True:
