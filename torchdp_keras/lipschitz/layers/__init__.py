@@ -10,6 +10,11 @@ from torchdp_keras.lipschitz.layers.pooling import (
     DP_ScaledL2NormPooling1D,
     DP_ScaledL2NormPooling2D,
 )
+from torchdp_keras.lipschitz.layers.quick import (
+    DP_QuickFrobeniusDense,
+    DP_QuickSpectralConv2D,
+    DP_QuickSpectralDense,
+)
 from torchdp_keras.lipschitz.layers.reshaping import (
     DP_Flatten,
     DP_InputLayer,
@@ -35,6 +40,9 @@ __all__ = [
     "DP_LayerCentering",
     "DP_MaxPool2D",
     "DP_Permute",
+    "DP_QuickFrobeniusDense",
+    "DP_QuickSpectralConv2D",
+    "DP_QuickSpectralDense",
     "DP_ReLU",
     "DP_Reshape",
     "DP_ScaledGlobalL2NormPooling2D",
