@@ -418,3 +418,77 @@ def test_dp_parameters_are_read_at_every_step():
     model.dp_parameters.noisify_strategy = "local"
     with pytest.raises(NoisifyStrategyError, match="noisify_strategy='local'"):
         model.train_on_batch(x, y)
+
+
+def test_clip_gradient_lowers_the_bounds_and_they_hold_per_example():
+    clip = 0.05
+    layers_ = [
+        L.DP_BoundedInput(upper_bound=MAX_NORM),
+        L.DP_SpectralConv2D(4, 3, padding="same"),
+        L.DP_GroupSort(2),
+        L.DP_Flatten(),
+        L.DP_SpectralDense(4),
+        L.DP_ClipGradient(clip),
+    ]
+    model = DP_Sequential(
+        [keras.Input((8, 8, 1)), *layers_],
+        dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata(),
+    )
+    model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=8.0))
+    bounds = _example_bounds(model)
+    assert max(bounds.values()) == pytest.approx(MAX_NORM * clip)  # min(sqrt 2, clip) * X
+    x, y = _data(24, seed=5, scale=5.0)
+    norms = _per_layer_norms(model, x, y)
+    for path, bound in bounds.items():
+        assert float(norms[path].max()) <= bound * (1 + 1e-5)
+    # The same network without the clipping: larger gradients, which the clip cut.
+    unclipped = DP_Sequential(
+        [keras.Input((8, 8, 1)), *[type(la).from_config(la.get_config()) for la in layers_[:-1]]],
+        dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata(),
+    )
+    unclipped.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=8.0))
+    unclipped.set_weights(model.get_weights())
+    raw = _per_layer_norms(unclipped, x, y)
+    for v_clip, v_raw in zip(model.trainable_variables, unclipped.trainable_variables):
+        assert bool((norms[v_clip.path] <= raw[v_raw.path] * (1 + 1e-5)).all())
+        assert float(raw[v_raw.path].max()) > 2 * float(norms[v_clip.path].max())
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with pytest.raises(tdk.DPConfigError, match="clip_value=None"):
+        L.DP_ClipGradient(None, epsilon=1.0)
+    assert L.DP_ClipGradient.from_config(layers_[-1].get_config()).clip_value == clip
+
+
+@pytest.mark.parametrize("policy", ["add", "1-lip-add"])
+def test_residual_blocks_keep_every_per_example_gradient_within_its_bound(policy):
+    dp_layers = [
+        L.DP_BoundedInput(upper_bound=MAX_NORM),
+        L.DP_Flatten(),
+        L.DP_SpectralDense(8),
+        *L.make_residuals(policy, [L.DP_SpectralDense(8), L.DP_GroupSort(2),
+                                   L.DP_SpectralDense(8, nm_coef=2.0)]),
+        L.DP_GroupSort(2),
+        L.DP_SpectralDense(4),
+    ]
+    model = DP_Model(
+        dp_layers, dp_parameters=DPParameters("per-layer", 1.0, 1e-5),
+        dataset_metadata=_metadata(),
+    )
+    model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=8.0))
+    x, y = _data(16, seed=2, scale=5.0)
+    model(x[:2])
+    bounds = _example_bounds(model)
+    assert len(bounds) == 4 and set(bounds) == {v.path for v in model.trainable_variables}
+    # The merge doubles ("add") or keeps the bound of the paths it joins.
+    after_merge = bounds[model.layers[-1].trainable_variables[0].path]
+    assert after_merge == pytest.approx(
+        (2 if policy == "add" else 1) * MAX_NORM * math.sqrt(2), rel=1e-6
+    )
+    norms = _per_layer_norms(model, x, y)
+    for path, bound in bounds.items():
+        assert float(norms[path].max()) <= bound * (1 + 1e-5)
+    assert 2.0 in get_noise_multiplier_coefs(model).values()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    with pytest.raises(tdk.DPConfigError, match="merge_policy='mul'"):
+        L.DP_MergeResidual("mul")
+    with pytest.raises(tdk.DPConfigError, match="block=Dense"):
+        L.DP_WrappedResidual(keras.layers.Dense(3))

@@ -190,7 +190,7 @@ def _per_example_bounds(model) -> dict[str, float]:
             value = float(layer.backpropagate_params(x_bound, gradient))
             for variable in layer.trainable_variables:
                 bounds[variable.path] = value
-        gradient = float(layer.backpropagate_inputs(x_bound, gradient))
+        gradient = layer.backpropagate_inputs(x_bound, gradient)
     return bounds
 
 

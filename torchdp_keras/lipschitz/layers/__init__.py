@@ -4,6 +4,7 @@ from torchdp_keras.lipschitz.layers.activations import DP_FullSort, DP_GroupSort
 from torchdp_keras.lipschitz.layers.base import DPLayer
 from torchdp_keras.lipschitz.layers.bias import DP_AddBias, DP_LayerCentering
 from torchdp_keras.lipschitz.layers.bounded import DP_BoundedInput
+from torchdp_keras.lipschitz.layers.clipping import DP_ClipGradient
 from torchdp_keras.lipschitz.layers.pooling import (
     DP_MaxPool2D,
     DP_ScaledGlobalL2NormPooling2D,
@@ -22,6 +23,12 @@ from torchdp_keras.lipschitz.layers.reshaping import (
     DP_Permute,
     DP_Reshape,
 )
+from torchdp_keras.lipschitz.layers.residual import (
+    DP_MergeResidual,
+    DP_SplitResidual,
+    DP_WrappedResidual,
+    make_residuals,
+)
 from torchdp_keras.lipschitz.layers.spectral import (
     DP_SpectralConv2D,
     DP_SpectralDense,
@@ -32,6 +39,7 @@ __all__ = [
     "DPLayer",
     "DP_AddBias",
     "DP_BoundedInput",
+    "DP_ClipGradient",
     "DP_Flatten",
     "DP_FullSort",
     "DP_GroupSort",
@@ -39,6 +47,7 @@ __all__ = [
     "DP_Lambda",
     "DP_LayerCentering",
     "DP_MaxPool2D",
+    "DP_MergeResidual",
     "DP_Permute",
     "DP_QuickFrobeniusDense",
     "DP_QuickSpectralConv2D",
@@ -48,7 +57,10 @@ __all__ = [
     "DP_ScaledGlobalL2NormPooling2D",
     "DP_ScaledL2NormPooling1D",
     "DP_ScaledL2NormPooling2D",
+    "DP_SplitResidual",
     "DP_SpectralConv2D",
     "DP_SpectralDense",
+    "DP_WrappedResidual",
+    "make_residuals",
     "spectral_projection",
 ]
