@@ -53,6 +53,7 @@ __all__ = [
     "DP_Model",
     "DP_Sequential",
     "DatasetMetadata",
+    "LayerStack",
     "NoisifyStrategyError",
     "accounting_noise_multiplier",
     "compute_gradient_bounds",
@@ -551,6 +552,39 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             x, y, y_pred = tree.map_structure(lambda t: t[keep], (x, y, y_pred.detach()))
         return self.compute_metrics(x, y, y_pred.detach(), sample_weight=None)
 
+    # -- deel-lipdp's model methods -------------------------------------------------------
+    def layers_forward_order(self) -> list:
+        """The DP layers in the order the input goes through them."""
+        return _dp_layers(self)
+
+    def layers_backward_order(self) -> list:
+        """The DP layers in the order the gradient goes through them."""
+        return _dp_layers(self)[::-1]
+
+    def condense(self) -> None:
+        """Projects every constrained weight onto its set (deel-lip's `condense`).
+
+        The model does this after every step already; call it after setting
+        weights by hand.
+        """
+        for layer in _dp_layers(self):
+            layer.project()
+
+    def vanilla_export(self) -> keras.Model:
+        """A plain Keras model of copies of the layers, with the current weights.
+
+        The DP layers are ordinary Keras layers: the copy predicts exactly
+        as this model does, and trains (if at all) without noise or
+        projections, like deel-lip's exported models.
+        """
+        self.condense()
+        copies = [type(layer).from_config(layer.get_config()) for layer in _dp_layers(self)]
+        plain = LayerStack(copies, name=f"{self.name}_vanilla")
+        shape = self.dataset_metadata.input_shape
+        plain(np.zeros((1, *shape), dtype="float32"))
+        plain.set_weights(self.get_weights())
+        return plain
+
     # -- diagnostics (deel-lipdp) ------------------------------------------------------
     def _summed_loss_gradients(self, x, y, keep=None):
         """Gradients of the summed per-example loss (rows where `keep` is False left out).
@@ -757,3 +791,39 @@ class DP_Model(LipschitzDPMixin, keras.Model):  # noqa: N801 (deel-lipdp's name)
         model = cls(layers, name=config.get("name"), **dp)
         model._restore_privacy_state(state)
         return model
+
+
+@keras.saving.register_keras_serializable(package="torchdp_keras")
+class LayerStack(keras.Model):
+    """A plain Keras model that calls its layers one after the other (`vanilla_export`).
+
+    Unlike `keras.Sequential`, a layer may pass a pair on (residual blocks).
+    """
+
+    def __init__(self, stacked_layers, **kwargs):
+        super().__init__(**kwargs)
+        self.stacked_layers = list(stacked_layers)
+
+    def call(self, inputs):
+        x = inputs
+        for layer in self.stacked_layers:
+            x = layer(x)
+        return x
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "stacked_layers": [
+                keras.saving.serialize_keras_object(layer) for layer in self.stacked_layers
+            ],
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        stacked = [
+            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
+            for c in config.pop("stacked_layers")
+        ]
+        return cls(stacked, **config)
+

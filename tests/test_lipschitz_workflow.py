@@ -1,0 +1,134 @@
+"""deel-lipdp's workflow names: pipeline, sensitivity, the models' methods, its tutorial."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import torchdp_keras as tdk
+from torchdp_keras.lipschitz import DP_Sequential, DPParameters, get_eps_delta
+from torchdp_keras.lipschitz import layers as L
+from torchdp_keras.lipschitz import losses as LL
+from torchdp_keras.lipschitz.pipeline import (
+    bound_clip_value,
+    bound_normalize,
+    default_delta_value,
+    load_and_prepare_data,
+    load_and_prepare_images_data,
+    prepare_tabular_data,
+)
+from torchdp_keras.lipschitz.sensitivity import (
+    check_layer_gradient_norm,
+    get_max_epochs,
+    gradient_norm_check,
+)
+
+
+def test_image_pipeline_bounds_every_example_and_describes_it(mnist_path):
+    ds_train, ds_test, meta = load_and_prepare_images_data(
+        "mnist", batch_size=500, bound_fct=bound_clip_value(10.0), path=mnist_path, seed=0
+    )
+    assert isinstance(ds_train, tdk.PrivateDataLoader)
+    assert (meta.batch_size, meta.max_norm, meta.nb_classes) == (500, 10.0, 10)
+    assert meta.input_shape == (28, 28, 1) and meta.nb_steps_per_epochs == 60000 // 500
+    x, y = ds_test[0]
+    assert x.shape == (500, 28, 28, 1) and y.shape == (500, 10)
+    assert np.linalg.norm(x.reshape(500, -1), axis=1).max() <= 10.0 * (1 + 1e-6)
+    assert load_and_prepare_data is load_and_prepare_images_data  # deel-lipdp's earlier name
+    _, _, plain = load_and_prepare_images_data("mnist", batch_size=500, path=mnist_path)
+    assert plain.max_norm == pytest.approx(28.0)  # sqrt(28 * 28 * 1): pixels in [0, 1]
+    with pytest.raises(tdk.DPConfigError, match="colorspace='HSV'"):
+        load_and_prepare_images_data("mnist", colorspace="HSV", path=mnist_path)
+    with pytest.raises(tdk.DPConfigError, match="multiplicity=2"):
+        load_and_prepare_images_data("mnist", multiplicity=2, path=mnist_path)
+    with pytest.raises(tdk.DPConfigError, match="dataset_name='svhn'"):
+        load_and_prepare_images_data("svhn")
+
+
+def test_bounds_tabular_data_and_default_delta():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5)).astype("float32") * 3
+    bound, value = bound_normalize()
+    out, _ = bound(x, None)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+    assert value == 1.0
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 40)]
+    train, test, meta = prepare_tabular_data(x[:30], x[30:], y[:30], y[30:], 10,
+                                             bound_clip_value(2.0), seed=0)
+    assert (meta.nb_classes, meta.max_norm, meta.nb_steps_per_epochs) == (3, 2.0, 3)
+    assert len(test) == 1
+    with pytest.raises(tdk.DPConfigError, match="bound_fct=None"):
+        prepare_tabular_data(x, x, y, y, 10)
+    assert default_delta_value(meta) == 0.01  # n = 30 -> 1 / 100
+    meta.nb_samples_train = 60000
+    assert default_delta_value(meta) == 1e-5
+
+
+def _tiny_model(sigma=1.5):
+    model = DP_Sequential(
+        [keras.Input((6,)), L.DP_BoundedInput(upper_bound=1.0), L.DP_SpectralDense(4),
+         L.DP_GroupSort(2), L.DP_SpectralDense(3)],
+        dp_parameters=DPParameters("global", sigma, 1e-5),
+        dataset_metadata=tdk.lipschitz.DatasetMetadata(
+            (6,), 3, 1000, 100, ["a", "b", "c"], 10, 100, 1.0
+        ),
+    )
+    model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
+    return model
+
+
+def test_get_max_epochs_is_the_largest_budget_within_epsilon():
+    model = _tiny_model()
+    budget = 3.0
+    epochs = get_max_epochs(budget, model)
+    assert get_eps_delta(model, epochs)[0] <= budget < get_eps_delta(model, epochs + 1)[0]
+    assert get_max_epochs(budget, model, epochs_max=None) == epochs
+    assert get_max_epochs(1e6, model, epochs_max=7) == 7
+    assert get_max_epochs(1e-6, model) == 0
+
+
+def test_layer_gradient_norm_checks_bite():
+    layer = L.DP_SpectralDense(3)
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype("float32")
+    layer(x)
+    largest = float(np.linalg.norm(x, axis=1).max())  # a dense layer's Jacobian: ||x||
+    assert check_layer_gradient_norm(largest * 1.001, layer, x)
+    assert not check_layer_gradient_norm(largest * 0.999, layer, x)
+    stack = keras.Sequential([keras.Input((4,)), layer])
+    gradient_norm_check([1.001], stack, x)
+    with pytest.raises(AssertionError):
+        gradient_norm_check([0.9], stack, x)
+
+
+def test_model_methods_of_deel_lipdp():
+    model = _tiny_model()
+    forward = model.layers_forward_order()
+    assert [type(la).__name__ for la in forward] == [
+        "DP_BoundedInput", "DP_SpectralDense", "DP_GroupSort", "DP_SpectralDense"
+    ]
+    assert model.layers_backward_order() == forward[::-1]
+    kernel = forward[1].kernel
+    kernel.assign(kernel.value * 5.0)
+    model.condense()
+    assert float(np.linalg.norm(np.asarray(kernel), 2)) <= 1.0
+    plain = model.vanilla_export()
+    assert not isinstance(plain, DP_Sequential)
+    x = np.random.default_rng(2).normal(size=(4, 6)).astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(plain(x)), keras.ops.convert_to_numpy(model(x)), rtol=1e-6
+    )
+
+
+def test_lipdp_tutorial_smoke(mnist_path, capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "lipdp_tutorial.py")
+    spec = importlib.util.spec_from_file_location("lipdp_tutorial", path)
+    tutorial = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tutorial)
+    result = tutorial.main(["--smoke", "--data", mnist_path, "--seed", "0"])
+    assert result["epsilon"] <= 3.0 + 1e-9 and result["epochs"] >= 1
+    assert math.isfinite(result["accuracy"])
+    assert "lipdp_tutorial:" in capsys.readouterr().out

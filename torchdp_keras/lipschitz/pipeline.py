@@ -1,0 +1,272 @@
+"""deel-lipdp's `pipeline` module for numpy arrays and Keras datasets (no tf.data).
+
+deel-lipdp prepares `tf.data` pipelines; here the training set becomes a
+`PrivateDataLoader` (Poisson sampling at `q = batch_size / n`, the sampling
+the accountant assumes), the test set a Keras `PyDataset` of fixed batches,
+and `DatasetMetadata` describes them as deel-lipdp's does. A bound function
+(`bound_clip_value`, `bound_normalize`) is applied to every example first,
+so that `max_norm` is a true bound of the inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from torchdp_keras._validation import check_int, check_positive
+from torchdp_keras.errors import DPConfigError
+from torchdp_keras.lipschitz.model import DatasetMetadata
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DatasetMetadata",
+    "bound_clip_value",
+    "bound_normalize",
+    "default_delta_value",
+    "load_and_prepare_data",
+    "load_and_prepare_images_data",
+    "prepare_tabular_data",
+]
+
+BoundFunction = tuple[Callable, float]
+
+
+def _example_norms(x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(x.reshape(len(x), -1).astype(np.float64), axis=1)
+
+
+def bound_clip_value(value: float) -> BoundFunction:
+    """deel-lipdp's clipping bound: each example scaled to L2 norm `<= value`.
+
+    Returns:
+        `(bound, value)`: `bound(x, y)` returns `(x clipped, y)` for a batch
+        of examples (the first axis).
+
+    Raises:
+        DPConfigError: `value` is not a finite number `> 0`.
+    """
+    value = check_positive(value, "value")
+
+    def bound(x, y):
+        x = np.asarray(x)
+        norms = _example_norms(x)
+        scale = np.minimum(1.0, value / np.maximum(norms, 1e-30))
+        return (x * scale.reshape(-1, *[1] * (x.ndim - 1))).astype(x.dtype), y
+
+    return bound, value
+
+
+def bound_normalize() -> BoundFunction:
+    """deel-lipdp's normalising bound: each example scaled to L2 norm 1 (0 stays 0).
+
+    Returns:
+        `(bound, 1.0)`.
+    """
+
+    def bound(x, y):
+        x = np.asarray(x)
+        norms = _example_norms(x)
+        scale = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-30), 0.0)
+        return (x * scale.reshape(-1, *[1] * (x.ndim - 1))).astype(x.dtype), y
+
+    return bound, 1.0
+
+
+def default_delta_value(dataset_metadata: DatasetMetadata) -> float:
+    """deel-lipdp's default delta: `1 / 10^ceil(log10 n)`, below `1 / n`."""
+    n = dataset_metadata.nb_samples_train
+    delta = float(1.0 / 10 ** math.ceil(math.log10(n)))
+    logger.info("Default delta value: %g", delta)
+    return delta
+
+
+class _Batches(keras.utils.PyDataset):
+    """Fixed batches of `(x, y)` in order (the test set)."""
+
+    def __init__(self, x, y, batch_size: int):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, index):
+        window = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[window], self.y[window]
+
+
+def _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder, classes,
+             class_names, seed):
+    from torchdp_keras.data import PrivateDataLoader
+
+    batch_size = check_int(batch_size, "batch_size")
+    bound, max_norm = bound_fct
+    x_train, y_train = bound(x_train, y_train)
+    x_test, y_test = bound(x_test, y_test)
+    n = len(x_train)
+    steps = n // batch_size if drop_remainder else math.ceil(n / batch_size)
+    loader = PrivateDataLoader(x_train, y_train, batch_size=batch_size, seed=seed)
+    metadata = DatasetMetadata(
+        input_shape=tuple(x_train.shape[1:]),
+        nb_classes=classes,
+        nb_samples_train=n,
+        nb_samples_test=len(x_test),
+        class_names=list(class_names),
+        nb_steps_per_epochs=max(1, steps),
+        batch_size=batch_size,
+        max_norm=float(max_norm),
+    )
+    return loader, _Batches(x_test, y_test, batch_size), metadata
+
+
+_IMAGE_DATASETS = {
+    "mnist": keras.datasets.mnist,
+    "fashion_mnist": keras.datasets.fashion_mnist,
+    "cifar10": keras.datasets.cifar10,
+}
+_STANDARD = {
+    "cifar10": (np.array([0.4914, 0.4822, 0.4465]), np.array([0.2023, 0.1994, 0.2010])),
+}
+
+
+def load_and_prepare_images_data(
+    dataset_name: str = "mnist",
+    batch_size: int = 256,
+    colorspace: str | None = "RGB",
+    bound_fct: BoundFunction | None = None,
+    drop_remainder: bool = True,
+    multiplicity: int = 0,
+    *,
+    path: str | None = None,
+    seed: int | None = None,
+):
+    """deel-lipdp's image pipeline, on numpy arrays.
+
+    Images are scaled to [0, 1], labels one-hot encoded, the bound applied to
+    every example. With `bound_fct=None` the bound is the largest possible
+    norm of an image in [0, 1], `sqrt(h w c)` (deel-lipdp reports `h w c`,
+    also a bound, much looser).
+
+    Args:
+        dataset_name: "mnist", "fashion_mnist" or "cifar10" (from
+            `keras.datasets`, downloaded once) unless `path` is given.
+        batch_size: The expected batch size of the Poisson sampling.
+        colorspace: "RGB" (or None: unchanged), "RGB_STANDARDIZED" (CIFAR-10's
+            per-channel mean and std) or "grayscale" (single-channel images
+            only). deel-lipdp's HSV, YIQ and YUV are not available.
+        bound_fct: `bound_clip_value(v)`, `bound_normalize()` or None.
+        drop_remainder: The steps per epoch: `n // batch_size` (True) or
+            rounded up.
+        multiplicity: deel-lipdp's augmentation multiplicity; only 0 (no
+            augmentation) is available.
+        path: An `.npz` in keras layout (`x_train`, `y_train`, `x_test`,
+            `y_test`) to read instead of downloading.
+        seed: Seed of the Poisson sampler (None: OS entropy).
+
+    Returns:
+        `(ds_train, ds_test, dataset_metadata)`: a `PrivateDataLoader`, a
+        Keras `PyDataset` of test batches, and the `DatasetMetadata`.
+
+    Raises:
+        DPConfigError: an unknown dataset or colorspace, or augmentation.
+    """
+    if multiplicity:
+        raise DPConfigError(
+            "Expected multiplicity=0: augmentation multiplicity (several views of an "
+            "example in one batch) is not available here. Received: "
+            f"multiplicity={multiplicity!r}"
+        )
+    if path is not None:
+        with np.load(path) as data:
+            x_train, y_train = data["x_train"], data["y_train"]
+            x_test, y_test = data["x_test"], data["y_test"]
+    elif dataset_name in _IMAGE_DATASETS:
+        (x_train, y_train), (x_test, y_test) = _IMAGE_DATASETS[dataset_name].load_data()
+    else:
+        raise DPConfigError(
+            f"Expected dataset_name in {sorted(_IMAGE_DATASETS)} (or a path). Received: "
+            f"dataset_name={dataset_name!r}"
+        )
+    x_train, x_test = (a.astype("float32") / 255.0 for a in (x_train, x_test))
+    if x_train.ndim == 3:
+        x_train, x_test = x_train[..., None], x_test[..., None]
+    channels = x_train.shape[-1]
+    space = None if colorspace is None else str(colorspace).upper()
+    if space == "RGB_STANDARDIZED":
+        if dataset_name not in _STANDARD:
+            raise DPConfigError(
+                f"Expected colorspace='RGB_STANDARDIZED' only for cifar10. Received: "
+                f"dataset_name={dataset_name!r}"
+            )
+        mean, std = _STANDARD[dataset_name]
+        x_train, x_test = ((a - mean) / std for a in (x_train, x_test))
+        x_train, x_test = x_train.astype("float32"), x_test.astype("float32")
+    elif space not in (None, "RGB", "GRAYSCALE") or (space == "GRAYSCALE" and channels != 1):
+        raise DPConfigError(
+            "Expected colorspace 'RGB', None, 'RGB_STANDARDIZED' or 'grayscale' (for "
+            f"single-channel images). Received: colorspace={colorspace!r}"
+        )
+    if bound_fct is None:
+        if space == "RGB_STANDARDIZED":
+            raise DPConfigError(
+                "Expected a bound_fct with colorspace='RGB_STANDARDIZED': standardised "
+                "pixels are not in [0, 1], so no bound follows from the image size."
+            )
+        identity = (lambda x, y: (x, y), math.sqrt(math.prod(x_train.shape[1:])))
+        bound_fct = identity
+    y_train, y_test = (np.asarray(a).reshape(-1) for a in (y_train, y_test))
+    classes = int(max(y_train.max(), y_test.max())) + 1
+    y_train = np.eye(classes, dtype="float32")[y_train]
+    y_test = np.eye(classes, dtype="float32")[y_test]
+    return _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder,
+                    classes, [str(i) for i in range(classes)], seed)
+
+
+load_and_prepare_data = load_and_prepare_images_data
+"""deel-lipdp's earlier name of `load_and_prepare_images_data` (its tutorial uses it)."""
+
+
+def prepare_tabular_data(
+    x_train: np.ndarray,
+    x_test: np.ndarray,
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    batch_size: int,
+    bound_fct: BoundFunction | None = None,
+    drop_remainder: bool = True,
+    *,
+    seed: int | None = None,
+):
+    """deel-lipdp's tabular pipeline: numpy features and one-hot labels.
+
+    Args:
+        x_train, x_test: Features `(n, F)`.
+        y_train, y_test: One-hot labels `(n, C)`.
+        batch_size: The expected batch size of the Poisson sampling.
+        bound_fct: `bound_clip_value(v)` or `bound_normalize()`. Required:
+            unlike images, features have no known range (deel-lipdp fails
+            on None too).
+        drop_remainder: As `load_and_prepare_images_data`.
+        seed: Seed of the Poisson sampler.
+
+    Returns:
+        `(ds_train, ds_test, dataset_metadata)`.
+
+    Raises:
+        DPConfigError: `bound_fct` is None.
+    """
+    if bound_fct is None:
+        raise DPConfigError(
+            "Expected bound_fct (bound_clip_value(v) or bound_normalize()): features have "
+            "no known range, and the gradient bounds need one. Received: bound_fct=None"
+        )
+    x_train, x_test = (np.asarray(a, dtype="float32") for a in (x_train, x_test))
+    y_train, y_test = (np.asarray(a, dtype="float32") for a in (y_train, y_test))
+    classes = int(y_train.shape[-1]) if y_train.ndim > 1 else int(np.unique(y_train).shape[0])
+    return _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder,
+                    classes, [str(i) for i in range(classes)], seed)
