@@ -185,6 +185,25 @@ def secure_rows(quick):
     return summary, rows
 
 
+def lipdp_rows(quick):
+    """deel-lipdp's MNIST ConvNet: the clipless DP step over plain Keras, at two batch sizes."""
+    rows, summaries = [], {}
+    for batch, target in ((2048, "<= 1.5"), (512, "reported")):
+        extra = ["--batch-size", str(batch)] + (["--steps", "3", "--warmup", "1"] if quick else [])
+        summary = run("bench_lipdp.py", extra, False, False)
+        summaries[batch] = summary
+        label = f"deel-lipdp MNIST ConvNet (clipless DP step), batch {batch}"
+        if summary is None:
+            rows.append((label, "default", None, "", ""))
+            continue
+        dp, plain = summary["DP_Sequential (per-layer)"], summary["plain Keras"]
+        rows.append(
+            (label, summary["malloc"], f"{dp[1]:.2f}x plain", target,
+             f"{dp[0]:.0f} ms vs {plain[0]:.0f} ms")
+        )
+    return summaries, rows
+
+
 def zoo_rows(quick):
     extra = ["--steps", "3", "--warmup", "1"] if quick else ["--gpt2-small"]
     summary = run("bench_zoo.py", extra, False, False)
@@ -262,6 +281,7 @@ def main(argv=None) -> int:
         ("bench_prv_accountant.py", prv_rows),
         ("bench_secure_mode.py", secure_rows),
         ("bench_zoo.py", zoo_rows),
+        ("bench_lipdp.py", lipdp_rows),
     ):
         summary, extra_rows = make_rows(args.quick)
         raw[script] = summary

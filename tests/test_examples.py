@@ -85,6 +85,7 @@ def test_lipschitz_mnist_smoke(capsys, mnist_path):
         "dp_keras_config.py",
         "private_dataframe.py",
         "lipschitz_mnist.py",
+        "lipdp_tutorial.py",
     ],
 )
 def test_examples_have_help(script):
