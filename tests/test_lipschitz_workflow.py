@@ -38,12 +38,35 @@ def test_image_pipeline_bounds_every_example_and_describes_it(mnist_path):
     assert load_and_prepare_data is load_and_prepare_images_data  # deel-lipdp's earlier name
     _, _, plain = load_and_prepare_images_data("mnist", batch_size=500, path=mnist_path)
     assert plain.max_norm == pytest.approx(28.0)  # sqrt(28 * 28 * 1): pixels in [0, 1]
-    with pytest.raises(tdk.DPConfigError, match="colorspace='HSV'"):
+    with pytest.raises(tdk.DPConfigError, match="colorspace='HSV' with 1 channel"):
         load_and_prepare_images_data("mnist", colorspace="HSV", path=mnist_path)
     with pytest.raises(tdk.DPConfigError, match="multiplicity=2"):
         load_and_prepare_images_data("mnist", multiplicity=2, path=mnist_path)
     with pytest.raises(tdk.DPConfigError, match="dataset_name='svhn'"):
         load_and_prepare_images_data("svhn")
+
+
+def test_color_images_in_deel_lipdps_colorspaces(tmp_path):
+    import colorsys
+
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "rgb.npz")
+    np.savez(path, x_train=rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 3, 20), x_test=rng.integers(0, 256, (6, 4, 4, 3),
+             dtype=np.uint8), y_test=rng.integers(0, 3, 6))
+    _, test, meta = load_and_prepare_images_data("rgb", colorspace="HSV", batch_size=5,
+                                                 path=path)
+    x, _ = test[0]
+    raw = np.load(path)["x_test"][:5].astype("float32") / 255.0
+    expected = np.array([colorsys.rgb_to_hsv(*p) for p in raw.reshape(-1, 3)])
+    np.testing.assert_allclose(x.reshape(-1, 3), expected, atol=1e-6)
+    assert meta.max_norm == pytest.approx(math.sqrt(4 * 4 * 3))  # HSV stays in [0, 1]
+    _, test, _ = load_and_prepare_images_data("rgb", colorspace="YIQ", batch_size=5, path=path,
+                                              bound_fct=bound_clip_value(3.0))
+    x, _ = test[0]
+    np.testing.assert_allclose(x[..., 0], (raw * [0.299, 0.587, 0.114]).sum(-1).clip(0), atol=1e-5)
+    with pytest.raises(tdk.DPConfigError, match="colorspace='YUV'"):
+        load_and_prepare_images_data("rgb", colorspace="YUV", path=path)  # needs a bound
 
 
 def test_bounds_tabular_data_and_default_delta():

@@ -124,6 +124,39 @@ def _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remai
     return loader, _Batches(x_test, y_test, batch_size), metadata
 
 
+# TensorFlow's (tf.image) RGB -> YIQ and RGB -> YUV matrices (columns: Y, I/U, Q/V).
+_RGB_TO = {
+    "YIQ": np.array(
+        [[0.299, 0.59590059, 0.2115], [0.587, -0.27455667, -0.52273617],
+         [0.114, -0.32134392, 0.31119955]]
+    ),
+    "YUV": np.array(
+        [[0.299, -0.14714119, 0.61497538], [0.587, -0.28886916, -0.51496512],
+         [0.114, 0.43601035, -0.10001026]]
+    ),
+}
+
+
+def _rgb_to_hsv(x: np.ndarray) -> np.ndarray:
+    """tf.image.rgb_to_hsv on `(..., 3)` values in [0, 1]: hue, saturation, value in [0, 1]."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    value = x.max(axis=-1)
+    spread = value - x.min(axis=-1)
+    saturation = np.where(value > 0, spread / np.where(value > 0, value, 1), 0.0)
+    safe = np.where(spread > 0, spread, 1)
+    hue = np.where(
+        value == r, (g - b) / safe, np.where(value == g, 2 + (b - r) / safe, 4 + (r - g) / safe)
+    )
+    hue = np.where(spread > 0, (hue / 6.0) % 1.0, 0.0)
+    return np.stack([hue, saturation, value], axis=-1).astype(x.dtype)
+
+
+def _colorspace(x: np.ndarray, space: str) -> np.ndarray:
+    if space == "HSV":
+        return _rgb_to_hsv(x)
+    return (x @ _RGB_TO[space]).astype(x.dtype)
+
+
 _IMAGE_DATASETS = {
     "mnist": keras.datasets.mnist,
     "fashion_mnist": keras.datasets.fashion_mnist,
@@ -157,8 +190,9 @@ def load_and_prepare_images_data(
             `keras.datasets`, downloaded once) unless `path` is given.
         batch_size: The expected batch size of the Poisson sampling.
         colorspace: "RGB" (or None: unchanged), "RGB_STANDARDIZED" (CIFAR-10's
-            per-channel mean and std) or "grayscale" (single-channel images
-            only). deel-lipdp's HSV, YIQ and YUV are not available.
+            per-channel mean and std), "HSV", "YIQ", "YUV" (TensorFlow's
+            conversions, for 3-channel images) or "grayscale" (single-channel
+            images only).
         bound_fct: `bound_clip_value(v)`, `bound_normalize()` or None.
         drop_remainder: The steps per epoch: `n // batch_size` (True) or
             rounded up.
@@ -206,16 +240,19 @@ def load_and_prepare_images_data(
         mean, std = _STANDARD[dataset_name]
         x_train, x_test = ((a - mean) / std for a in (x_train, x_test))
         x_train, x_test = x_train.astype("float32"), x_test.astype("float32")
+    elif space in ("HSV", "YIQ", "YUV") and channels == 3:
+        x_train, x_test = (_colorspace(a, space) for a in (x_train, x_test))
     elif space not in (None, "RGB", "GRAYSCALE") or (space == "GRAYSCALE" and channels != 1):
         raise DPConfigError(
-            "Expected colorspace 'RGB', None, 'RGB_STANDARDIZED' or 'grayscale' (for "
-            f"single-channel images). Received: colorspace={colorspace!r}"
+            "Expected colorspace 'RGB', None, 'RGB_STANDARDIZED', 'HSV', 'YIQ', 'YUV' (for "
+            "3-channel images) or 'grayscale' (for single-channel images). Received: "
+            f"colorspace={colorspace!r} with {channels} channel(s)"
         )
     if bound_fct is None:
-        if space == "RGB_STANDARDIZED":
+        if space in ("RGB_STANDARDIZED", "YIQ", "YUV"):
             raise DPConfigError(
-                "Expected a bound_fct with colorspace='RGB_STANDARDIZED': standardised "
-                "pixels are not in [0, 1], so no bound follows from the image size."
+                f"Expected a bound_fct with colorspace={colorspace!r}: its values are not "
+                "in [0, 1], so no bound follows from the image size."
             )
         identity = (lambda x, y: (x, y), math.sqrt(math.prod(x_train.shape[1:])))
         bound_fct = identity
