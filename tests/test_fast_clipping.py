@@ -1082,6 +1082,42 @@ def test_layers_tapped_from_their_output_match_the_per_example_engine(
     _compare(model, x, rng.normal(size=(BATCH, 2)), tol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", None])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: layers.SeparableConv2D(3, 3, padding="same", activation=a),
+        lambda a: layers.DepthwiseConv2D(3, depth_multiplier=2, activation=a),
+        lambda a: layers.Conv2DTranspose(3, 3, strides=2, activation=a),
+        lambda a: layers.SeparableConv1D(3, 2, activation=a),
+    ],
+    ids=["separable2d", "depthwise", "transpose", "separable1d"],
+)
+def test_conv_family_inside_a_subclassed_model_matches_the_per_example_engine(
+    make, activation, float64
+):
+    """Tapped through hooks, with or without an activation after the tap."""
+
+    class Net(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = make(activation)
+            self.out = layers.Dense(2)
+
+        def call(self, x):
+            h = self.conv(x)
+            return self.out(keras.ops.reshape(h, (keras.ops.shape(h)[0], -1)))
+
+    rng = np.random.default_rng(9)
+    shape = (6, 2) if "1D" in type(make(None)).__name__ else (6, 6, 2)
+    x = rng.normal(size=(BATCH, *shape))
+    base = Net()
+    base(x[:1])
+    model = tdk.make_private(base, l2_norm_clip=1.0, noise_multiplier=0.0, clipping_mode="fast")
+    model.compile(optimizer="sgd", loss="mse")
+    _compare(model, x, rng.normal(size=(BATCH, 2)), tol=1e-6)
+
+
 def test_num_microbatches_equal_to_the_batch_takes_the_fast_path():
     """TF Privacy's tutorial clips microbatches of one example (num_microbatches=250)."""
     model = tdk.DPSequential(

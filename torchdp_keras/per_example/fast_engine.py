@@ -305,6 +305,20 @@ class FastEngine:
         """Runs a walked layer's own call, tapping every weighted layer inside it."""
         calls: dict[int, int] = {}
         running: set[int] = set()
+        grad_modes: dict[int, bool] = {}
+
+        def no_grad_before(module, hook_args, hook_kwargs):
+            # A layer whose rule recomputes it from its inputs (LayerRule.
+            # recomputes_in_hooks): its own forward, whose output is replaced,
+            # builds no autograd graph. Restored by `restore_grad`, which runs
+            # even when the forward raises.
+            if id(module) not in running:
+                grad_modes[id(module)] = torch.is_grad_enabled()
+                torch.set_grad_enabled(False)
+
+        def restore_grad(module, hook_args, hook_kwargs, output):
+            if id(module) in grad_modes:
+                torch.set_grad_enabled(grad_modes.pop(id(module)))
 
         def hook(module, hook_args, hook_kwargs, output):
             if id(module) in running:  # the rule's own forward of this layer
@@ -321,11 +335,22 @@ class FastEngine:
         handles = []
         try:
             for leaf in leaves:
+                if self._rules[id(leaf)].recomputes_in_hooks:
+                    handles.append(
+                        leaf.register_forward_pre_hook(no_grad_before, with_kwargs=True)
+                    )
+                    handles.append(
+                        leaf.register_forward_hook(
+                            restore_grad, with_kwargs=True, always_call=True, prepend=True
+                        )
+                    )
                 handles.append(leaf.register_forward_hook(hook, with_kwargs=True))
             out = layer(*args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+            for module_id in list(grad_modes):  # a forward that failed before its hooks
+                torch.set_grad_enabled(grad_modes.pop(module_id))
         path = self._paths[id(layer)]
         wrong = [
             f"{self._paths[id(leaf)]} ran {calls.get(id(leaf), 0)} times"

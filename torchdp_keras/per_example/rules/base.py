@@ -123,6 +123,13 @@ class LayerRule(abc.ABC):
         """
         return None
 
+    recomputes_in_hooks: bool = False
+    """True when a tapped layer's own output is never usable (`tap_output` is
+    always None and the activation does not follow the tap): the rule's
+    `forward` recomputes it. Inside a subclassed model or a walked block the
+    layer's own forward then runs without autograd (its output is replaced).
+    """
+
     supports_shared_uses: bool = False
     """True when the rule clips a layer called several times per forward pass.
 

@@ -344,8 +344,13 @@ class SeparableConvRule(DepthwiseConvRule):
             z = z + layer.bias.value.to(z.dtype)
         return z, (layer.activation or (lambda t: t)), u
 
+    # The norms need u, which only the rule's forward keeps: never tapped from
+    # the layer's finished output (with or without an activation).
+    activation_after_tap = False
+    recomputes_in_hooks = True
+
     def tap_output(self, layer, output):
-        return None  # the norms need u, which the forward keeps
+        return None
 
     def _depthwise_grad(self, layer, grad, cache):
         if "depthwise_grad" not in cache:

@@ -31,6 +31,8 @@ from torchdp_keras.per_example.rules.base import LayerRule, sq_norm_rows
 class PerExampleGradientRule(LayerRule):
     """Per-example gradients of one layer through `torch.func` (any layer type)."""
 
+    recomputes_in_hooks = True  # its forward runs the layer per example itself
+
     def forward(self, layer, args, kwargs):
         weights = list(layer.trainable_variables)
         others = list(layer.non_trainable_variables)

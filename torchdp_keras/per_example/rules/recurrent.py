@@ -110,11 +110,16 @@ def _blocks(operands, grad) -> list:
 class RecurrentRule(LayerRule):
     """Kernel, recurrent kernel and bias of `SimpleRNN`, `GRU` and `LSTM`.
 
+    The step pre-activations exist only inside the cell loop, so the rule
+    always runs the loop itself (`recomputes_in_hooks`).
+
     Example:
         >>> registry = make_default_layer_registry()  # doctest: +SKIP
         >>> registry.is_elem(keras.layers.LSTM(8))  # doctest: +SKIP
         True
     """
+
+    recomputes_in_hooks = True
 
     def unsupported_reason(self, layer) -> str | None:
         cell = getattr(layer, "cell", None)
@@ -328,6 +333,8 @@ class BidirectionalRule(LayerRule):
     Both directions run through `RecurrentRule` in one call; their weights are
     disjoint, so example i's squared norm is the sum of the two layers'.
     """
+
+    recomputes_in_hooks = True
 
     def __init__(self, inner: RecurrentRule | None = None):
         self._inner = inner or RecurrentRule()
