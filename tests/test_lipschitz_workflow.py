@@ -155,3 +155,67 @@ def test_lipdp_tutorial_smoke(mnist_path, capsys):
     assert result["epsilon"] <= 3.0 + 1e-9 and result["epochs"] >= 1
     assert math.isfinite(result["accuracy"])
     assert "lipdp_tutorial:" in capsys.readouterr().out
+
+
+def _mlp_mixer(use_residuals, size=16, patch=4):
+    """deel-lipdp's CIFAR-10 MLP-Mixer (experiments/CIFAR10/main_MLP_mixer.py), smaller,
+    with keras.ops.image.extract_patches where deel-lipdp uses tf.image's."""
+    from torchdp_keras.lipschitz.model import DatasetMetadata, DP_Model
+
+    meta = DatasetMetadata((size, size, 3), 10, 5000, 1000, [str(i) for i in range(10)],
+                           5000 / 64, 64, 8.0)
+    seq_len = (size // patch) ** 2
+    layers = [
+        L.DP_BoundedInput(input_shape=meta.input_shape, upper_bound=meta.max_norm),
+        L.DP_Lambda(keras.ops.image.extract_patches,
+                    arguments=dict(size=patch, strides=patch, padding="valid")),
+        L.DP_Reshape((seq_len, patch * patch * 3)),
+        L.DP_QuickSpectralDense(units=seq_len, use_bias=False, kernel_initializer="orthogonal"),
+    ]
+    token_mixing = [
+        L.DP_Permute((2, 1)),
+        L.DP_QuickSpectralDense(units=seq_len, use_bias=False),
+        L.DP_GroupSort(2),
+        L.DP_LayerCentering(),
+        L.DP_QuickSpectralDense(units=seq_len, use_bias=False),
+        L.DP_Permute((2, 1)),
+    ]
+    channel_mixing = [
+        L.DP_QuickSpectralDense(units=seq_len, use_bias=False),
+        L.DP_GroupSort(2),
+        L.DP_LayerCentering(),
+        L.DP_QuickSpectralDense(units=seq_len, use_bias=False),
+    ]
+    for block in (token_mixing, channel_mixing):
+        layers += L.make_residuals("1-lip-add", block) if use_residuals else block
+    layers += [
+        L.DP_Flatten(),
+        L.DP_QuickSpectralDense(units=10, use_bias=False),
+        L.DP_ClipGradient(clip_value=1.0, mode="dynamic"),
+    ]
+    model = DP_Model(layers, dp_parameters=DPParameters("per-layer", 3.0, 1e-5),
+                     dataset_metadata=meta, name="mlp_mixer")
+    model.build(input_shape=(None, *meta.input_shape))
+    return model
+
+
+@pytest.mark.parametrize("use_residuals", [False, True])
+def test_deel_lipdps_mlp_mixer_ports_and_keeps_its_bounds(use_residuals):
+    from torchdp_keras.per_example import VmapEngine
+
+    model = _mlp_mixer(use_residuals)
+    model.compile(loss=LL.DP_TauCategoricalCrossentropy(20.0),
+                  optimizer=keras.optimizers.SGD(0.01, momentum=0.9), metrics=["accuracy"])
+    rng = np.random.default_rng(3)
+    x = rng.random((12, 16, 16, 3)).astype("float32") * 2
+    y = np.eye(10, dtype="float32")[rng.integers(0, 10, 12)]
+    grads, _ = VmapEngine(model).per_unit_gradients(x, y, None, num_units=12)
+    batch = model.dataset_metadata.batch_size
+    bounds = tdk.lipschitz.compute_gradient_bounds(model)
+    assert len(bounds) == 6
+    for variable, g in zip(model.trainable_variables, grads):
+        norms = np.linalg.norm(keras.ops.convert_to_numpy(g).reshape(12, -1), axis=1)
+        assert norms.max() <= bounds[variable.path] * batch * (1 + 1e-5), variable.path
+    loader = tdk.PrivateDataLoader(x, y, batch_size=6, seed=0)
+    model.fit(loader, epochs=1, verbose=0)
+    assert model.dp_steps == 2

@@ -776,6 +776,14 @@ class DP_Model(LipschitzDPMixin, keras.Model):  # noqa: N801 (deel-lipdp's name)
             x = layer(x)
         return x
 
+    def build(self, input_shape=None) -> None:
+        """Builds every layer by running them once on zeros of `input_shape` (deel-lipdp's call)."""
+        if input_shape is not None and not all(layer.built for layer in self.dp_layers):
+            x = keras.ops.zeros((1, *tuple(input_shape)[1:]))
+            for layer in self.dp_layers:
+                x = layer(x)
+        self.built = True
+
     def get_config(self):
         config = {
             "name": self.name,

@@ -57,16 +57,25 @@ class DP_ClipGradient(keras.layers.Layer, NormPreservingDPLayer):
             each such update is an extra pure-DP mechanism that the
             accountants of this package do not compose yet, so the epsilon
             reported would be too small.
-        epsilon: deel-lipdp's SVT epsilon; only with `clip_value=None`.
-        patience: deel-lipdp's epochs between SVT updates; only with
-            `clip_value=None`.
+        epsilon: deel-lipdp's SVT epsilon (kept; no update uses it).
+        patience: deel-lipdp's epochs between updates (kept; no update uses it).
+        mode: deel-lipdp's "fixed", "dynamic" or "dynamic_svt". A dynamic mode
+            with a `clip_value` starts there and stays there: the callbacks
+            that would update it are not available.
         **kwargs: Passed to `keras.layers.Layer`.
 
     Raises:
         DPConfigError: `clip_value` is None or not a finite number `> 0`.
     """
 
-    def __init__(self, clip_value, epsilon=None, patience: int = 1, **kwargs) -> None:
+    def __init__(
+        self, clip_value=None, epsilon=None, patience: int = 1, mode: str | None = None, **kwargs
+    ) -> None:
+        if mode not in (None, "fixed", "dynamic", "dynamic_svt"):
+            raise DPConfigError(
+                "Expected mode None, 'fixed', 'dynamic' or 'dynamic_svt'. Received: "
+                f"mode={mode!r}"
+            )
         if clip_value is None:
             raise DPConfigError(
                 "Expected a number for clip_value. Received: clip_value=None (deel-lipdp's "
@@ -78,7 +87,9 @@ class DP_ClipGradient(keras.layers.Layer, NormPreservingDPLayer):
         self.clip_value = check_positive(clip_value, "clip_value")
         self.epsilon = epsilon
         self.patience = patience
-        self.mode = "fixed"
+        # deel-lipdp's "dynamic" modes name callbacks that update the value
+        # during training; none is available here, so the value stays fixed.
+        self.mode = mode or "fixed"
 
     def call(self, inputs):
         return _ClipRows.apply(inputs, self.clip_value)

@@ -40,6 +40,9 @@ class DP_SplitResidual(keras.layers.Layer, WeightlessDPLayer):
     def call(self, inputs):
         return (inputs, inputs)
 
+    def compute_output_shape(self, input_shape):
+        return (input_shape, input_shape)
+
     def propagate_inputs(self, input_bound):
         """Returns `(input_bound, input_bound)`."""
         return (input_bound, input_bound)
@@ -75,6 +78,9 @@ class DP_MergeResidual(keras.layers.Layer, WeightlessDPLayer):
         first, second = _pair(inputs, "inputs")
         merged = first + second
         return merged if self._weight == 1.0 else merged * self._weight
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
 
     def propagate_inputs(self, input_bound) -> float:
         """Returns `X1 + X2` ("add") or `(X1 + X2) / 2`."""
@@ -117,9 +123,17 @@ class DP_WrappedResidual(keras.layers.Layer, DPLayer):
         """The block's noise multiplier coefficient."""
         return self.block.nm_coef
 
-    def call(self, inputs, *args, **kwargs):
+    def build(self, input_shape) -> None:
+        if not self.block.built:
+            self.block.build(tuple(input_shape[1]))
+
+    def call(self, inputs):
         first, second = _pair(inputs, "inputs")
-        return (first, self.block(second, *args, **kwargs))
+        return (first, self.block(second))
+
+    def compute_output_shape(self, input_shape):
+        first, second = input_shape
+        return (first, self.block.compute_output_shape(second))
 
     def propagate_inputs(self, input_bound):
         first, second = _pair(input_bound, "input bounds")
