@@ -219,3 +219,89 @@ def test_deel_lipdps_mlp_mixer_ports_and_keeps_its_bounds(use_residuals):
     loader = tdk.PrivateDataLoader(x, y, batch_size=6, seed=0)
     model.fit(loader, epochs=1, verbose=0)
     assert model.dp_steps == 2
+
+
+# -- dynamic clipping (deel-lipdp's sparse-vector-technique callback) -------------------
+def test_rdp_accountant_composes_pure_dp_releases():
+    acc = tdk.RDPAccountant()
+    acc.compose(1.2, 0.01, 500)
+    acc.compose_pure_dp(0.5, 3)
+    hand = tdk.RDPAccountant()
+    hand.compose(1.2, 0.01, 500)
+    orders = np.asarray(hand.orders)
+    expected = hand.get_rdp() + 3 * np.minimum(0.5, orders * 0.25 / 2)
+    np.testing.assert_allclose(acc.get_rdp(), expected)
+    assert acc.get_epsilon(1e-5) > hand.get_epsilon(1e-5)
+    again = tdk.RDPAccountant()
+    again.load_state_dict(acc.state_dict())
+    assert again.get_epsilon(1e-5) == acc.get_epsilon(1e-5)
+    assert again.pure_dp_history == [(0.5, 3)]
+    alone = tdk.RDPAccountant()
+    alone.compose_pure_dp(1.0, 2)  # no Gaussian step: still accounted
+    assert 2.0 <= alone.get_epsilon(1e-5) < 2.1
+    with pytest.raises(tdk.DPConfigError, match="epsilon=0"):
+        acc.compose_pure_dp(0)
+
+
+def test_private_clip_value_finds_the_norms_and_is_randomised():
+    from torchdp_keras.lipschitz.dynamic import private_clip_value
+
+    norms = np.full(500, 0.6)
+    rng = np.random.default_rng(0)
+    precise = [private_clip_value(norms, 1.5, 1e6, rng) for _ in range(5)]
+    assert all(abs(v - 0.6) <= 2 * 1.5 / 999 for v in precise)  # within a grid step or two
+    noisy = [private_clip_value(norms, 1.5, 1e-3, rng) for _ in range(20)]
+    # At epsilon 1e-3 the noise decides: the values spread, far from the norms.
+    assert len(set(noisy)) > 3 and np.mean(np.abs(np.array(noisy) - 0.6)) > 0.3
+
+
+def _dynamic_model(patience=2):
+    model = DP_Sequential(
+        [keras.Input((6,)), L.DP_BoundedInput(upper_bound=1.0), L.DP_SpectralDense(4),
+         L.DP_ClipGradient(epsilon=0.5, mode="dynamic_svt", patience=patience)],
+        dp_parameters=DPParameters("global", 1.5, 1e-5),
+        dataset_metadata=tdk.lipschitz.DatasetMetadata(
+            (6,), 4, 200, 50, ["a", "b", "c", "d"], 4, 50, 1.0
+        ),
+    )
+    model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
+    return model
+
+
+def test_dynamic_clipping_is_accounted_as_pure_dp_releases():
+    model = _dynamic_model(patience=2)
+    assert isinstance(model._accountant, tdk.RDPAccountant)
+    hand = tdk.RDPAccountant()
+    hand.compose(1.5, 50 / 200, 5 * 4)
+    hand.compose_pure_dp(0.5, 3)  # releases at epochs 0, 2 and 4 of 5
+    assert get_eps_delta(model, 5)[0] == pytest.approx(hand.get_epsilon(1e-5))
+    with pytest.raises(tdk.DPConfigError, match="accountant='prv'"):
+        get_eps_delta(model, 5, accountant="prv")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype("float32")
+    y = np.eye(4, dtype="float32")[rng.integers(0, 4, 200)]
+    loader = tdk.PrivateDataLoader(x, y, batch_size=50, seed=0)
+    callback = tdk.lipschitz.AdaptiveLossGradientClipping(ds_train=loader)
+    history = model.fit(loader, epochs=3, verbose=0, callbacks=[callback])
+    layer = model.layers[-1]
+    assert 0 < layer.clip_value <= math.sqrt(2)  # started at L = sqrt 2, then released values
+    assert model._accountant.pure_dp_history == [(0.5, 2)]  # epochs 0 and 2
+    spent = tdk.RDPAccountant()
+    spent.compose(1.5, 50 / 200, model.dp_steps)
+    spent.compose_pure_dp(0.5, 2)
+    assert history.history["epsilon"][-1] == pytest.approx(spent.get_epsilon(1e-5))
+    # The bounds below the layer use its current value.
+    (bound,) = tdk.lipschitz.compute_gradient_bounds(model).values()
+    assert bound * 50 == pytest.approx(1.0 * layer.clip_value)
+
+
+def test_dynamic_clipping_must_be_the_last_layer():
+    with pytest.raises(tdk.UnsupportedLayerError, match="last layer"):
+        DP_Sequential(
+            [keras.Input((6,)), L.DP_BoundedInput(upper_bound=1.0),
+             L.DP_ClipGradient(epsilon=1.0), L.DP_SpectralDense(4)],
+            dp_parameters=DPParameters("global", 1.5, 1e-5),
+            dataset_metadata=tdk.lipschitz.DatasetMetadata(
+                (6,), 4, 200, 50, ["a", "b", "c", "d"], 4, 50, 1.0
+            ),
+        )

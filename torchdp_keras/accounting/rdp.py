@@ -237,6 +237,17 @@ def _check_orders(orders) -> tuple[float, ...]:
     return values
 
 
+def _check_pure_epsilon(epsilon) -> float:
+    value = (
+        to_float(epsilon)
+        if isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
+        else math.nan
+    )
+    if not math.isfinite(value) or value <= 0:
+        raise DPConfigError(f"Expected epsilon > 0 and finite. Received: epsilon={epsilon!r}")
+    return value
+
+
 class RDPAccountant(Accountant):
     """Renyi-DP accountant for DP-SGD (Poisson sampling, Gaussian noise).
 
@@ -266,10 +277,37 @@ class RDPAccountant(Accountant):
             )
         self.orders = _check_orders(DEFAULT_ORDERS if orders is None else orders)
         self.conversion = conversion
+        self._pure: dict[float, int] = {}
+
+    def compose_pure_dp(self, epsilon: float, count: int = 1) -> None:
+        """Adds `count` pure epsilon-DP mechanisms (a sparse-vector-technique release).
+
+        Their RDP at order alpha is `min(epsilon, alpha epsilon^2 / 2)`: an
+        epsilon-DP mechanism is (alpha, epsilon)-RDP for every alpha (Mironov
+        2017, Proposition 3) and epsilon^2/2-zCDP (Bun and Steinke 2016,
+        Proposition 1.4), i.e. (alpha, alpha epsilon^2 / 2)-RDP.
+
+        Raises:
+            DPConfigError: `epsilon` is not a finite number > 0, or `count` not
+                an integer >= 0.
+        """
+        epsilon = _check_pure_epsilon(epsilon)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise DPConfigError(f"Expected count to be an integer >= 0. Received: count={count!r}")
+        if count:
+            self._pure[epsilon] = self._pure.get(epsilon, 0) + count
+
+    @property
+    def pure_dp_history(self) -> list[tuple[float, int]]:
+        """The composed pure-DP mechanisms `(epsilon, count)`."""
+        return sorted(self._pure.items())
 
     def get_rdp(self) -> np.ndarray:
         """The total RDP of the history, one value per order."""
         total = np.zeros(len(self.orders))
+        orders = np.asarray(self.orders, dtype=np.float64)
+        for epsilon, count in self._pure.items():
+            total = total + count * np.minimum(epsilon, orders * epsilon**2 / 2)
         for sigma, q, n in self._grouped_history():
             rdp = subsampled_gaussian_rdp(q, sigma, self.orders)
             with np.errstate(invalid="ignore", over="ignore"):  # n may be beyond float range
@@ -280,9 +318,36 @@ class RDPAccountant(Accountant):
         """`(epsilon, optimal_order)` at `delta`; `(0.0, nan)` for an empty history."""
         delta = check_delta(delta)
         events = self._grouped_history()
-        if not events:
+        if not events and not self._pure:
             return 0.0, math.nan
+        if any(sigma == 0 for sigma, _, _ in events):
+            return math.inf, math.nan
         return rdp_to_epsilon(self.get_rdp(), self.orders, delta, self.conversion)
+
+    def get_epsilon(self, delta: float) -> float:
+        """The epsilon of everything composed so far (pure-DP mechanisms included)."""
+        return float(self.get_epsilon_and_order(delta)[0])
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self._pure:
+            state["pure_dp"] = [[epsilon, count] for epsilon, count in self.pure_dp_history]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        pure = state.get("pure_dp", []) if isinstance(state, dict) else []
+        super().load_state_dict(
+            {k: v for k, v in state.items() if k != "pure_dp"} if isinstance(state, dict) else state
+        )
+        if not isinstance(pure, (list, tuple)) or not all(
+            isinstance(item, (list, tuple)) and len(item) == 2 for item in pure
+        ):
+            raise DPConfigError(
+                f"Expected pure_dp to be a list of [epsilon, count]. Received: pure_dp={pure!r}"
+            )
+        self._pure = {}
+        for epsilon, count in pure:
+            self.compose_pure_dp(epsilon, count)
 
     def _epsilon(self, events, delta):
         return self.get_epsilon_and_order(delta)[0]

@@ -15,6 +15,7 @@ from torchdp_keras.lipschitz import layers, losses, pipeline, sensitivity  # noq
 from torchdp_keras.lipschitz.layers import *  # noqa: E402,F401,F403
 from torchdp_keras.lipschitz.losses import *  # noqa: E402,F401,F403
 from torchdp_keras.lipschitz.model import (  # noqa: E402
+    AdaptiveLossGradientClipping,
     DatasetMetadata,
     DP_Accountant,
     DP_Model,
@@ -32,6 +33,7 @@ from torchdp_keras.lipschitz.model import (  # noqa: E402
 )
 
 __all__ = [
+    "AdaptiveLossGradientClipping",
     "DP_Accountant",
     "DP_Model",
     "DP_Sequential",

@@ -39,6 +39,7 @@ from torchdp_keras import _validation
 from torchdp_keras.accounting import PRVAccountant
 from torchdp_keras.callbacks import DPAccountant
 from torchdp_keras.errors import DPConfigError, DPError, UnsupportedLayerError
+from torchdp_keras.lipschitz.dynamic import AdaptiveLossGradientClipping
 from torchdp_keras.lipschitz.layers import DP_BoundedInput, DPLayer
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 NOISIFY_STRATEGIES = ("global", "per-layer", "optimal-per-layer")
 
 __all__ = [
+    "AdaptiveLossGradientClipping",
     "DPParameters",
     "DP_Accountant",
     "DP_Model",
@@ -366,7 +368,11 @@ def get_eps_delta(model, epochs: float, accountant: str = "rdp") -> tuple[float,
     `q = batch_size / nb_samples_train`, with delta from the model's
     `DPParameters`. deel-lipdp reports RDP (autodp, with the improved
     conversion to (epsilon, delta)); `accountant="prv"` gives the tighter
-    PRV bound. What a model actually spent is `model.get_epsilon()`.
+    PRV bound. With a dynamic `DP_ClipGradient`, the `ceil(epochs /
+    patience)` releases of its callback (at epochs 0, patience, ...) are
+    composed too, as pure epsilon-DP mechanisms, RDP only (deel-lipdp counts
+    `epochs // patience`, one too few when it does not divide). What a model
+    actually spent is `model.get_epsilon()`.
 
     Args:
         model: A `DP_Sequential` or `DP_Model`.
@@ -393,9 +399,18 @@ def get_eps_delta(model, epochs: float, accountant: str = "rdp") -> tuple[float,
     delta = model.dp_parameters.delta
     if steps == 0:
         return 0.0, delta
+    dynamic = model.dynamic_clipping()
+    if dynamic is not None and accountant == "prv":
+        raise DPConfigError(
+            "Expected accountant='rdp' for a model with a dynamic DP_ClipGradient: its "
+            "pure-DP releases are composed by the RDP accountant only. Received: "
+            "accountant='prv'"
+        )
     counter = PRVAccountant() if accountant == "prv" else RDPAccountant()
     rate = meta.batch_size / meta.nb_samples_train
     counter.compose(accounting_noise_multiplier(model), rate, steps)
+    if dynamic is not None:
+        counter.compose_pure_dp(dynamic.epsilon, math.ceil(epochs / dynamic.patience - 1e-9))
     return counter.get_epsilon(delta), delta
 
 
@@ -445,6 +460,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             )
         if not layers:
             return
+        self._sync_accountant(layers)
         first = layers[0]
         if not isinstance(first, DP_BoundedInput):
             raise UnsupportedLayerError(
@@ -453,6 +469,43 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 f"{self.name}/{first.name} ({type(first).__name__})",
                 layer_paths=[f"{self.name}/{first.name}"],
             )
+
+    def _sync_accountant(self, layers) -> None:
+        """An RDP accountant for a model with dynamic clipping (its pure-DP releases).
+
+        Raises:
+            UnsupportedLayerError: a dynamic `DP_ClipGradient` that is not the
+                last layer (deel-lipdp's callback requires it last).
+        """
+        from torchdp_keras.accounting import RDPAccountant
+        from torchdp_keras.lipschitz.layers.clipping import DP_ClipGradient
+
+        dynamic = [la for la in layers if isinstance(la, DP_ClipGradient) and la.is_dynamic]
+        if not dynamic:
+            return
+        if dynamic != [layers[-1]]:
+            paths = [f"{self.name}/{la.name}" for la in dynamic]
+            raise UnsupportedLayerError(
+                "Expected DP_ClipGradient(clip_value=None) to be the last layer: its value "
+                "is chosen from the loss gradients at the output. Received: " + ", ".join(paths),
+                layer_paths=paths,
+            )
+        if not isinstance(self._accountant, RDPAccountant):
+            if self._accountant.steps:
+                raise DPConfigError(
+                    "A dynamic DP_ClipGradient cannot be added after training steps were "
+                    "accounted with the PRV accountant."
+                )
+            # Its releases are pure-DP mechanisms, which the RDP accountant composes.
+            self._accountant = RDPAccountant()
+
+    def dynamic_clipping(self):
+        """The last layer when it is a dynamic `DP_ClipGradient`, else None."""
+        from torchdp_keras.lipschitz.layers.clipping import DP_ClipGradient
+
+        layers = _dp_layers(self)
+        last = layers[-1] if layers else None
+        return last if isinstance(last, DP_ClipGradient) and last.is_dynamic else None
 
     @property
     def noise_multiplier(self) -> float:

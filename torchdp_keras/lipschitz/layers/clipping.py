@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import torch
 
-from torchdp_keras._validation import check_positive
+from torchdp_keras._validation import check_int, check_positive
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.lipschitz.layers.base import NormPreservingDPLayer
 
@@ -50,22 +50,25 @@ class DP_ClipGradient(keras.layers.Layer, NormPreservingDPLayer):
     compares `clip_value` with the batch-mean bound `L / batch_size`, so its
     reported bounds ignore the clipping; here they use it.
 
+    With `clip_value=None` (deel-lipdp's `mode="dynamic_svt"`), the value is
+    chosen during training by `AdaptiveLossGradientClipping`: it starts at
+    the loss's `L` and every `patience` epochs an `epsilon`-DP release of the
+    sparse vector technique picks a new one; the model's accountant (RDP for
+    such a model) composes each release.
+
     Args:
         clip_value: The per-example gradient norm bound, a finite number
-            `> 0`. deel-lipdp's `None` (the clipping value chosen during
-            training by its sparse-vector-technique callback) is refused:
-            each such update is an extra pure-DP mechanism that the
-            accountants of this package do not compose yet, so the epsilon
-            reported would be too small.
-        epsilon: deel-lipdp's SVT epsilon (kept; no update uses it).
-        patience: deel-lipdp's epochs between updates (kept; no update uses it).
-        mode: deel-lipdp's "fixed", "dynamic" or "dynamic_svt". A dynamic mode
-            with a `clip_value` starts there and stays there: the callbacks
-            that would update it are not available.
+            `> 0`, or None for the dynamic mode.
+        epsilon: The pure-DP epsilon of each dynamic update (dynamic mode).
+        patience: Epochs between dynamic updates, an integer `>= 1`.
+        mode: deel-lipdp's "fixed", "dynamic" (a fixed start value with
+            updates by a callback; none is needed here, it stays fixed) or
+            "dynamic_svt" (requires `clip_value=None`).
         **kwargs: Passed to `keras.layers.Layer`.
 
     Raises:
-        DPConfigError: `clip_value` is None or not a finite number `> 0`.
+        DPConfigError: an out-of-range argument, or a dynamic mode without
+            `epsilon`.
     """
 
     def __init__(
@@ -76,32 +79,51 @@ class DP_ClipGradient(keras.layers.Layer, NormPreservingDPLayer):
                 "Expected mode None, 'fixed', 'dynamic' or 'dynamic_svt'. Received: "
                 f"mode={mode!r}"
             )
-        if clip_value is None:
+        if mode == "dynamic_svt" and clip_value is not None:
             raise DPConfigError(
-                "Expected a number for clip_value. Received: clip_value=None (deel-lipdp's "
-                "dynamic clipping by the sparse vector technique): its updates are extra "
-                "pure-DP mechanisms that this package's accountants do not compose, so "
-                "training with it would report too small an epsilon. Give a fixed clip_value."
+                "Expected clip_value=None with mode='dynamic_svt' (the value is chosen "
+                f"during training). Received: clip_value={clip_value!r}"
             )
         super().__init__(**kwargs)
-        self.clip_value = check_positive(clip_value, "clip_value")
-        self.epsilon = epsilon
-        self.patience = patience
-        # deel-lipdp's "dynamic" modes name callbacks that update the value
-        # during training; none is available here, so the value stays fixed.
-        self.mode = mode or "fixed"
+        self.patience = check_int(patience, "patience")
+        if clip_value is None:
+            self.mode = "dynamic_svt"
+            self.epsilon = check_positive(epsilon, "epsilon")
+            self.clip_value = None  # set by AdaptiveLossGradientClipping.on_train_begin
+        else:
+            self.mode = mode or "fixed"
+            self.epsilon = epsilon
+            self.clip_value = check_positive(clip_value, "clip_value")
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether the value is chosen during training (pure-DP releases)."""
+        return self.mode == "dynamic_svt"
 
     def call(self, inputs):
+        if self.clip_value is None:
+            # Dynamic mode before AdaptiveLossGradientClipping set a value: no
+            # clipping, and the bounds below use the loss's own constant.
+            return inputs
         return _ClipRows.apply(inputs, self.clip_value)
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def backpropagate_inputs(self, input_bound: float, gradient_bound: float) -> float:
-        """Returns `min(gradient_bound, clip_value)`."""
+        """Returns `min(gradient_bound, clip_value)` (`gradient_bound` before it is set)."""
+        if self.clip_value is None:
+            return float(gradient_bound)
         return min(float(gradient_bound), self.clip_value)
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update({"clip_value": self.clip_value})
+        config.update(
+            {
+                "clip_value": None if self.is_dynamic else self.clip_value,
+                "epsilon": self.epsilon,
+                "patience": self.patience,
+                "mode": self.mode,
+            }
+        )
         return config
