@@ -305,3 +305,47 @@ def test_dynamic_clipping_must_be_the_last_layer():
                 (6,), 4, 200, 50, ["a", "b", "c", "d"], 4, 50, 1.0
             ),
         )
+
+
+def test_remaining_deel_lipdp_names():
+    import torch
+
+    from torchdp_keras.lipschitz.pipeline import get_colorspace_function
+
+    # DP_GNP_Factory: deel-lipdp's trusted wrapper, here with the norm check.
+    padding = L.DP_GNP_Factory(keras.layers.ZeroPadding1D)(1)
+    assert type(padding).__name__ == "DP_ZeroPadding1D" and padding.propagate_inputs(2.0) == 2.0
+    x = torch.randn(3, 4, 2)
+    np.testing.assert_allclose(np.asarray(padding(x))[:, 1:-1], np.asarray(x))
+    doubling = L.DP_GNP_Factory(keras.layers.Rescaling)(2.0)
+    with pytest.raises(tdk.DPError, match="increased an example's norm"):
+        doubling(x)
+    with pytest.raises(tdk.DPConfigError, match="layer_cls=3"):
+        L.DP_GNP_Factory(3)
+    # clip_gradient: identity forward, rows of the gradient clipped to the value.
+    z = torch.randn(4, 3, requires_grad=True)
+    (g,) = torch.autograd.grad((L.clip_gradient(z, 0.5) * torch.ones(4, 3) * 3).sum(), z)
+    np.testing.assert_allclose(torch.linalg.vector_norm(g, dim=1).numpy(), 0.5, rtol=1e-6)
+    # DP_Loss: the base of the losses, for a loss of one's own.
+    assert isinstance(LL.DP_TauCategoricalCrossentropy(2.0), LL.DP_Loss)
+
+    class Half(LL.DP_Loss):
+        def call(self, y_true, y_pred):
+            return 0.5 * keras.ops.sum(keras.ops.abs(y_pred - y_true), axis=-1)
+
+        def get_L(self):
+            return 0.5 * math.sqrt(3)
+
+    model = _tiny_model()
+    model.compile(optimizer="sgd", loss=Half())
+    (first, *_) = tdk.lipschitz.compute_gradient_bounds(model).values()
+    assert first * 100 == pytest.approx(0.5 * math.sqrt(3) * 1.0)
+    with pytest.raises(NotImplementedError):
+        LL.DP_Loss().get_L()
+    rgb = np.random.default_rng(0).random((2, 3, 3, 3)).astype("float32")
+    x_yuv, y = get_colorspace_function("YUV")(rgb, "labels")
+    assert y == "labels" and x_yuv.shape == rgb.shape
+    x_gray, _ = get_colorspace_function("grayscale")(rgb, None)
+    assert x_gray.shape == (2, 3, 3, 1)
+    with pytest.raises(tdk.DPConfigError, match="colorspace='LAB'"):
+        get_colorspace_function("LAB")

@@ -21,6 +21,7 @@ from torchdp_keras.errors import DPConfigError
 
 __all__ = [
     "DP_KCosineSimilarity",
+    "DP_Loss",
     "DP_MeanAbsoluteError",
     "DP_MulticlassHKR",
     "DP_MulticlassHinge",
@@ -28,6 +29,20 @@ __all__ = [
     "DP_TauBCE",
     "DP_TauCategoricalCrossentropy",
 ]
+
+
+class DP_Loss(keras.losses.Loss):
+    """deel-lipdp's base of the losses: a Keras loss with a known Lipschitz constant.
+
+    Subclass it (or any `keras.losses.Loss` with a `get_L` method) for a loss of
+    your own: `get_L()` must bound, for every example, the norm of the
+    gradient of that example's loss (what `call` returns for it) with respect
+    to its own `y_pred`.
+    """
+
+    def get_L(self) -> float:
+        """The Lipschitz constant `L` of the per-example loss w.r.t. `y_pred`."""
+        raise NotImplementedError(f"{type(self).__name__} must define get_L()")
 
 
 def _check_non_negative(value, name: str) -> float:
@@ -49,7 +64,7 @@ def _flatten(x):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_TauCategoricalCrossentropy(keras.losses.Loss):
+class DP_TauCategoricalCrossentropy(DP_Loss):
     """Categorical cross-entropy with temperature: `CE(softmax(tau * z), y) / tau`.
 
     For labels `y` in the probability simplex (one-hot in particular), the
@@ -128,7 +143,7 @@ def _hinge_one_vs_all(y, z, min_margin):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_MulticlassHKR(keras.losses.Loss):
+class DP_MulticlassHKR(DP_Loss):
     """deel-lip's multiclass hinge-KR loss: `-KR + alpha * hinge`, per example.
 
     `hinge` is deel-lip's one-vs-all multiclass hinge, `mean_c relu(
@@ -185,7 +200,7 @@ class DP_MulticlassHKR(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_MulticlassHinge(keras.losses.Loss):
+class DP_MulticlassHinge(DP_Loss):
     """deel-lip's one-vs-all multiclass hinge: `mean_c relu(min_margin / 2 - s_c z_c)`.
 
     `s_c = +1` for the true class (labels > 0), -1 otherwise. The gradient has
@@ -222,7 +237,7 @@ class DP_MulticlassHinge(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_MulticlassKR(keras.losses.Loss):
+class DP_MulticlassKR(DP_Loss):
     """deel-lip's multiclass KR term, per example: `z_true - mean_{j != true} z_j`.
 
     See `_kr_per_example` for why the batch-normalised form of deel-lip is
@@ -251,7 +266,7 @@ class DP_MulticlassKR(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_TauBCE(keras.losses.Loss):
+class DP_TauBCE(DP_Loss):
     """Binary cross-entropy with temperature: `mean_j BCE(y_j, sigmoid(tau z_j)) / tau`.
 
     Labels in {0, 1} (or {-1, 1}, read as y > 0). The gradient w.r.t. `z_j`
@@ -292,7 +307,7 @@ class DP_TauBCE(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_KCosineSimilarity(keras.losses.Loss):
+class DP_KCosineSimilarity(DP_Loss):
     """deel-lipdp's negative cosine similarity with both norms floored at `K`.
 
     `loss = -<y / max(||y||, K), z / max(||z||, K)>` along `axis`
@@ -354,7 +369,7 @@ class DP_KCosineSimilarity(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DP_MeanAbsoluteError(keras.losses.Loss):
+class DP_MeanAbsoluteError(DP_Loss):
     """Mean absolute error over all non-batch elements: `mean_i |z_i - y_i|`.
 
     The gradient is `sign(z - y) / n` (entries in `{-1/n, 0, 1/n}` for `n`

@@ -28,6 +28,7 @@ __all__ = [
     "bound_clip_value",
     "bound_normalize",
     "default_delta_value",
+    "get_colorspace_function",
     "load_and_prepare_data",
     "load_and_prepare_images_data",
     "prepare_tabular_data",
@@ -155,6 +156,34 @@ def _colorspace(x: np.ndarray, space: str) -> np.ndarray:
     if space == "HSV":
         return _rgb_to_hsv(x)
     return (x @ _RGB_TO[space]).astype(x.dtype)
+
+
+def get_colorspace_function(colorspace: str | None) -> Callable:
+    """deel-lipdp's colorspace map `(x, y) -> (x in that colorspace, y)` for RGB in [0, 1].
+
+    Args:
+        colorspace: None or "RGB" (unchanged), "HSV", "YIQ", "YUV",
+            "RGB_STANDARDIZED" (CIFAR-10's mean and std) or "GRAYSCALE"
+            (luma, one channel).
+
+    Raises:
+        DPConfigError: another colorspace.
+    """
+    space = None if colorspace is None else str(colorspace).upper()
+    if space in (None, "RGB"):
+        return lambda x, y: (x, y)
+    if space in ("HSV", "YIQ", "YUV"):
+        return lambda x, y: (_colorspace(np.asarray(x), space), y)
+    if space == "RGB_STANDARDIZED":
+        mean, std = _STANDARD["cifar10"]
+        return lambda x, y: (((np.asarray(x) - mean) / std).astype(np.asarray(x).dtype), y)
+    if space == "GRAYSCALE":
+        weights = np.array([0.2989, 0.5870, 0.1140])
+        return lambda x, y: ((np.asarray(x) @ weights)[..., None].astype(np.asarray(x).dtype), y)
+    raise DPConfigError(
+        "Expected colorspace None, 'RGB', 'HSV', 'YIQ', 'YUV', 'RGB_STANDARDIZED' or "
+        f"'GRAYSCALE'. Received: colorspace={colorspace!r}"
+    )
 
 
 _IMAGE_DATASETS = {

@@ -4,7 +4,7 @@ from torchdp_keras.lipschitz.layers.activations import DP_FullSort, DP_GroupSort
 from torchdp_keras.lipschitz.layers.base import DPLayer
 from torchdp_keras.lipschitz.layers.bias import DP_AddBias, DP_LayerCentering
 from torchdp_keras.lipschitz.layers.bounded import DP_BoundedInput
-from torchdp_keras.lipschitz.layers.clipping import DP_ClipGradient
+from torchdp_keras.lipschitz.layers.clipping import DP_ClipGradient, clip_gradient
 from torchdp_keras.lipschitz.layers.pooling import (
     DP_MaxPool2D,
     DP_ScaledGlobalL2NormPooling2D,
@@ -18,6 +18,7 @@ from torchdp_keras.lipschitz.layers.quick import (
 )
 from torchdp_keras.lipschitz.layers.reshaping import (
     DP_Flatten,
+    DP_GNP_Factory,
     DP_InputLayer,
     DP_Lambda,
     DP_Permute,
@@ -42,6 +43,7 @@ __all__ = [
     "DP_ClipGradient",
     "DP_Flatten",
     "DP_FullSort",
+    "DP_GNP_Factory",
     "DP_GroupSort",
     "DP_InputLayer",
     "DP_Lambda",
@@ -61,6 +63,7 @@ __all__ = [
     "DP_SpectralConv2D",
     "DP_SpectralDense",
     "DP_WrappedResidual",
+    "clip_gradient",
     "make_residuals",
     "spectral_projection",
 ]

@@ -9,7 +9,7 @@ from torchdp_keras._validation import check_int, check_positive
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.lipschitz.layers.base import NormPreservingDPLayer
 
-__all__ = ["DP_ClipGradient"]
+__all__ = ["DP_ClipGradient", "clip_gradient"]
 
 
 class _ClipRows(torch.autograd.Function):
@@ -31,6 +31,11 @@ class _ClipRows(torch.autograd.Function):
         norms = torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-30)
         factors = (ctx.clip / norms).clamp(max=1.0).to(grad.dtype)
         return grad * factors.view(-1, *[1] * (grad.ndim - 1)), None
+
+
+def clip_gradient(x, clip_value: float):
+    """deel-lipdp's `clip_gradient`: identity forward, each example's gradient clipped backward."""
+    return _ClipRows.apply(x, check_positive(clip_value, "clip_value"))
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")

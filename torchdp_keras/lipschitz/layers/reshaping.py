@@ -5,10 +5,17 @@ from __future__ import annotations
 import keras
 import torch
 
-from torchdp_keras.errors import DPError
+from torchdp_keras.errors import DPConfigError, DPError
 from torchdp_keras.lipschitz.layers.base import NormPreservingDPLayer
 
-__all__ = ["DP_Flatten", "DP_InputLayer", "DP_Lambda", "DP_Permute", "DP_Reshape"]
+__all__ = [
+    "DP_Flatten",
+    "DP_GNP_Factory",
+    "DP_InputLayer",
+    "DP_Lambda",
+    "DP_Permute",
+    "DP_Reshape",
+]
 
 
 class _IdentityBoundsMixin(NormPreservingDPLayer):
@@ -45,6 +52,52 @@ class DP_InputLayer(keras.layers.InputLayer, _IdentityBoundsMixin):
     """`keras.layers.InputLayer` (deel-lipdp's `DP_InputLayer`): the identity."""
 
 
+def _check_norms(layer, inputs, outputs):
+    """Raises if `layer` made an example's norm larger (not under torch.func transforms)."""
+    # Under torch.func transforms (per-example diagnostics) a data-dependent
+    # check cannot run; every training step of a Lipschitz model runs it.
+    if (
+        isinstance(inputs, torch.Tensor)
+        and isinstance(outputs, torch.Tensor)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(inputs)
+    ):
+        before = torch.linalg.vector_norm(inputs.reshape(inputs.shape[0], -1), dim=1)
+        after = torch.linalg.vector_norm(outputs.reshape(outputs.shape[0], -1), dim=1)
+        if bool((after > before * (1 + 1e-5) + 1e-6).any()):
+            raise DPError(
+                f"{type(layer).__name__} '{layer.name}': the layer increased an example's norm "
+                f"({float((after - before).max()):.6g} more), so the gradient bounds "
+                "computed for the model no longer hold. Use a norm-preserving function."
+            )
+
+
+def DP_GNP_Factory(layer_cls):  # noqa: N802 (deel-lipdp's name)
+    """deel-lipdp's factory: a weightless Keras layer class as a DP layer of identity bounds.
+
+    deel-lipdp trusts the layer to be gradient-norm preserving. The bounds
+    here need it to act on each example alone, be 1-Lipschitz and never
+    increase an example's norm; the last is checked on every call (a
+    `DPError` otherwise), the first two remain yours to ensure.
+
+    Args:
+        layer_cls: A `keras.layers.Layer` subclass without weights.
+
+    Returns:
+        The class `DP_<name>`.
+    """
+    if not (isinstance(layer_cls, type) and issubclass(layer_cls, keras.layers.Layer)):
+        raise DPConfigError(
+            f"Expected a keras.layers.Layer subclass. Received: layer_cls={layer_cls!r}"
+        )
+
+    def call(self, *args, **kwargs):
+        outputs = layer_cls.call(self, *args, **kwargs)
+        _check_norms(self, args[0] if args else None, outputs)
+        return outputs
+
+    return type(f"DP_{layer_cls.__name__}", (layer_cls, _IdentityBoundsMixin), {"call": call})
+
+
 @keras.saving.register_keras_serializable(package="torchdp_keras")
 class DP_Lambda(keras.layers.Lambda, _IdentityBoundsMixin):
     """`keras.layers.Lambda(function)` that the bounds treat as the identity (deel-lipdp's).
@@ -66,19 +119,5 @@ class DP_Lambda(keras.layers.Lambda, _IdentityBoundsMixin):
 
     def call(self, inputs, mask=None, training=None):
         outputs = super().call(inputs, mask=mask, training=training)
-        # Under torch.func transforms (per-example diagnostics) a data-dependent
-        # check cannot run; every training step of a Lipschitz model runs it.
-        if (
-            isinstance(inputs, torch.Tensor)
-            and isinstance(outputs, torch.Tensor)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(inputs)
-        ):
-            before = torch.linalg.vector_norm(inputs.reshape(inputs.shape[0], -1), dim=1)
-            after = torch.linalg.vector_norm(outputs.reshape(outputs.shape[0], -1), dim=1)
-            if bool((after > before * (1 + 1e-5) + 1e-6).any()):
-                raise DPError(
-                    f"DP_Lambda '{self.name}': the function increased an example's norm "
-                    f"({float((after - before).max()):.6g} more), so the gradient bounds "
-                    "computed for the model no longer hold. Use a norm-preserving function."
-                )
+        _check_norms(self, inputs, outputs)
         return outputs
