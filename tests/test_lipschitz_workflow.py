@@ -349,3 +349,17 @@ def test_remaining_deel_lipdp_names():
     assert x_gray.shape == (2, 3, 3, 1)
     with pytest.raises(tdk.DPConfigError, match="colorspace='LAB'"):
         get_colorspace_function("LAB")
+
+
+def test_adbench_loader_reads_a_local_copy(tmp_path):
+    from torchdp_keras.lipschitz.pipeline import load_adbench_data
+
+    folder = tmp_path / "datasets" / "Classical"
+    folder.mkdir(parents=True)
+    x = np.random.default_rng(0).normal(size=(30, 4)) * 3 + 1
+    np.savez(folder / "toy.npz", X=x, y=np.arange(30) % 2)
+    features, labels = load_adbench_data("toy", str(tmp_path))
+    np.testing.assert_allclose(features, (x - x.mean()) / x.std())
+    assert labels.shape == (30,)
+    with pytest.raises(tdk.DPConfigError, match="redownload=True"):
+        load_adbench_data("toy", str(tmp_path), redownload=True)

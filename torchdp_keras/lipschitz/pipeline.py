@@ -29,6 +29,7 @@ __all__ = [
     "bound_normalize",
     "default_delta_value",
     "get_colorspace_function",
+    "load_adbench_data",
     "load_and_prepare_data",
     "load_and_prepare_images_data",
     "prepare_tabular_data",
@@ -295,6 +296,38 @@ def load_and_prepare_images_data(
 
 load_and_prepare_data = load_and_prepare_images_data
 """deel-lipdp's earlier name of `load_and_prepare_images_data` (its tutorial uses it)."""
+
+
+def load_adbench_data(
+    dataset_name: str, dataset_dir: str, standardize: bool = True, redownload: bool = False
+):
+    """deel-lipdp's ADBench loader from a local copy: `(X, y)` of one Classical `.npz`.
+
+    The file is `{dataset_dir}/datasets/Classical/{dataset_name}.npz`.
+
+    Args:
+        dataset_name: The file's name without `.npz`.
+        dataset_dir: The folder holding `datasets/Classical/`.
+        standardize: Subtract the mean and divide by the std of all features
+            (deel-lipdp's global standardisation).
+        redownload: deel-lipdp downloads the files from GitHub; here only
+            False is accepted (nothing is downloaded).
+
+    Raises:
+        DPConfigError: `redownload=True`.
+    """
+    if redownload:
+        raise DPConfigError(
+            "Expected redownload=False: this package downloads nothing; put ADBench's "
+            "Classical/*.npz files under dataset_dir/datasets/Classical/. Received: "
+            "redownload=True"
+        )
+    path = f"{dataset_dir}/datasets/Classical/{dataset_name}.npz"
+    with np.load(path, allow_pickle=False) as data:
+        x_data, y_data = data["X"], data["y"]
+    if standardize:
+        x_data = (x_data - x_data.mean()) / x_data.std()
+    return x_data, y_data
 
 
 def prepare_tabular_data(
