@@ -320,12 +320,15 @@ class RDPAccountant(Accountant):
         events = self._grouped_history()
         if not events and not self._pure:
             return 0.0, math.nan
-        if any(sigma == 0 for sigma, _, _ in events):
-            return math.inf, math.nan
         return rdp_to_epsilon(self.get_rdp(), self.orders, delta, self.conversion)
 
     def get_epsilon(self, delta: float) -> float:
         """The epsilon of everything composed so far (pure-DP mechanisms included)."""
+        if not self._pure:
+            return super().get_epsilon(delta)
+        delta = check_delta(delta)
+        if any(sigma == 0 for sigma, _, _ in self._grouped_history()):
+            return math.inf
         return float(self.get_epsilon_and_order(delta)[0])
 
     def state_dict(self) -> dict:
