@@ -363,3 +363,33 @@ def test_adbench_loader_reads_a_local_copy(tmp_path):
     assert labels.shape == (30,)
     with pytest.raises(tdk.DPConfigError, match="redownload=True"):
         load_adbench_data("toy", str(tmp_path), redownload=True)
+
+
+def test_private_clip_value_noise_scales_give_epsilon_dp():
+    """Each noise term at the scale AboveThreshold needs (sensitivity: one grid step).
+
+    Half the epsilon releases the threshold's query (Laplace, scale step / (eps/2));
+    the other half runs AboveThreshold (threshold noise 2 step / (eps/2), query noise
+    4 step / (eps/2); Dwork and Roth, Algorithm 1).
+    """
+    from torchdp_keras.lipschitz.dynamic import GRID_POINTS, private_clip_value
+
+    class Recording:
+        def __init__(self):
+            self.scales = []
+
+        def laplace(self, scale, size=None):
+            self.scales.append((scale, size))
+            return np.zeros(size) if size is not None else 0.0
+
+        def integers(self, low, high):
+            return low
+
+    rng = Recording()
+    upper, epsilon = 1.5, 0.8
+    private_clip_value(np.array([0.2, 0.9, 1.4]), upper, epsilon, rng)
+    step = upper / (GRID_POINTS - 1)
+    half = epsilon / 2
+    assert [s for s, _ in rng.scales] == pytest.approx([step / half, 2 * step / half,
+                                                        4 * step / half])
+    assert rng.scales[2][1] == GRID_POINTS  # one noise draw per query
