@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 import pytest
+import torch
 
 import torchdp_keras as tdk
 from torchdp_keras.lipschitz import DP_Sequential, DPParameters, get_eps_delta
@@ -40,8 +41,8 @@ def test_image_pipeline_bounds_every_example_and_describes_it(mnist_path):
     assert plain.max_norm == pytest.approx(28.0)  # sqrt(28 * 28 * 1): pixels in [0, 1]
     with pytest.raises(tdk.DPConfigError, match="colorspace='HSV' with 1 channel"):
         load_and_prepare_images_data("mnist", colorspace="HSV", path=mnist_path)
-    with pytest.raises(tdk.DPConfigError, match="multiplicity=2"):
-        load_and_prepare_images_data("mnist", multiplicity=2, path=mnist_path)
+    with pytest.raises(tdk.DPConfigError, match="multiplicity=-1"):
+        load_and_prepare_images_data("mnist", multiplicity=-1, path=mnist_path)
     with pytest.raises(tdk.DPConfigError, match="dataset_name='svhn'"):
         load_and_prepare_images_data("svhn")
 
@@ -308,8 +309,6 @@ def test_dynamic_clipping_must_be_the_last_layer():
 
 
 def test_remaining_deel_lipdp_names():
-    import torch
-
     from torchdp_keras.lipschitz.pipeline import get_colorspace_function
 
     # DP_GNP_Factory: deel-lipdp's trusted wrapper, here with the norm check.
@@ -393,3 +392,75 @@ def test_private_clip_value_noise_scales_give_epsilon_dp():
     assert [s for s, _ in rng.scales] == pytest.approx([step / half, 2 * step / half,
                                                         4 * step / half])
     assert rng.scales[2][1] == GRID_POINTS  # one noise draw per query
+
+
+# -- augmentation multiplicity -----------------------------------------------------------
+def test_augmult_views_of_one_image():
+    from torchdp_keras.lipschitz.augmult import (
+        AugmultConfig,
+        apply_augmult,
+        default_augmult_config,
+        padding_input,
+    )
+
+    image = np.arange(4 * 4 * 1, dtype=np.float32).reshape(4, 4, 1)
+    padded = padding_input(image, 2)
+    assert padded.shape == (8, 8, 1)
+    np.testing.assert_array_equal(padded[2:6, 2:6], image)
+    np.testing.assert_array_equal(padded[:2, 2:6], image[:2][::-1])  # mirrored border
+    rng = np.random.default_rng(0)
+    views, labels = apply_augmult(image, 3, augmult=5, random_flip=True, random_crop=True,
+                                  random_color=False, crop_size=(4, 4, 1), pad=2, rng=rng)
+    assert views.shape == (5, 4, 4, 1) and labels.tolist() == [3] * 5
+    assert len({v.tobytes() for v in views}) > 1  # random crops and flips differ
+    for view in views:  # every view is a window of the padded image, maybe flipped
+        windows = [padded[i : i + 4, j : j + 4] for i in range(5) for j in range(5)]
+        assert any(np.array_equal(view, w) or np.array_equal(view, w[:, ::-1]) for w in windows)
+    same, _ = apply_augmult(image, 0, augmult=0, random_flip=True, random_crop=True,
+                            random_color=False, crop_size=(4, 4, 1), pad=4)
+    np.testing.assert_array_equal(same[0], image)
+    config = default_augmult_config(2)
+    assert config == AugmultConfig(augmult=2, random_crop=True, random_flip=True,
+                                   random_color=False, pad=4)
+    colour = np.random.default_rng(1).random((6, 6, 3)).astype("float32")
+    jittered, _ = AugmultConfig(1, False, False, True).apply(colour, 0, crop_size=(6, 6, 3),
+                                                             rng=rng)
+    assert jittered.shape == (1, 6, 6, 3) and not np.allclose(jittered[0], colour)
+
+
+def test_augmult_loader_weighs_an_example_s_views_as_one_example(mnist_path):
+    ds_train, _, meta = load_and_prepare_images_data(
+        "mnist", batch_size=64, bound_fct=bound_clip_value(5.0), multiplicity=3,
+        path=mnist_path, seed=0,
+    )
+    from torchdp_keras.data.loader import unpack_poisson_batch
+
+    x, y, weights, mask = unpack_poisson_batch(ds_train[0])
+    assert len(x) == len(mask) == len(weights) and len(x) % 3 == 0
+    real = mask > 0
+    np.testing.assert_allclose(weights[real], 1 / 3)
+    assert (weights[~real] == 0).all()
+    assert np.linalg.norm(x.reshape(len(x), -1), axis=1).max() <= 5.0 * (1 + 1e-6)
+    assert meta.batch_size == 64 and ds_train.expected_batch_size == 64  # examples, not views
+    model = DP_Sequential(
+        [keras.Input((28, 28, 1)), L.DP_BoundedInput(upper_bound=5.0), L.DP_Flatten(),
+         L.DP_SpectralDense(10)],
+        dp_parameters=DPParameters("global", 1.5, 1e-5), dataset_metadata=meta,
+    )
+    model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
+    # One example's three views, weighted 1/3: its gradient is within the example's bound.
+    first = np.flatnonzero(real)[:3]
+    trainable, grads, *_ = model._summed_loss_gradients(
+        x[first], y[first], None, torch.as_tensor(weights[first])
+    )
+    bounds = tdk.lipschitz.compute_gradient_bounds(model)
+    for variable, g in zip(trainable, grads):
+        norm = float(np.linalg.norm(keras.ops.convert_to_numpy(g)))
+        assert norm <= bounds[variable.path] * meta.batch_size * (1 + 1e-5)
+    ds_train.updates_per_epoch = 2
+    model.fit(ds_train, epochs=1, verbose=0)
+    hand = tdk.PRVAccountant()
+    hand.compose(1.5, 64 / meta.nb_samples_train, 2)
+    assert model.get_epsilon() == pytest.approx(hand.get_epsilon(1e-5))
+    with pytest.raises(tdk.DPConfigError, match=r"sample weights in \[0, 1\]"):
+        model.train_on_batch(x[:4], y[:4], sample_weight=np.full(4, 2.0, "float32"))

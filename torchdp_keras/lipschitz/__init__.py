@@ -11,7 +11,7 @@ from torchdp_keras._backend import check_torch_backend
 
 check_torch_backend()
 
-from torchdp_keras.lipschitz import layers, losses, pipeline, sensitivity  # noqa: E402
+from torchdp_keras.lipschitz import augmult, layers, losses, pipeline, sensitivity  # noqa: E402
 from torchdp_keras.lipschitz.layers import *  # noqa: E402,F401,F403
 from torchdp_keras.lipschitz.losses import *  # noqa: E402,F401,F403
 from torchdp_keras.lipschitz.model import (  # noqa: E402
@@ -34,6 +34,7 @@ from torchdp_keras.lipschitz.model import (  # noqa: E402
 
 __all__ = [
     "AdaptiveLossGradientClipping",
+    "augmult",
     "DP_Accountant",
     "DP_Model",
     "DP_Sequential",

@@ -570,15 +570,22 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             raise DPConfigError(
                 "Received a PrivateDataLoader batch outside fit(): pass the loader to fit()."
             )
+        weights = None
         if sample_weight is not None:
-            raise DPConfigError(
-                "Expected sample_weight=None: weights would scale an example's gradient "
-                "beyond the bound the noise is calibrated to."
-            )
+            # Weights in [0, 1] only shrink an example's gradient (an AugmultLoader
+            # gives each of an example's m views 1/m: together, one example).
+            weights = torch.as_tensor(keras.ops.convert_to_tensor(sample_weight)).reshape(-1)
+            if not bool(((weights >= 0) & (weights <= 1)).all()):
+                raise DPConfigError(
+                    "Expected sample weights in [0, 1]: a larger weight would scale an "
+                    "example's gradient beyond the bound the noise is calibrated to. "
+                    f"Received: sample weights in [{float(weights.min())}, "
+                    f"{float(weights.max())}]"
+                )
         keep = None if mask is None else keras.ops.convert_to_tensor(mask) > 0
         strategy = self.dp_parameters.noisify_strategy
         _check_strategy(strategy)
-        trainable, grads, y_pred, total, batch = self._summed_loss_gradients(x, y, keep)
+        trainable, grads, y_pred, total, batch = self._summed_loss_gradients(x, y, keep, weights)
         # deel-lipdp's convention: the gradient of the loss summed over the batch
         # and divided by the planned batch size B, whose per-example bounds are
         # compute_gradient_bounds' C_l / B, noised as deel-lipdp noises it; then
@@ -598,7 +605,10 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             logger.info("torchdp_keras.lipschitz: step %d, gradient bounds %s",
                         self.dp_steps, bounds)
         real = batch if mask is None else int(keep.sum())
-        self._loss_tracker.update_state(total.detach() / max(1, real), sample_weight=real)
+        counted = real
+        if weights is not None:  # examples, not rows (augmented views weigh 1/m each)
+            counted = float(weights.sum() if keep is None else weights[keep.cpu()].sum())
+        self._loss_tracker.update_state(total.detach() / max(1e-12, counted), sample_weight=counted)
         if mask is not None:
             if real == 0:
                 return self.get_metrics_result()
@@ -639,8 +649,9 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         return plain
 
     # -- diagnostics (deel-lipdp) ------------------------------------------------------
-    def _summed_loss_gradients(self, x, y, keep=None):
-        """Gradients of the summed per-example loss (rows where `keep` is False left out).
+    def _summed_loss_gradients(self, x, y, keep=None, weights=None):
+        """Gradients of the summed per-example loss (rows where `keep` is False left out,
+        each row's loss times its weight in [0, 1] when `weights` is given).
 
         Returns:
             `(trainable, grads, y_pred, total, batch)`; a weight the loss does not
@@ -651,6 +662,8 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             y_pred = self(x, training=True)
             losses = self._dp_loss.call(keras.ops.convert_to_tensor(y, dtype=y_pred.dtype), y_pred)
             losses = losses.reshape(losses.shape[0], -1).sum(1)
+            if weights is not None:
+                losses = losses * weights.to(device=losses.device, dtype=losses.dtype)
             if keep is not None:
                 losses = torch.where(keep, losses, torch.zeros_like(losses))
             total = losses.sum()

@@ -103,16 +103,23 @@ class _Batches(keras.utils.PyDataset):
 
 
 def _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder, classes,
-             class_names, seed):
+             class_names, seed, multiplicity=0):
     from torchdp_keras.data import PrivateDataLoader
 
     batch_size = check_int(batch_size, "batch_size")
     bound, max_norm = bound_fct
-    x_train, y_train = bound(x_train, y_train)
     x_test, y_test = bound(x_test, y_test)
     n = len(x_train)
     steps = n // batch_size if drop_remainder else math.ceil(n / batch_size)
-    loader = PrivateDataLoader(x_train, y_train, batch_size=batch_size, seed=seed)
+    if multiplicity:
+        from torchdp_keras.lipschitz.augmult import AugmultLoader, default_augmult_config
+
+        # The views are bounded, after augmentation (deel-lipdp's order).
+        loader = AugmultLoader(x_train, y_train, batch_size,
+                               default_augmult_config(multiplicity), bound, seed=seed)
+    else:
+        x_train, y_train = bound(x_train, y_train)
+        loader = PrivateDataLoader(x_train, y_train, batch_size=batch_size, seed=seed)
     metadata = DatasetMetadata(
         input_shape=tuple(x_train.shape[1:]),
         nb_classes=classes,
@@ -226,8 +233,10 @@ def load_and_prepare_images_data(
         bound_fct: `bound_clip_value(v)`, `bound_normalize()` or None.
         drop_remainder: The steps per epoch: `n // batch_size` (True) or
             rounded up.
-        multiplicity: deel-lipdp's augmentation multiplicity; only 0 (no
-            augmentation) is available.
+        multiplicity: deel-lipdp's augmentation multiplicity: 0 (none) or
+            the number of augmented views (mirror-padded random crops and
+            flips) of each example in a batch, each weighing `1 / multiplicity`
+            (`torchdp_keras.lipschitz.augmult`).
         path: An `.npz` in keras layout (`x_train`, `y_train`, `x_test`,
             `y_test`) to read instead of downloading.
         seed: Seed of the Poisson sampler (None: OS entropy).
@@ -239,12 +248,7 @@ def load_and_prepare_images_data(
     Raises:
         DPConfigError: an unknown dataset or colorspace, or augmentation.
     """
-    if multiplicity:
-        raise DPConfigError(
-            "Expected multiplicity=0: augmentation multiplicity (several views of an "
-            "example in one batch) is not available here. Received: "
-            f"multiplicity={multiplicity!r}"
-        )
+    multiplicity = check_int(multiplicity, "multiplicity", minimum=0)
     if path is not None:
         with np.load(path) as data:
             x_train, y_train = data["x_train"], data["y_train"]
@@ -291,7 +295,7 @@ def load_and_prepare_images_data(
     y_train = np.eye(classes, dtype="float32")[y_train]
     y_test = np.eye(classes, dtype="float32")[y_test]
     return _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder,
-                    classes, [str(i) for i in range(classes)], seed)
+                    classes, [str(i) for i in range(classes)], seed, multiplicity)
 
 
 load_and_prepare_data = load_and_prepare_images_data
