@@ -183,7 +183,7 @@ def get_colorspace_function(colorspace: str | None) -> Callable:
     if space in ("HSV", "YIQ", "YUV"):
         return lambda x, y: (_colorspace(np.asarray(x), space), y)
     if space == "RGB_STANDARDIZED":
-        mean, std = _STANDARD["cifar10"]
+        mean, std = _CIFAR10_MEAN_STD
         return lambda x, y: (((np.asarray(x) - mean) / std).astype(np.asarray(x).dtype), y)
     if space == "GRAYSCALE":
         weights = np.array([0.2989, 0.5870, 0.1140])
@@ -199,9 +199,8 @@ _IMAGE_DATASETS = {
     "fashion_mnist": keras.datasets.fashion_mnist,
     "cifar10": keras.datasets.cifar10,
 }
-_STANDARD = {
-    "cifar10": (np.array([0.4914, 0.4822, 0.4465]), np.array([0.2023, 0.1994, 0.2010])),
-}
+# deel-lipdp's RGB_STANDARDIZED: CIFAR-10's per-channel mean and standard deviation.
+_CIFAR10_MEAN_STD = (np.array([0.4914, 0.4822, 0.4465]), np.array([0.2023, 0.1994, 0.2010]))
 
 
 def load_and_prepare_images_data(
@@ -265,23 +264,16 @@ def load_and_prepare_images_data(
         x_train, x_test = x_train[..., None], x_test[..., None]
     channels = x_train.shape[-1]
     space = None if colorspace is None else str(colorspace).upper()
-    if space == "RGB_STANDARDIZED":
-        if dataset_name not in _STANDARD:
-            raise DPConfigError(
-                f"Expected colorspace='RGB_STANDARDIZED' only for cifar10. Received: "
-                f"dataset_name={dataset_name!r}"
-            )
-        mean, std = _STANDARD[dataset_name]
-        x_train, x_test = ((a - mean) / std for a in (x_train, x_test))
-        x_train, x_test = x_train.astype("float32"), x_test.astype("float32")
-    elif space in ("HSV", "YIQ", "YUV") and channels == 3:
-        x_train, x_test = (_colorspace(a, space) for a in (x_train, x_test))
-    elif space not in (None, "RGB", "GRAYSCALE") or (space == "GRAYSCALE" and channels != 1):
+    if channels == 1 and space == "GRAYSCALE":
+        space = None  # already grayscale (deel-lipdp: the only colorspace for such images)
+    elif channels != 3 and space not in (None, "RGB"):
         raise DPConfigError(
-            "Expected colorspace 'RGB', None, 'RGB_STANDARDIZED', 'HSV', 'YIQ', 'YUV' (for "
-            "3-channel images) or 'grayscale' (for single-channel images). Received: "
-            f"colorspace={colorspace!r} with {channels} channel(s)"
+            "Expected colorspace 'RGB', None or 'grayscale' for single-channel images "
+            f"(the others convert RGB). Received: colorspace={colorspace!r} with "
+            f"{channels} channel(s)"
         )
+    convert = get_colorspace_function(space)
+    (x_train, _), (x_test, _) = convert(x_train, None), convert(x_test, None)
     if bound_fct is None:
         if space in ("RGB_STANDARDIZED", "YIQ", "YUV"):
             raise DPConfigError(
