@@ -270,6 +270,17 @@ def test_declined_options_of_other_layers_are_named():
     first.build((None, 4, 8, 8))
     assert "data_format='channels_first'" in registry.explain(first)[1]
     assert registry.explain(layers.Dense(2))[1] is None
+    from torchdp_keras.per_example.rules.conv import ConvRule, SeparableConvRule
+
+    narrow = tdk.LayerRegistry()
+    narrow.insert(layers.Conv2D, ConvRule(max_patch_size=10))
+    narrow.insert(layers.SeparableConv2D, SeparableConvRule(max_patch_size=10))
+    conv = layers.Conv2D(4, 3)
+    conv.build((None, 8, 8, 2))  # 3 * 3 * 2 = 18 > 10
+    assert "patch width 18 over the rule's max_patch_size=10" in narrow.explain(conv)[1]
+    separable = layers.SeparableConv2D(4, 3)
+    separable.build((None, 8, 8, 2))
+    assert "patch width 18" in narrow.explain(separable)[1]
 
 
 def test_recurrent_rule_forward_equals_keras(float64):

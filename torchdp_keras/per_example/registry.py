@@ -127,38 +127,23 @@ def make_default_layer_registry() -> LayerRegistry:
     clipping_mode="auto", which logs it.
     """
     registry = LayerRegistry()
-    registry.insert(keras.layers.Dense, DenseRule())
-    registry.insert(keras.layers.Embedding, EmbeddingRule())
-    conv = ConvRule()
-    for layer_class in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
-        registry.insert(layer_class, conv)
-    depthwise = DepthwiseConvRule()
-    for layer_class in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
-        registry.insert(layer_class, depthwise)
-    transpose = ConvTransposeRule()
-    for layer_class in (
-        keras.layers.Conv1DTranspose,
-        keras.layers.Conv2DTranspose,
-        keras.layers.Conv3DTranspose,
-    ):
-        registry.insert(layer_class, transpose)
-    separable = SeparableConvRule()
-    for layer_class in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
-        registry.insert(layer_class, separable)
     recurrent = RecurrentRule()
-    for layer_class in (
-        keras.layers.RNN,
-        keras.layers.SimpleRNN,
-        keras.layers.GRU,
-        keras.layers.LSTM,
-    ):
-        registry.insert(layer_class, recurrent)
-    registry.insert(keras.layers.Bidirectional, BidirectionalRule(recurrent))
-    registry.insert(keras.layers.EinsumDense, EinsumDenseRule())
-    normalization = NormalizationRule()
-    registry.insert(keras.layers.LayerNormalization, normalization)
-    registry.insert(keras.layers.GroupNormalization, normalization)
-    registry.insert(keras.layers.RMSNormalization, normalization)
+    # One rule instance per family, shared by the family's classes.
+    families = [
+        (DenseRule(), ("Dense",)),
+        (EmbeddingRule(), ("Embedding",)),
+        (ConvRule(), ("Conv1D", "Conv2D", "Conv3D")),
+        (DepthwiseConvRule(), ("DepthwiseConv1D", "DepthwiseConv2D")),
+        (ConvTransposeRule(), ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")),
+        (SeparableConvRule(), ("SeparableConv1D", "SeparableConv2D")),
+        (recurrent, ("RNN", "SimpleRNN", "GRU", "LSTM")),
+        (BidirectionalRule(recurrent), ("Bidirectional",)),
+        (EinsumDenseRule(), ("EinsumDense",)),
+        (NormalizationRule(), ("LayerNormalization", "GroupNormalization", "RMSNormalization")),
+    ]
+    for rule, names in families:
+        for name in names:
+            registry.insert(getattr(keras.layers, name), rule)
     registry.insert(keras.layers.MultiHeadAttention, SublayerRule())
     reversible = getattr(keras.layers, "ReversibleEmbedding", None)  # Keras >= 3.12
     if reversible is not None:

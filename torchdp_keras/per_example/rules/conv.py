@@ -112,11 +112,15 @@ def _kernel_reason(layer, max_patch_size: int | None) -> str | None:
         return "LoRA-enabled convolution"
     reason = option_reason(layer, paddings=_PADDINGS, channels_last=True)
     reason = reason or weights_reason(layer, {"kernel": kernel, "bias": layer.bias})
-    if reason is None and max_patch_size is not None:
-        width = math.prod(kernel.shape[:-1])
-        if width > max_patch_size:
-            reason = f"patch width {width} over the rule's max_patch_size={max_patch_size}"
-    return reason
+    return reason or _width_reason(kernel, max_patch_size)
+
+
+def _width_reason(kernel, max_patch_size: int | None) -> str | None:
+    """Why a kernel is too wide for `max_patch_size` (None: no limit), or None."""
+    width = math.prod(kernel.shape[:-1])
+    if max_patch_size is not None and width > max_patch_size:
+        return f"patch width {width} over the rule's max_patch_size={max_patch_size}"
+    return None
 
 
 def _convolve(layer, inputs, kernel, groups):
@@ -322,11 +326,7 @@ class SeparableConvRule(DepthwiseConvRule):
                 "bias": layer.bias,
             },
         )
-        if reason is None and self.max_patch_size is not None:
-            width = math.prod(layer.depthwise_kernel.shape[:-1])
-            if width > self.max_patch_size:
-                reason = f"patch width {width} over the rule's max_patch_size={self.max_patch_size}"
-        return reason
+        return reason or _width_reason(layer.depthwise_kernel, self.max_patch_size)
 
     @staticmethod
     def _pointwise(layer, dtype):
