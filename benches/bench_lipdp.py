@@ -48,14 +48,16 @@ def convnet_layers(upper_bound: float = 20.0) -> list:
     """deel-lipdp's MNIST ConvNet (`create_ConvNet`, without DP_ClipGradient)."""
     return [
         L.DP_BoundedInput(input_shape=(28, 28, 1), upper_bound=upper_bound),
-        L.DP_SpectralConv2D(filters=16, kernel_size=3, kernel_initializer="orthogonal",
-                            strides=1, use_bias=False),
+        L.DP_SpectralConv2D(
+            filters=16, kernel_size=3, kernel_initializer="orthogonal", strides=1, use_bias=False
+        ),
         L.DP_AddBias(norm_max=1),
         L.DP_GroupSort(2),
         L.DP_ScaledL2NormPooling2D(pool_size=2, strides=2),
         L.DP_LayerCentering(),
-        L.DP_SpectralConv2D(filters=32, kernel_size=3, kernel_initializer="orthogonal",
-                            strides=1, use_bias=False),
+        L.DP_SpectralConv2D(
+            filters=32, kernel_size=3, kernel_initializer="orthogonal", strides=1, use_bias=False
+        ),
         L.DP_AddBias(norm_max=1),
         L.DP_GroupSort(2),
         L.DP_ScaledL2NormPooling2D(pool_size=2, strides=2),
@@ -84,16 +86,19 @@ def main(argv=None) -> dict:
         convnet_layers(),
         dp_parameters=DPParameters("per-layer", 2.0, 1e-5),
         dataset_metadata=DatasetMetadata(
-            input_shape=(28, 28, 1), nb_classes=10, nb_samples_train=n, nb_samples_test=10000,
-            class_names=[str(i) for i in range(10)], nb_steps_per_epochs=n / batch,
-            batch_size=batch, max_norm=20.0,
+            input_shape=(28, 28, 1),
+            nb_classes=10,
+            nb_samples_train=n,
+            nb_samples_test=10000,
+            class_names=[str(i) for i in range(10)],
+            nb_steps_per_epochs=n / batch,
+            batch_size=batch,
+            max_norm=20.0,
         ),
     )
     loss = DP_TauCategoricalCrossentropy(tau=8.0)
     dp.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
-    plain = keras.Sequential(
-        [type(layer).from_config(layer.get_config()) for layer in dp.layers]
-    )
+    plain = keras.Sequential([type(layer).from_config(layer.get_config()) for layer in dp.layers])
     plain.build((None, 28, 28, 1))
     plain.set_weights(dp.get_weights())
     plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
@@ -103,9 +108,7 @@ def main(argv=None) -> dict:
     }
     summary = summarize(interleaved(steps, args.steps, args.warmup), "plain Keras")
     print_table(f"deel-lipdp MNIST ConvNet, batch {batch}", summary, "plain Keras")
-    return finish(
-        summary, "DP_Sequential (per-layer)", args.max_ratio, "the DP step", args.json
-    )
+    return finish(summary, "DP_Sequential (per-layer)", args.max_ratio, "the DP step", args.json)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,11 @@ def main(argv=None) -> int:
 
         with open(args.json, "w") as f:
             json.dump(
-                {"package": [list(theirs), their_time], "ours": [list(ours), our_time],
-                 "speedup": ratio},
+                {
+                    "package": [list(theirs), their_time],
+                    "ours": [list(ours), our_time],
+                    "speedup": ratio,
+                },
                 f,
             )
     failed = False

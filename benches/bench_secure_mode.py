@@ -79,8 +79,9 @@ def mlp_layers():
 def step_times(make_layers, batches, rounds, warmup) -> tuple[dict, int]:
     """(summary, number of weights) of the seeded and secure DP steps."""
     seeded = tdk.DPSequential(make_layers(), l2_norm_clip=1.0, noise_multiplier=1.1, seed=0)
-    secure = tdk.DPSequential(make_layers(), l2_norm_clip=1.0, noise_multiplier=1.1,
-                              secure_mode=True)
+    secure = tdk.DPSequential(
+        make_layers(), l2_norm_clip=1.0, noise_multiplier=1.1, secure_mode=True
+    )
     secure.set_weights(seeded.get_weights())
     models = {SEEDED: compile_model(seeded), SECURE: compile_model(secure)}
     steps = {name: (lambda i, m=m: m.train_on_batch(*batches[i])) for name, m in models.items()}

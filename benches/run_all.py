@@ -198,8 +198,13 @@ def lipdp_rows(quick):
             continue
         dp, plain = summary["DP_Sequential (per-layer)"], summary["plain Keras"]
         rows.append(
-            (label, summary["malloc"], f"{dp[1]:.2f}x plain", target,
-             f"{dp[0]:.0f} ms vs {plain[0]:.0f} ms")
+            (
+                label,
+                summary["malloc"],
+                f"{dp[1]:.2f}x plain",
+                target,
+                f"{dp[0]:.0f} ms vs {plain[0]:.0f} ms",
+            )
         )
     return summaries, rows
 

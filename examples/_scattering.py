@@ -62,8 +62,13 @@ def wavelets(size: int = SIZE) -> np.ndarray:
     orientation theta_l = (L // 2 - 1 - l) * pi / L."""
     return np.stack(
         [
-            morlet(size, 0.8 * 2**j, (L // 2 - 1 - l) * math.pi / L,
-                   3.0 * math.pi / 4.0 / 2**j, 4.0 / L)
+            morlet(
+                size,
+                0.8 * 2**j,
+                (L // 2 - 1 - l) * math.pi / L,
+                3.0 * math.pi / 4.0 / 2**j,
+                4.0 / L,
+            )
             for j in range(J)
             for l in range(L)  # noqa: E741 (the orientation's usual name)
         ]
@@ -88,7 +93,7 @@ def _subsample(spectrum: torch.Tensor, k: int) -> torch.Tensor:
     for a in range(k):
         for b in range(k):
             if a or b:
-                total += spectrum[..., a * m:(a + 1) * m, b * n:(b + 1) * n]
+                total += spectrum[..., a * m : (a + 1) * m, b * n : (b + 1) * n]
     return total / (k * k)
 
 
@@ -115,7 +120,7 @@ def scattering(images: np.ndarray, chunk: int = 1000) -> np.ndarray:
 
     out = []
     for start in range(0, len(x), chunk):
-        batch = torch.from_numpy(x[start:start + chunk])
+        batch = torch.from_numpy(x[start : start + chunk])
         padded = torch.nn.functional.pad(batch[:, None], (PAD,) * 4, mode="reflect")
         x_hat = torch.fft.fft2(padded.to(torch.complex64))  # (b, 1, 36, 36)
         parts = [averaged(x_hat, SIZE)]

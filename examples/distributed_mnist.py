@@ -79,7 +79,9 @@ def main(argv=None) -> dict:
         metrics=["accuracy"],
     )
     loader = tdk.PrivateDataLoader(
-        x_train, y_train, batch_size=args.batch_size,
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
         seed=None if args.seed is None else args.seed + 1,
     )
     start = time.perf_counter()

@@ -79,8 +79,12 @@ def main(argv=None) -> dict:
     callbacks = [EpsilonPlot(args.plot, "MNIST, DPKerasConfig")] if args.plot else []
     start = time.perf_counter()
     dp_model.fit(
-        x_train, y_train, epochs=args.epochs, validation_data=(x_test, y_test),
-        callbacks=callbacks, verbose=1 if not args.smoke else 2,
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        validation_data=(x_test, y_test),
+        callbacks=callbacks,
+        verbose=1 if not args.smoke else 2,
     )
     seconds = time.perf_counter() - start
     _, accuracy = dp_model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
@@ -98,8 +102,12 @@ def main(argv=None) -> dict:
         f"{config.train_steps} batch={config.batch_size}x{config.gradient_accumulation_steps} "
         f"| {seconds:.0f}s"
     )
-    return {"accuracy": accuracy, "epsilon": epsilon, "budget": config.epsilon,
-            "refused_past_budget": refused}
+    return {
+        "accuracy": accuracy,
+        "epsilon": epsilon,
+        "budget": config.epsilon,
+        "refused_past_budget": refused,
+    }
 
 
 if __name__ == "__main__":

@@ -109,21 +109,28 @@ def main(argv=None) -> dict:
         x_train, y_train = x_train[:1000], y_train[:1000]
         x_test, y_test = x_test[:500], y_test[:500]
         args.epochs, args.batch_size = 2, 250
-    y_train, y_test = (keras.utils.to_categorical(v, 10).astype("float32")
-                       for v in (y_train, y_test))
+    y_train, y_test = (
+        keras.utils.to_categorical(v, 10).astype("float32") for v in (y_train, y_test)
+    )
     n = len(x_train)
     steps_per_epoch = n // args.batch_size
     sigma = tdk.calibrate_noise_multiplier(
-        target_epsilon=args.epsilon, target_delta=args.delta,
-        sampling_probability=args.batch_size / n, steps=args.epochs * steps_per_epoch,
+        target_epsilon=args.epsilon,
+        target_delta=args.delta,
+        sampling_probability=args.batch_size / n,
+        steps=args.epochs * steps_per_epoch,
     )
     model = DP_Sequential(
         lipschitz_layers(args.max_norm),
         dp_parameters=DPParameters(args.noisify_strategy, sigma, args.delta),
         dataset_metadata=DatasetMetadata(
-            input_shape=(28, 28, 1), nb_classes=10, nb_samples_train=n,
-            nb_samples_test=len(x_test), class_names=[str(i) for i in range(10)],
-            nb_steps_per_epochs=steps_per_epoch, batch_size=args.batch_size,
+            input_shape=(28, 28, 1),
+            nb_classes=10,
+            nb_samples_train=n,
+            nb_samples_test=len(x_test),
+            class_names=[str(i) for i in range(10)],
+            nb_steps_per_epochs=steps_per_epoch,
+            batch_size=args.batch_size,
             max_norm=args.max_norm,
         ),
     )
@@ -138,14 +145,22 @@ def main(argv=None) -> dict:
     dp_sigma = sigma * sigma / accounting_noise_multiplier(model)
     model.dp_parameters.noise_multiplier = dp_sigma
     bounds = list(compute_gradient_bounds(model).values())
-    print(f"noise_multiplier={dp_sigma:.4f}; gradient bounds per layer (backward, batch mean): "
-          + ", ".join(f"{b:.3g}" for b in bounds))
+    print(
+        f"noise_multiplier={dp_sigma:.4f}; gradient bounds per layer (backward, batch mean): "
+        + ", ".join(f"{b:.3g}" for b in bounds)
+    )
     loader = tdk.PrivateDataLoader(x_train, y_train, batch_size=args.batch_size, seed=args.seed)
-    callbacks = [EpsilonPlot(args.plot, f"Lipschitz CNN, epsilon {args.epsilon:g}")] \
-        if args.plot else []
+    callbacks = (
+        [EpsilonPlot(args.plot, f"Lipschitz CNN, epsilon {args.epsilon:g}")] if args.plot else []
+    )
     start = time.perf_counter()
-    model.fit(loader, epochs=args.epochs, validation_data=(x_test, y_test),
-              callbacks=callbacks, verbose=1 if not args.smoke else 2)
+    model.fit(
+        loader,
+        epochs=args.epochs,
+        validation_data=(x_test, y_test),
+        callbacks=callbacks,
+        verbose=1 if not args.smoke else 2,
+    )
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, batch_size=1000, verbose=0)
     epsilon = model.get_epsilon()
@@ -157,8 +172,7 @@ def main(argv=None) -> dict:
         f"epochs={args.epochs} steps={model.dp_steps} | step {dp_ms:.1f} ms vs plain Keras "
         f"{plain_ms:.1f} ms ({dp_ms / plain_ms:.2f}x) | {seconds:.0f}s"
     )
-    return {"accuracy": accuracy, "epsilon": epsilon, "ratio": dp_ms / plain_ms,
-            "seconds": seconds}
+    return {"accuracy": accuracy, "epsilon": epsilon, "ratio": dp_ms / plain_ms, "seconds": seconds}
 
 
 if __name__ == "__main__":

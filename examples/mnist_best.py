@@ -52,14 +52,38 @@ import torchdp_keras as tdk  # noqa: E402
 # Settings per (model, target epsilon) (delta = 1e-5), chosen on this
 # repository's runs (see the README's MNIST table); every one can be overridden.
 PRESETS = {
-    ("scatternet", 3.0): {"batch_size": 4096, "epochs": 40, "learning_rate": 1.0,
-                          "l2_norm_clip": 0.1, "schedule": "cosine", "ema_momentum": 0.99},
-    ("scatternet", 1.0): {"batch_size": 4096, "epochs": 40, "learning_rate": 1.0,
-                          "l2_norm_clip": 0.1, "schedule": "cosine", "ema_momentum": 0.99},
-    ("cnn", 3.0): {"batch_size": 2048, "epochs": 80, "learning_rate": 0.15, "l2_norm_clip": 0.1,
-                   "schedule": "cosine", "ema_momentum": 0.99},
-    ("cnn", 1.0): {"batch_size": 4096, "epochs": 40, "learning_rate": 0.4, "l2_norm_clip": 0.1,
-                   "schedule": "cosine", "ema_momentum": 0.95},
+    ("scatternet", 3.0): {
+        "batch_size": 4096,
+        "epochs": 40,
+        "learning_rate": 1.0,
+        "l2_norm_clip": 0.1,
+        "schedule": "cosine",
+        "ema_momentum": 0.99,
+    },
+    ("scatternet", 1.0): {
+        "batch_size": 4096,
+        "epochs": 40,
+        "learning_rate": 1.0,
+        "l2_norm_clip": 0.1,
+        "schedule": "cosine",
+        "ema_momentum": 0.99,
+    },
+    ("cnn", 3.0): {
+        "batch_size": 2048,
+        "epochs": 80,
+        "learning_rate": 0.15,
+        "l2_norm_clip": 0.1,
+        "schedule": "cosine",
+        "ema_momentum": 0.99,
+    },
+    ("cnn", 1.0): {
+        "batch_size": 4096,
+        "epochs": 40,
+        "learning_rate": 0.4,
+        "l2_norm_clip": 0.1,
+        "schedule": "cosine",
+        "ema_momentum": 0.95,
+    },
 }
 
 
@@ -81,20 +105,33 @@ def features(model: str, x: np.ndarray) -> np.ndarray:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epsilon", type=float, default=3.0, help="target epsilon (3 or 1 "
-                        "have presets; any other value uses the epsilon-3 preset)")
-    parser.add_argument("--model", choices=["scatternet", "cnn"], default="scatternet",
-                        help="ScatterNet + linear (the best) or the end-to-end tanh CNN")
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=3.0,
+        help="target epsilon (3 or 1 have presets; any other value uses the epsilon-3 preset)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=["scatternet", "cnn"],
+        default="scatternet",
+        help="ScatterNet + linear (the best) or the end-to-end tanh CNN",
+    )
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--batch-size", type=int, default=None, help="expected batch size")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--l2-norm-clip", type=float, default=None)
-    parser.add_argument("--schedule", choices=["constant", "cosine"], default=None,
-                        help="learning-rate schedule over all the planned steps")
+    parser.add_argument(
+        "--schedule",
+        choices=["constant", "cosine"],
+        default=None,
+        help="learning-rate schedule over all the planned steps",
+    )
     parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--ema-momentum", type=float, default=None,
-                        help="EMA of the weights (0 turns it off)")
+    parser.add_argument(
+        "--ema-momentum", type=float, default=None, help="EMA of the weights (0 turns it off)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="None: OS entropy")
     parser.add_argument("--plot", default=None, help="write accuracy and epsilon per epoch (PNG)")
     parser.add_argument("--smoke", action="store_true", help="2 short epochs on 2048 examples")

@@ -75,8 +75,11 @@ def main(argv=None) -> dict:
     n = len(x_train)
     # Before training: what would this plan spend? (prints it, as op_tensorflow does)
     planned = get_privacy_budget(
-        sample_size=n, batch_size=args.batch_size, num_epochs=args.epochs,
-        noise_multiplier=args.noise_multiplier, target_delta=1e-5,
+        sample_size=n,
+        batch_size=args.batch_size,
+        num_epochs=args.epochs,
+        noise_multiplier=args.noise_multiplier,
+        target_delta=1e-5,
     )
 
     # "Importing locally trained models": JSON + weights, rebuilt here.
@@ -102,7 +105,10 @@ def main(argv=None) -> dict:
     callbacks = [EpsilonPlot(args.plot, "breast cancer, PrivateKerasModel")] if args.plot else []
     start = time.perf_counter()
     history = dp_model.fit(
-        x=data_loader, epochs=args.epochs, target_delta=1e-5, callbacks=callbacks,
+        x=data_loader,
+        epochs=args.epochs,
+        target_delta=1e-5,
+        callbacks=callbacks,
         verbose=1 if not args.smoke else 2,
     )
     result_pdf = dp_model.predict(x=x_test, label_columns=["result"], verbose=0)
@@ -116,8 +122,13 @@ def main(argv=None) -> dict:
         f"batch_size={args.batch_size} epochs={args.epochs} steps={dp_model.dp_steps} | "
         f"{time.perf_counter() - start:.1f}s"
     )
-    return {"accuracy": accuracy, "epsilon": epsilon, "planned": planned,
-            "predictions": result_pdf, "index_ok": bool(np.all(result_pdf.index == x_test.index))}
+    return {
+        "accuracy": accuracy,
+        "epsilon": epsilon,
+        "planned": planned,
+        "predictions": result_pdf,
+        "index_ok": bool(np.all(result_pdf.index == x_test.index)),
+    }
 
 
 if __name__ == "__main__":

@@ -158,16 +158,28 @@ def main(argv=None) -> dict:
     # In [24]
     n = len(train_data)
     rdp_epsilon, order = compute_dp_sgd_privacy.compute_dp_sgd_privacy(
-        n=n, batch_size=batch_size, noise_multiplier=noise_multiplier, epochs=args.epochs,
+        n=n,
+        batch_size=batch_size,
+        noise_multiplier=noise_multiplier,
+        epochs=args.epochs,
         delta=1e-5,
     )
     classic, _ = compute_dp_sgd_privacy.compute_dp_sgd_privacy(
-        n=n, batch_size=batch_size, noise_multiplier=noise_multiplier, epochs=args.epochs,
-        delta=1e-5, conversion="classic", verbose=False,
+        n=n,
+        batch_size=batch_size,
+        noise_multiplier=noise_multiplier,
+        epochs=args.epochs,
+        delta=1e-5,
+        conversion="classic",
+        verbose=False,
     )
     prv_epsilon = get_privacy_budget(
-        sample_size=n, batch_size=batch_size, num_epochs=args.epochs,
-        noise_multiplier=noise_multiplier, target_delta=1e-5, verbose=False,
+        sample_size=n,
+        batch_size=batch_size,
+        num_epochs=args.epochs,
+        noise_multiplier=noise_multiplier,
+        target_delta=1e-5,
+        verbose=False,
     )
     print(
         f"epsilon at delta=1e-05: {rdp_epsilon:.2f} (RDP, improved conversion, order "

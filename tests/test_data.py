@@ -345,7 +345,10 @@ def test_a_poisson_loader_trains_a_per_position_language_model_loss(mode):
     tokens = keras.Input((6,), dtype="int32")
     logits = keras.layers.Dense(9)(keras.layers.Embedding(9, 4)(tokens))
     model = tdk.DPModel(
-        inputs=tokens, outputs=logits, l2_norm_clip=1.0, noise_multiplier=0.0,
+        inputs=tokens,
+        outputs=logits,
+        l2_norm_clip=1.0,
+        noise_multiplier=0.0,
         clipping_mode=mode,
     )
     model.compile(

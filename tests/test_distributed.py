@@ -109,9 +109,7 @@ def test_poisson_samples_are_sharded_and_accounted_globally(main_run, name):
         parts = slice(update * accumulation, (update + 1) * accumulation)
         mine = [np.concatenate(batches[r][parts]) for r in range(2)]
         assert not set(mine[0]) & set(mine[1])  # each sampled example on one rank only
-        np.testing.assert_array_equal(
-            np.sort(np.concatenate(mine)), sampler.sample(0, update)
-        )
+        np.testing.assert_array_equal(np.sort(np.concatenate(mine)), sampler.sample(0, update))
     # Same epsilon and metrics on both ranks, and the single-process epsilon.
     for key in ("epsilon", "loss", "accuracy", "weights"):
         np.testing.assert_array_equal(main_run[0][f"{name}_{key}"], main_run[1][f"{name}_{key}"])
@@ -127,8 +125,7 @@ def test_poisson_samples_are_sharded_and_accounted_globally(main_run, name):
         reference.get_epsilon(1e-5), rel=1e-12
     )
     # sigma = 0: the two-rank run is the single-process run on the same samples.
-    np.testing.assert_allclose(main_run[0][f"{name}_weights"], worker.weights(reference),
-                               atol=1e-5)
+    np.testing.assert_allclose(main_run[0][f"{name}_weights"], worker.weights(reference), atol=1e-5)
     np.testing.assert_allclose(main_run[0][f"{name}_loss"], history.history["loss"], rtol=1e-5)
 
 

@@ -209,9 +209,7 @@ def test_an_unset_backend_is_set_to_torch_before_keras_starts(tmp_path, keras_js
         "import torchdp_keras, keras; print(keras.backend.backend()); "
         "torchdp_keras.DPSequential"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True
-    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "torch"
     assert "set KERAS_BACKEND=torch for this process" in result.stderr

@@ -94,7 +94,10 @@ def test_examples_have_help(script):
 
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", script), "--help"],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     assert "--smoke" in out
 
@@ -154,13 +157,24 @@ def test_distributed_mnist_smoke_under_torchrun(mnist_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={port}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
         os.path.join(ROOT, "examples", "distributed_mnist.py"),
-        "--smoke", "--seed", "0", "--data", mnist_path,
+        "--smoke",
+        "--seed",
+        "0",
+        "--data",
+        mnist_path,
     ]
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=300,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=dict(os.environ, KERAS_BACKEND="torch"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -170,8 +184,20 @@ def test_distributed_mnist_smoke_under_torchrun(mnist_path):
 
 def test_secure_mode_benchmark_runs(capsys, mnist_path):
     bench = _load("benches/bench_secure_mode.py")
-    summary = bench.main(["--steps", "2", "--warmup", "1", "--params", "4096", "--data", mnist_path,
-                          "--max-ratio", "1000"])
+    summary = bench.main(
+        [
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--params",
+            "4096",
+            "--data",
+            mnist_path,
+            "--max-ratio",
+            "1000",
+        ]
+    )
     assert summary["tutorial_cnn"]["secure_mode=True"][0] > 0
     assert "ns per value" in capsys.readouterr().out
 

@@ -815,8 +815,14 @@ def test_subclassed_models_take_the_fast_path_and_match_the_per_example_engine(k
         model = _DPSubclassed(l2_norm_clip=1.0, noise_multiplier=0.0, name="sub")
         x = rng.integers(0, 12, size=(BATCH, 5)).astype("int32")
         model(x[:1])
-        expected = {"embed", "attention/query", "attention/key", "attention/value",
-                    "attention/attention_output", "out"}
+        expected = {
+            "embed",
+            "attention/query",
+            "attention/key",
+            "attention/value",
+            "attention/attention_output",
+            "out",
+        }
     model.compile(optimizer="sgd", loss="mse")
     y = rng.normal(size=(BATCH, 3))
     fast, _ = _engines(model)
@@ -867,8 +873,9 @@ def test_subclassed_models_that_share_weights_are_refused_by_fast_and_use_vmap_i
     make, x, message, caplog
 ):
     y = np.ones((4, 10 if make is _ReadsAWeightDirectly else 4), "float32")
-    fast = tdk.make_private(make(name="m"), l2_norm_clip=1.0, noise_multiplier=0.0,
-                            clipping_mode="fast")
+    fast = tdk.make_private(
+        make(name="m"), l2_norm_clip=1.0, noise_multiplier=0.0, clipping_mode="fast"
+    )
     fast.compile(optimizer="sgd", loss="mse")
     with pytest.raises(UnsupportedLayerError, match=message):
         fast.train_on_batch(x, y)
@@ -1047,17 +1054,16 @@ def test_clipping_plan_says_which_engine_clips_each_layer_and_why():
     plan = mixed.clipping_plan()
     assert plan.slow_layers == (f"{mixed.name}/scale",)
     assert "per-layer per-example gradients" in str(plan)
-    vmap = tdk.DPModel(inputs=inputs, outputs=scaled, l2_norm_clip=1.0, noise_multiplier=0.0,
-                       clipping_mode="vmap")
+    vmap = tdk.DPModel(
+        inputs=inputs, outputs=scaled, l2_norm_clip=1.0, noise_multiplier=0.0, clipping_mode="vmap"
+    )
     vmap.compile(optimizer="sgd", loss="mse")
     assert vmap.clipping_plan().engine == "vmap" and vmap.clipping_plan().reason is None
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "elu", "softplus", "gelu"])
 @pytest.mark.parametrize("padding", ["valid", "same"])
-def test_layers_tapped_from_their_output_match_the_per_example_engine(
-    activation, padding, float64
-):
+def test_layers_tapped_from_their_output_match_the_per_example_engine(activation, padding, float64):
     """Inside a subclassed model a layer is tapped from its finished output: the
     pre-activation gradient is read off the output (or, for gelu, recomputed)."""
 
@@ -1121,7 +1127,9 @@ def test_conv_family_inside_a_subclassed_model_matches_the_per_example_engine(
 def test_num_microbatches_equal_to_the_batch_takes_the_fast_path():
     """TF Privacy's tutorial clips microbatches of one example (num_microbatches=250)."""
     model = tdk.DPSequential(
-        [keras.Input((4,)), layers.Dense(3)], l2_norm_clip=1.0, noise_multiplier=0.0,
+        [keras.Input((4,)), layers.Dense(3)],
+        l2_norm_clip=1.0,
+        noise_multiplier=0.0,
         num_microbatches=4,
     )
     model.compile(optimizer="sgd", loss="mse")
@@ -1174,8 +1182,10 @@ def test_lora_factors_take_the_fast_path_and_match_the_per_example_engine(case, 
     model.compile(optimizer="sgd", loss="mse")
     fast, _ = _engines(model)
     assert not fast.slow_layers
-    frozen = {id(layer._kernel if hasattr(layer, "_kernel") else layer._embeddings)
-              for layer in lora_layers}
+    frozen = {
+        id(layer._kernel if hasattr(layer, "_kernel") else layer._embeddings)
+        for layer in lora_layers
+    }
     assert not frozen & {id(w) for w in model.trainable_weights}
     _compare(model, x, rng.normal(size=(BATCH, 3)), tol=1e-6)
 
@@ -1231,7 +1241,9 @@ def test_num_microbatches_on_the_fast_path_match_the_per_example_engine(case, un
 def test_num_microbatches_with_a_rule_that_cannot_group_uses_the_per_example_engine(caplog):
     model = tdk.DPSequential(
         [keras.Input((6, 6, 1)), layers.LayerNormalization(), layers.Flatten(), layers.Dense(2)],
-        l2_norm_clip=1.0, noise_multiplier=0.0, num_microbatches=2,
+        l2_norm_clip=1.0,
+        noise_multiplier=0.0,
+        num_microbatches=2,
     )
     model.compile(optimizer="sgd", loss="mse")
     with caplog.at_level(logging.WARNING):
@@ -1248,8 +1260,10 @@ def test_a_frozen_block_whose_lora_projections_train_is_walked(float64):
     attention = layers.MultiHeadAttention(2, 3, name="mha")
     h = layers.LayerNormalization(name="norm")(attention(inputs, inputs))
     model = tdk.DPModel(
-        inputs=inputs, outputs=layers.Dense(3)(layers.Flatten()(h)),
-        l2_norm_clip=1.0, noise_multiplier=0.0,
+        inputs=inputs,
+        outputs=layers.Dense(3)(layers.Flatten()(h)),
+        l2_norm_clip=1.0,
+        noise_multiplier=0.0,
     )
     attention.trainable = False  # keras_hub's Backbone.enable_lora: freeze, then
     attention.query_dense.trainable = True  # unfreeze the targets and enable LoRA
@@ -1327,5 +1341,5 @@ def test_wide_convolutions_take_the_conv_rule(float64):
     model = tdk.DPModel(inputs=inputs, outputs=outputs, l2_norm_clip=1.0, noise_multiplier=0.0)
     model.compile(optimizer="sgd", loss="mse")
     fast, _ = _engines(model)
-    assert ("ConvRule" in [how for path, _, how in fast.plan if path.endswith("wide")])
+    assert "ConvRule" in [how for path, _, how in fast.plan if path.endswith("wide")]
     _compare(model, rng.normal(size=(BATCH, 4, 4, 512)), rng.normal(size=(BATCH, 2)), tol=1e-6)

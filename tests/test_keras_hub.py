@@ -25,8 +25,15 @@ def _inputs(rng, segments=False):
 
 
 def _classifier(kind, dropout, lora=False):
-    config = dict(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=8,
-                  intermediate_dim=16, max_sequence_length=T, dropout=dropout)
+    config = dict(
+        vocabulary_size=V,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=T,
+        dropout=dropout,
+    )
     if kind == "bert":
         backbone = keras_hub.models.BertBackbone(**config)
         pooled = lambda out: out["pooled_output"]  # noqa: E731
@@ -42,8 +49,13 @@ def _classifier(kind, dropout, lora=False):
 
 def _causal_lm(dropout):
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16,
-        max_sequence_length=T, dropout=dropout,
+        vocabulary_size=V,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=T,
+        dropout=dropout,
     )
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
@@ -60,12 +72,14 @@ def _private(name, dropout, rng):
     model, segments, loss = CASES[name](dropout)
     x = _inputs(rng, segments)
     if loss == "lm":
-        y, loss = rng.integers(1, V, (B, T)), keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True
+        y, loss = (
+            rng.integers(1, V, (B, T)),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
     else:
-        y, loss = np.eye(2)[rng.integers(0, 2, B)], keras.losses.CategoricalCrossentropy(
-            from_logits=True
+        y, loss = (
+            np.eye(2)[rng.integers(0, 2, B)],
+            keras.losses.CategoricalCrossentropy(from_logits=True),
         )
     private = tdk.make_private(model, l2_norm_clip=1.0, noise_multiplier=0.0, seed=0)
     private.compile(optimizer="sgd", loss=loss)

@@ -39,9 +39,14 @@ def _example_bounds(model):
 
 def _metadata(n=256, batch_size=32, shape=(8, 8, 1), classes=4):
     return DatasetMetadata(
-        input_shape=shape, nb_classes=classes, nb_samples_train=n, nb_samples_test=64,
-        class_names=[str(i) for i in range(classes)], nb_steps_per_epochs=n // batch_size,
-        batch_size=batch_size, max_norm=MAX_NORM,
+        input_shape=shape,
+        nb_classes=classes,
+        nb_samples_train=n,
+        nb_samples_test=64,
+        class_names=[str(i) for i in range(classes)],
+        nb_steps_per_epochs=n // batch_size,
+        batch_size=batch_size,
+        max_norm=MAX_NORM,
     )
 
 
@@ -116,13 +121,18 @@ def test_every_per_example_gradient_is_within_its_bound(loss, model_cls):
 def test_bounds_are_not_vacuous():
     """On a dense network the bound C = max_norm * L is nearly attained: the check has teeth."""
     model = DP_Sequential(
-        [keras.Input((8, 8, 1)), L.DP_BoundedInput(upper_bound=MAX_NORM), L.DP_Flatten(),
-         L.DP_SpectralDense(4)],
-        dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata(),
+        [
+            keras.Input((8, 8, 1)),
+            L.DP_BoundedInput(upper_bound=MAX_NORM),
+            L.DP_Flatten(),
+            L.DP_SpectralDense(4),
+        ],
+        dp_parameters=DPParameters("global", 1.0, 1e-5),
+        dataset_metadata=_metadata(),
     )
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=50.0))
     x, y = _data(64, seed=3, scale=5.0)
-    (path, bound), = _example_bounds(model).items()
+    ((path, bound),) = _example_bounds(model).items()
     assert bound == pytest.approx(MAX_NORM * math.sqrt(2))
     # deel-lipdp's convention: the share of one example in the batch-mean gradient.
     assert compute_gradient_bounds(model)[path] == pytest.approx(bound / BATCH)
@@ -286,17 +296,27 @@ def test_only_lipschitz_layers_are_allowed_and_named_by_path():
     kwargs = dict(dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata())
     with pytest.raises(tdk.UnsupportedLayerError, match=r"net/dense.*net/dropout") as info:
         DP_Sequential(
-            [keras.Input((8, 8, 1)), L.DP_BoundedInput(upper_bound=MAX_NORM), L.DP_Flatten(),
-             keras.layers.Dense(4, name="dense"), keras.layers.Dropout(0.5, name="dropout")],
-            name="net", **kwargs,
+            [
+                keras.Input((8, 8, 1)),
+                L.DP_BoundedInput(upper_bound=MAX_NORM),
+                L.DP_Flatten(),
+                keras.layers.Dense(4, name="dense"),
+                keras.layers.Dropout(0.5, name="dropout"),
+            ],
+            name="net",
+            **kwargs,
         )
     assert info.value.layer_paths == ("net/dense", "net/dropout")
     with pytest.raises(tdk.UnsupportedLayerError, match="DP_BoundedInput"):
         DP_Sequential([keras.Input((8, 8, 1)), L.DP_Flatten(), L.DP_SpectralDense(4)], **kwargs)
     # As deel-lipdp, the bounds start from the layer's upper_bound, whatever the metadata says.
     model = DP_Sequential(
-        [keras.Input((8, 8, 1)), L.DP_BoundedInput(upper_bound=10 * MAX_NORM), L.DP_Flatten(),
-         L.DP_SpectralDense(4)],
+        [
+            keras.Input((8, 8, 1)),
+            L.DP_BoundedInput(upper_bound=10 * MAX_NORM),
+            L.DP_Flatten(),
+            L.DP_SpectralDense(4),
+        ],
         **kwargs,
     )
     model.compile(optimizer="sgd", loss=LL.DP_MeanAbsoluteError())
@@ -368,8 +388,9 @@ def test_save_and_load_keeps_bounds_and_privacy_state(tmp_path):
     assert isinstance(loaded, DP_Sequential)
     assert loaded.dp_steps == model.dp_steps
     assert loaded.get_epsilon() == pytest.approx(model.get_epsilon())
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
     # Layer names are renumbered on load; the bounds, in order, are the same.
     assert list(compute_gradient_bounds(loaded).values()) == pytest.approx(
         list(compute_gradient_bounds(model).values())
@@ -385,8 +406,9 @@ def test_dp_model_saves_and_loads(tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, DP_Model) and loaded.dp_steps == model.dp_steps
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_deel_lipdp_layer_arguments_nm_coef_and_use_bias():
@@ -396,8 +418,11 @@ def test_deel_lipdp_layer_arguments_nm_coef_and_use_bias():
         L.DP_SpectralConv2D(4, 3, use_bias=True)
     with pytest.raises(tdk.DPConfigError, match="nm_coef"):
         L.DP_SpectralDense(4, nm_coef=0)
-    for layer in (L.DP_SpectralDense(4, use_bias=False, nm_coef=3.0),
-                  L.DP_SpectralConv2D(4, 3, nm_coef=3.0), L.DP_AddBias(1.0, nm_coef=3.0)):
+    for layer in (
+        L.DP_SpectralDense(4, use_bias=False, nm_coef=3.0),
+        L.DP_SpectralConv2D(4, 3, nm_coef=3.0),
+        L.DP_AddBias(1.0, nm_coef=3.0),
+    ):
         assert layer.nm_coef == 3.0
         assert type(layer).from_config(layer.get_config()).nm_coef == 3.0
 
@@ -432,7 +457,8 @@ def test_clip_gradient_lowers_the_bounds_and_they_hold_per_example():
     ]
     model = DP_Sequential(
         [keras.Input((8, 8, 1)), *layers_],
-        dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata(),
+        dp_parameters=DPParameters("global", 1.0, 1e-5),
+        dataset_metadata=_metadata(),
     )
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=8.0))
     bounds = _example_bounds(model)
@@ -444,7 +470,8 @@ def test_clip_gradient_lowers_the_bounds_and_they_hold_per_example():
     # The same network without the clipping: larger gradients, which the clip cut.
     unclipped = DP_Sequential(
         [keras.Input((8, 8, 1)), *[type(la).from_config(la.get_config()) for la in layers_[:-1]]],
-        dp_parameters=DPParameters("global", 1.0, 1e-5), dataset_metadata=_metadata(),
+        dp_parameters=DPParameters("global", 1.0, 1e-5),
+        dataset_metadata=_metadata(),
     )
     unclipped.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=8.0))
     unclipped.set_weights(model.get_weights())
@@ -466,13 +493,15 @@ def test_residual_blocks_keep_every_per_example_gradient_within_its_bound(policy
         L.DP_BoundedInput(upper_bound=MAX_NORM),
         L.DP_Flatten(),
         L.DP_SpectralDense(8),
-        *L.make_residuals(policy, [L.DP_SpectralDense(8), L.DP_GroupSort(2),
-                                   L.DP_SpectralDense(8, nm_coef=2.0)]),
+        *L.make_residuals(
+            policy, [L.DP_SpectralDense(8), L.DP_GroupSort(2), L.DP_SpectralDense(8, nm_coef=2.0)]
+        ),
         L.DP_GroupSort(2),
         L.DP_SpectralDense(4),
     ]
     model = DP_Model(
-        dp_layers, dp_parameters=DPParameters("per-layer", 1.0, 1e-5),
+        dp_layers,
+        dp_parameters=DPParameters("per-layer", 1.0, 1e-5),
         dataset_metadata=_metadata(),
     )
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=8.0))

@@ -52,18 +52,22 @@ def test_color_images_in_deel_lipdps_colorspaces(tmp_path):
 
     rng = np.random.default_rng(0)
     path = str(tmp_path / "rgb.npz")
-    np.savez(path, x_train=rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8),
-             y_train=rng.integers(0, 3, 20), x_test=rng.integers(0, 256, (6, 4, 4, 3),
-             dtype=np.uint8), y_test=rng.integers(0, 3, 6))
-    _, test, meta = load_and_prepare_images_data("rgb", colorspace="HSV", batch_size=5,
-                                                 path=path)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 3, 20),
+        x_test=rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 3, 6),
+    )
+    _, test, meta = load_and_prepare_images_data("rgb", colorspace="HSV", batch_size=5, path=path)
     x, _ = test[0]
     raw = np.load(path)["x_test"][:5].astype("float32") / 255.0
     expected = np.array([colorsys.rgb_to_hsv(*p) for p in raw.reshape(-1, 3)])
     np.testing.assert_allclose(x.reshape(-1, 3), expected, atol=1e-6)
     assert meta.max_norm == pytest.approx(math.sqrt(4 * 4 * 3))  # HSV stays in [0, 1]
-    _, test, _ = load_and_prepare_images_data("rgb", colorspace="YIQ", batch_size=5, path=path,
-                                              bound_fct=bound_clip_value(3.0))
+    _, test, _ = load_and_prepare_images_data(
+        "rgb", colorspace="YIQ", batch_size=5, path=path, bound_fct=bound_clip_value(3.0)
+    )
     x, _ = test[0]
     np.testing.assert_allclose(x[..., 0], (raw * [0.299, 0.587, 0.114]).sum(-1).clip(0), atol=1e-5)
     with pytest.raises(tdk.DPConfigError, match="colorspace='YUV'"):
@@ -78,8 +82,9 @@ def test_bounds_tabular_data_and_default_delta():
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
     assert value == 1.0
     y = np.eye(3, dtype="float32")[rng.integers(0, 3, 40)]
-    train, test, meta = prepare_tabular_data(x[:30], x[30:], y[:30], y[30:], 10,
-                                             bound_clip_value(2.0), seed=0)
+    train, test, meta = prepare_tabular_data(
+        x[:30], x[30:], y[:30], y[30:], 10, bound_clip_value(2.0), seed=0
+    )
     assert (meta.nb_classes, meta.max_norm, meta.nb_steps_per_epochs) == (3, 2.0, 3)
     assert len(test) == 1
     with pytest.raises(tdk.DPConfigError, match="bound_fct=None"):
@@ -91,8 +96,13 @@ def test_bounds_tabular_data_and_default_delta():
 
 def _tiny_model(sigma=1.5):
     model = DP_Sequential(
-        [keras.Input((6,)), L.DP_BoundedInput(upper_bound=1.0), L.DP_SpectralDense(4),
-         L.DP_GroupSort(2), L.DP_SpectralDense(3)],
+        [
+            keras.Input((6,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_SpectralDense(4),
+            L.DP_GroupSort(2),
+            L.DP_SpectralDense(3),
+        ],
         dp_parameters=DPParameters("global", sigma, 1e-5),
         dataset_metadata=tdk.lipschitz.DatasetMetadata(
             (6,), 3, 1000, 100, ["a", "b", "c"], 10, 100, 1.0
@@ -129,7 +139,10 @@ def test_model_methods_of_deel_lipdp():
     model = _tiny_model()
     forward = model.layers_forward_order()
     assert [type(la).__name__ for la in forward] == [
-        "DP_BoundedInput", "DP_SpectralDense", "DP_GroupSort", "DP_SpectralDense"
+        "DP_BoundedInput",
+        "DP_SpectralDense",
+        "DP_GroupSort",
+        "DP_SpectralDense",
     ]
     assert model.layers_backward_order() == forward[::-1]
     kernel = forward[1].kernel
@@ -163,13 +176,16 @@ def _mlp_mixer(use_residuals, size=16, patch=4):
     with keras.ops.image.extract_patches where deel-lipdp uses tf.image's."""
     from torchdp_keras.lipschitz.model import DatasetMetadata, DP_Model
 
-    meta = DatasetMetadata((size, size, 3), 10, 5000, 1000, [str(i) for i in range(10)],
-                           5000 / 64, 64, 8.0)
+    meta = DatasetMetadata(
+        (size, size, 3), 10, 5000, 1000, [str(i) for i in range(10)], 5000 / 64, 64, 8.0
+    )
     seq_len = (size // patch) ** 2
     layers = [
         L.DP_BoundedInput(input_shape=meta.input_shape, upper_bound=meta.max_norm),
-        L.DP_Lambda(keras.ops.image.extract_patches,
-                    arguments=dict(size=patch, strides=patch, padding="valid")),
+        L.DP_Lambda(
+            keras.ops.image.extract_patches,
+            arguments=dict(size=patch, strides=patch, padding="valid"),
+        ),
         L.DP_Reshape((seq_len, patch * patch * 3)),
         L.DP_QuickSpectralDense(units=seq_len, use_bias=False, kernel_initializer="orthogonal"),
     ]
@@ -194,8 +210,12 @@ def _mlp_mixer(use_residuals, size=16, patch=4):
         L.DP_QuickSpectralDense(units=10, use_bias=False),
         L.DP_ClipGradient(clip_value=1.0, mode="dynamic"),
     ]
-    model = DP_Model(layers, dp_parameters=DPParameters("per-layer", 3.0, 1e-5),
-                     dataset_metadata=meta, name="mlp_mixer")
+    model = DP_Model(
+        layers,
+        dp_parameters=DPParameters("per-layer", 3.0, 1e-5),
+        dataset_metadata=meta,
+        name="mlp_mixer",
+    )
     model.build(input_shape=(None, *meta.input_shape))
     return model
 
@@ -205,8 +225,11 @@ def test_deel_lipdps_mlp_mixer_ports_and_keeps_its_bounds(use_residuals):
     from torchdp_keras.per_example import VmapEngine
 
     model = _mlp_mixer(use_residuals)
-    model.compile(loss=LL.DP_TauCategoricalCrossentropy(20.0),
-                  optimizer=keras.optimizers.SGD(0.01, momentum=0.9), metrics=["accuracy"])
+    model.compile(
+        loss=LL.DP_TauCategoricalCrossentropy(20.0),
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+        metrics=["accuracy"],
+    )
     rng = np.random.default_rng(3)
     x = rng.random((12, 16, 16, 3)).astype("float32") * 2
     y = np.eye(10, dtype="float32")[rng.integers(0, 10, 12)]
@@ -258,8 +281,12 @@ def test_private_clip_value_finds_the_norms_and_is_randomised():
 
 def _dynamic_model(patience=2):
     model = DP_Sequential(
-        [keras.Input((6,)), L.DP_BoundedInput(upper_bound=1.0), L.DP_SpectralDense(4),
-         L.DP_ClipGradient(epsilon=0.5, mode="dynamic_svt", patience=patience)],
+        [
+            keras.Input((6,)),
+            L.DP_BoundedInput(upper_bound=1.0),
+            L.DP_SpectralDense(4),
+            L.DP_ClipGradient(epsilon=0.5, mode="dynamic_svt", patience=patience),
+        ],
         dp_parameters=DPParameters("global", 1.5, 1e-5),
         dataset_metadata=tdk.lipschitz.DatasetMetadata(
             (6,), 4, 200, 50, ["a", "b", "c", "d"], 4, 50, 1.0
@@ -299,8 +326,12 @@ def test_dynamic_clipping_is_accounted_as_pure_dp_releases():
 def test_dynamic_clipping_must_be_the_last_layer():
     with pytest.raises(tdk.UnsupportedLayerError, match="last layer"):
         DP_Sequential(
-            [keras.Input((6,)), L.DP_BoundedInput(upper_bound=1.0),
-             L.DP_ClipGradient(epsilon=1.0), L.DP_SpectralDense(4)],
+            [
+                keras.Input((6,)),
+                L.DP_BoundedInput(upper_bound=1.0),
+                L.DP_ClipGradient(epsilon=1.0),
+                L.DP_SpectralDense(4),
+            ],
             dp_parameters=DPParameters("global", 1.5, 1e-5),
             dataset_metadata=tdk.lipschitz.DatasetMetadata(
                 (6,), 4, 200, 50, ["a", "b", "c", "d"], 4, 50, 1.0
@@ -389,8 +420,9 @@ def test_private_clip_value_noise_scales_give_epsilon_dp():
     private_clip_value(np.array([0.2, 0.9, 1.4]), upper, epsilon, rng)
     step = upper / (GRID_POINTS - 1)
     half = epsilon / 2
-    assert [s for s, _ in rng.scales] == pytest.approx([step / half, 2 * step / half,
-                                                        4 * step / half])
+    assert [s for s, _ in rng.scales] == pytest.approx(
+        [step / half, 2 * step / half, 4 * step / half]
+    )
     assert rng.scales[2][1] == GRID_POINTS  # one noise draw per query
 
 
@@ -409,29 +441,52 @@ def test_augmult_views_of_one_image():
     np.testing.assert_array_equal(padded[2:6, 2:6], image)
     np.testing.assert_array_equal(padded[:2, 2:6], image[:2][::-1])  # mirrored border
     rng = np.random.default_rng(0)
-    views, labels = apply_augmult(image, 3, augmult=5, random_flip=True, random_crop=True,
-                                  random_color=False, crop_size=(4, 4, 1), pad=2, rng=rng)
+    views, labels = apply_augmult(
+        image,
+        3,
+        augmult=5,
+        random_flip=True,
+        random_crop=True,
+        random_color=False,
+        crop_size=(4, 4, 1),
+        pad=2,
+        rng=rng,
+    )
     assert views.shape == (5, 4, 4, 1) and labels.tolist() == [3] * 5
     assert len({v.tobytes() for v in views}) > 1  # random crops and flips differ
     for view in views:  # every view is a window of the padded image, maybe flipped
         windows = [padded[i : i + 4, j : j + 4] for i in range(5) for j in range(5)]
         assert any(np.array_equal(view, w) or np.array_equal(view, w[:, ::-1]) for w in windows)
-    same, _ = apply_augmult(image, 0, augmult=0, random_flip=True, random_crop=True,
-                            random_color=False, crop_size=(4, 4, 1), pad=4)
+    same, _ = apply_augmult(
+        image,
+        0,
+        augmult=0,
+        random_flip=True,
+        random_crop=True,
+        random_color=False,
+        crop_size=(4, 4, 1),
+        pad=4,
+    )
     np.testing.assert_array_equal(same[0], image)
     config = default_augmult_config(2)
-    assert config == AugmultConfig(augmult=2, random_crop=True, random_flip=True,
-                                   random_color=False, pad=4)
+    assert config == AugmultConfig(
+        augmult=2, random_crop=True, random_flip=True, random_color=False, pad=4
+    )
     colour = np.random.default_rng(1).random((6, 6, 3)).astype("float32")
-    jittered, _ = AugmultConfig(1, False, False, True).apply(colour, 0, crop_size=(6, 6, 3),
-                                                             rng=rng)
+    jittered, _ = AugmultConfig(1, False, False, True).apply(
+        colour, 0, crop_size=(6, 6, 3), rng=rng
+    )
     assert jittered.shape == (1, 6, 6, 3) and not np.allclose(jittered[0], colour)
 
 
 def test_augmult_loader_weighs_an_example_s_views_as_one_example(mnist_path):
     ds_train, _, meta = load_and_prepare_images_data(
-        "mnist", batch_size=64, bound_fct=bound_clip_value(5.0), multiplicity=3,
-        path=mnist_path, seed=0,
+        "mnist",
+        batch_size=64,
+        bound_fct=bound_clip_value(5.0),
+        multiplicity=3,
+        path=mnist_path,
+        seed=0,
     )
     from torchdp_keras.data.loader import unpack_poisson_batch
 
@@ -443,9 +498,14 @@ def test_augmult_loader_weighs_an_example_s_views_as_one_example(mnist_path):
     assert np.linalg.norm(x.reshape(len(x), -1), axis=1).max() <= 5.0 * (1 + 1e-6)
     assert meta.batch_size == 64 and ds_train.expected_batch_size == 64  # examples, not views
     model = DP_Sequential(
-        [keras.Input((28, 28, 1)), L.DP_BoundedInput(upper_bound=5.0), L.DP_Flatten(),
-         L.DP_SpectralDense(10)],
-        dp_parameters=DPParameters("global", 1.5, 1e-5), dataset_metadata=meta,
+        [
+            keras.Input((28, 28, 1)),
+            L.DP_BoundedInput(upper_bound=5.0),
+            L.DP_Flatten(),
+            L.DP_SpectralDense(10),
+        ],
+        dp_parameters=DPParameters("global", 1.5, 1e-5),
+        dataset_metadata=meta,
     )
     model.compile(optimizer="sgd", loss=LL.DP_TauCategoricalCrossentropy(tau=4.0))
     # One example's three views, weighted 1/3: its gradient is within the example's bound.

@@ -79,8 +79,13 @@ def test_lipschitz_step_leaves_threads_and_global_rng_alone():
     from torchdp_keras.lipschitz.losses import DP_MeanAbsoluteError
 
     model = DP_Sequential(
-        [keras.Input((6, 6, 1)), L.DP_BoundedInput(max_norm=1.0), L.DP_SpectralConv2D(2, 3),
-         L.DP_Flatten(), L.DP_SpectralDense(2)],
+        [
+            keras.Input((6, 6, 1)),
+            L.DP_BoundedInput(max_norm=1.0),
+            L.DP_SpectralConv2D(2, 3),
+            L.DP_Flatten(),
+            L.DP_SpectralDense(2),
+        ],
         dp_parameters=DPParameters("global", 1.0, 1e-5),
         dataset_metadata=DatasetMetadata((6, 6, 1), 2, 100, 10, ["a", "b"], 25, 4, 1.0),
     )

@@ -59,7 +59,9 @@ def test_dp_optimizer_update_equals_dp_model_update_without_noise(kind, num_micr
     actual = _weights_after_one_step(
         model,
         dpo.DPKerasSGDOptimizer(
-            l2_norm_clip=0.3, noise_multiplier=0.0, num_microbatches=num_microbatches,
+            l2_norm_clip=0.3,
+            noise_multiplier=0.0,
+            num_microbatches=num_microbatches,
             learning_rate=0.5,
         ),
         VECTOR_LOSS,
@@ -180,8 +182,11 @@ def test_make_keras_optimizer_class():
 
 def test_dp_optimizer_config_round_trips():
     opt = dpo.DPKerasAdagradOptimizer(
-        l2_norm_clip=2.0, noise_multiplier=0.7, num_microbatches=4,
-        gradient_accumulation_steps=3, learning_rate=0.2,
+        l2_norm_clip=2.0,
+        noise_multiplier=0.7,
+        num_microbatches=4,
+        gradient_accumulation_steps=3,
+        learning_rate=0.2,
     )
     again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert type(again) is dpo.DPKerasAdagradOptimizer
@@ -217,7 +222,9 @@ def _zero_gradient_model(accumulation):
     model = tdk.Model(inputs=inputs, outputs=dense(inputs))
     model.compile(
         optimizer=dpo.DPKerasSGDOptimizer(
-            l2_norm_clip=1.5, noise_multiplier=1.3, gradient_accumulation_steps=accumulation,
+            l2_norm_clip=1.5,
+            noise_multiplier=1.3,
+            gradient_accumulation_steps=accumulation,
             learning_rate=1.0,
         ),
         loss=keras.losses.MeanSquaredError(reduction=None),
@@ -239,7 +246,7 @@ def test_accumulation_adds_noise_once_per_update_of_k_batches():
     for wrong in (2.0, 0.5):  # noise per batch (x2) or normalised per batch (x4 / x2)
         assert abs(update.std() / (wrong * expected) - 1) > 0.25
     # Accounting: one event per update, q = k * batch_size / n.
-    (sigma, q, steps), = model.accountant.history
+    ((sigma, q, steps),) = model.accountant.history
     assert (sigma, q, steps) == (1.3, 1.0, 1)
 
 
@@ -251,7 +258,9 @@ def test_accumulation_equals_one_large_batch_without_noise():
         model(X[:1])
         model.compile(
             optimizer=dpo.DPKerasSGDOptimizer(
-                l2_norm_clip=0.3, noise_multiplier=0.0, gradient_accumulation_steps=accumulation,
+                l2_norm_clip=0.3,
+                noise_multiplier=0.0,
+                gradient_accumulation_steps=accumulation,
                 learning_rate=0.5,
             ),
             loss=VECTOR_LOSS,
@@ -278,8 +287,14 @@ def test_accumulation_must_match_the_poisson_loader():
 
 def test_accumulation_must_match_the_dp_keras_config():
     config = tdk.DPKerasConfig(
-        epsilon=3.0, delta=1e-5, clipping_norm=1.0, batch_size=4, gradient_accumulation_steps=2,
-        train_steps=10, train_size=100, noise_multiplier=5.0,
+        epsilon=3.0,
+        delta=1e-5,
+        clipping_norm=1.0,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        train_steps=10,
+        train_size=100,
+        noise_multiplier=5.0,
     )
     model = tdk.make_private(keras.Sequential(_stack()), config)
     with pytest.raises(tdk.DPConfigError, match=r"=3 \(optimizer\), 2 \(config\)"):
@@ -293,9 +308,16 @@ def test_accumulation_must_match_the_dp_keras_config():
 
 def _config_model(config_steps, optimizer_steps, batch_size=2, train_size=400):
     config = tdk.DPKerasConfig(
-        epsilon=float("inf"), delta=1e-5, clipping_norm=0.3, batch_size=batch_size,
-        gradient_accumulation_steps=config_steps, train_steps=10**6, train_size=train_size,
-        noise_multiplier=0.0, rescale_to_unit_norm=False, seed=0,
+        epsilon=float("inf"),
+        delta=1e-5,
+        clipping_norm=0.3,
+        batch_size=batch_size,
+        gradient_accumulation_steps=config_steps,
+        train_steps=10**6,
+        train_size=train_size,
+        noise_multiplier=0.0,
+        rescale_to_unit_norm=False,
+        seed=0,
     )
     keras.utils.set_random_seed(0)
     model = tdk.make_private(keras.Sequential(_stack()), config)
@@ -345,5 +367,5 @@ def test_a_keras_optimizers_accumulation_becomes_the_dp_accumulation():
     model.compile(optimizer=keras.optimizers.SGD(0.1, gradient_accumulation_steps=4), loss="mse")
     model.fit(np.tile(X, (2, 1)), np.tile(Y, (2, 1)), batch_size=2, epochs=1, verbose=0)
     assert model.dp_steps == 2
-    (sigma, q, steps), = model.accountant.history
+    ((sigma, q, steps),) = model.accountant.history
     assert (sigma, q, steps) == (1.0, 0.5, 2)  # q = 4 * 2 / 16

@@ -147,8 +147,12 @@ def test_config_validation(change, message):
 def test_get_privacy_budget_prints_as_op_tensorflow_and_gives_its_rdp_number(capsys):
     """op_tensorflow's example: RDP 0.2778802396005823; PRV, the default, is lower."""
     rdp = get_privacy_budget(
-        sample_size=100000, batch_size=4, num_epochs=20, noise_multiplier=1.2,
-        target_delta=1e-5, accountant="rdp",
+        sample_size=100000,
+        batch_size=4,
+        num_epochs=20,
+        noise_multiplier=1.2,
+        target_delta=1e-5,
+        accountant="rdp",
     )
     assert rdp == pytest.approx(0.2778802396005823, abs=1e-9)
     lines = capsys.readouterr().out.splitlines()

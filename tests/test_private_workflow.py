@@ -12,8 +12,11 @@ pd = pytest.importorskip("pandas")
 
 def _frames(n=120, seed=0):
     rng = np.random.default_rng(seed)
-    x = pd.DataFrame(rng.normal(size=(n, 2)).astype("float32"), columns=["feature1", "feature2"],
-                     index=np.arange(1000, 1000 + n))
+    x = pd.DataFrame(
+        rng.normal(size=(n, 2)).astype("float32"),
+        columns=["feature1", "feature2"],
+        index=np.arange(1000, 1000 + n),
+    )
     y = pd.Series((x["feature1"] + x["feature2"] > 0).astype("float32"), name="target")
     return x, y
 
@@ -21,8 +24,12 @@ def _frames(n=120, seed=0):
 @pytest.mark.filterwarnings("ignore:torchdp_keras")
 def test_imported_model_trained_on_a_loader_reports_epsilon_and_predicts_frames():
     local = keras.Sequential(
-        [keras.Input((2,)), layers.Dense(16, activation="relu"), layers.Dense(8, activation="relu"),
-         layers.Dense(1, activation="sigmoid")]
+        [
+            keras.Input((2,)),
+            layers.Dense(16, activation="relu"),
+            layers.Dense(8, activation="relu"),
+            layers.Dense(1, activation="sigmoid"),
+        ]
     )
     model = keras.models.model_from_json(local.to_json())
     model.set_weights(local.get_weights())
@@ -43,8 +50,9 @@ def test_imported_model_trained_on_a_loader_reports_epsilon_and_predicts_frames(
         np.testing.assert_array_equal(a, b)
     result = dp_model.predict(x=x, label_columns=["result"], verbose=0)
     assert list(result.columns) == ["result"] and (result.index == x.index).all()
-    np.testing.assert_allclose(result["result"].to_numpy(), model.predict(x.to_numpy(),
-                               verbose=0)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        result["result"].to_numpy(), model.predict(x.to_numpy(), verbose=0)[:, 0], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("mode", ["vmap", "fast"])

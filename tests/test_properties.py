@@ -244,9 +244,11 @@ def _model_argument_errors(kind, dp) -> set[str]:
             bad.add("l2_norm_clip")
         if _nonnegative_float(dp["noise_multiplier"]) is None:
             bad.add("noise_multiplier")
-        if not bad and _positive_float(dp["l2_norm_clip"]) * _nonnegative_float(
-            dp["noise_multiplier"]
-        ) > 1e36:  # the float32 noise would overflow
+        if (
+            not bad
+            and _positive_float(dp["l2_norm_clip"]) * _nonnegative_float(dp["noise_multiplier"])
+            > 1e36
+        ):  # the float32 noise would overflow
             bad.update({"l2_norm_clip", "noise_multiplier"})
         mb = dp["num_microbatches"]
         if mb is not None and not _int_at_least(mb, 1):

@@ -302,4 +302,3 @@ def test_recurrent_rule_forward_equals_keras(float64):
         got = finish(z)
         for a, b in zip(keras.tree.flatten(got), keras.tree.flatten(expected)):
             np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5, atol=1e-7)
-

@@ -231,8 +231,13 @@ def test_undecodable_state_is_refused_without_running_it(raw, match):
 
 def test_state_spent_at_another_sampling_probability_is_refused():
     config = tdk.DPKerasConfig(
-        epsilon=2.0, delta=DELTA, clipping_norm=1.0, batch_size=20,
-        gradient_accumulation_steps=1, train_steps=12, train_size=N,
+        epsilon=2.0,
+        delta=DELTA,
+        clipping_norm=1.0,
+        batch_size=20,
+        gradient_accumulation_steps=1,
+        train_steps=12,
+        train_size=N,
     )
     base = keras.Sequential([keras.Input((6,)), layers.Dense(3)])
     private = tdk.make_private(base, config)

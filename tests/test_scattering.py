@@ -68,7 +68,7 @@ def test_filters_are_wavelets_and_an_averaging_filter():
         assert S.low_pass(size).sum() == pytest.approx(1.0, abs=1e-6)
     # Orientations differ: no two wavelets of one scale are the same filter.
     for j in range(S.J):
-        bank = psi[j * S.L:(j + 1) * S.L].reshape(S.L, -1)
+        bank = psi[j * S.L : (j + 1) * S.L].reshape(S.L, -1)
         gram = np.abs(bank @ bank.conj().T) / np.sum(np.abs(bank) ** 2, axis=1)
         assert np.all(gram[~np.eye(S.L, dtype=bool)] < 0.99)
 
@@ -80,8 +80,7 @@ def test_scattering_equals_the_direct_computation():
     ours = S.scattering(images)
     assert ours.shape == (2, 7, 7, 81) and ours.dtype == np.float32
     for i in range(2):
-        np.testing.assert_allclose(ours[i], reference_scattering(images[i]), rtol=2e-4,
-                                   atol=2e-5)
+        np.testing.assert_allclose(ours[i], reference_scattering(images[i]), rtol=2e-4, atol=2e-5)
 
 
 def test_each_image_is_transformed_on_its_own():
@@ -101,8 +100,9 @@ def test_each_image_is_transformed_on_its_own():
 
 def test_scattering_is_positively_homogeneous():
     images = np.random.default_rng(3).random((2, 28, 28)).astype(np.float32)
-    np.testing.assert_allclose(S.scattering(3.0 * images), 3.0 * S.scattering(images),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        S.scattering(3.0 * images), 3.0 * S.scattering(images), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_group_normalize_standardises_each_group_of_each_example():

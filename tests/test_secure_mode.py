@@ -144,13 +144,17 @@ DP = {"l2_norm_clip": 1.0, "noise_multiplier": 1.0}
     [
         lambda **k: tdk.DPSequential(_stack(), **DP, **k),
         lambda **k: tdk.make_private(keras.Sequential(_stack()), **DP, **k),
-        lambda **k: tdk.PrivateDataLoader(
-            np.zeros((100, 3)), np.zeros(100), batch_size=10, **k
-        ),
+        lambda **k: tdk.PrivateDataLoader(np.zeros((100, 3)), np.zeros(100), batch_size=10, **k),
         lambda **k: PoissonSampler(100, 10, **k),
         lambda **k: tdk.DPKerasConfig(
-            epsilon=1.0, delta=1e-5, clipping_norm=1.0, batch_size=10,
-            gradient_accumulation_steps=1, train_steps=10, train_size=100, **k,
+            epsilon=1.0,
+            delta=1e-5,
+            clipping_norm=1.0,
+            batch_size=10,
+            gradient_accumulation_steps=1,
+            train_steps=10,
+            train_size=100,
+            **k,
         ),
     ],
     ids=["DPSequential", "make_private", "PrivateDataLoader", "PoissonSampler", "DPKerasConfig"],
@@ -165,8 +169,14 @@ def test_a_seed_in_secure_mode_is_an_error(build):
 
 def test_dp_model_with_secure_config_is_secure():
     config = tdk.DPKerasConfig(
-        epsilon=1.0, delta=1e-5, clipping_norm=1.0, batch_size=10,
-        gradient_accumulation_steps=1, train_steps=10, train_size=100, secure_mode=True,
+        epsilon=1.0,
+        delta=1e-5,
+        clipping_norm=1.0,
+        batch_size=10,
+        gradient_accumulation_steps=1,
+        train_steps=10,
+        train_size=100,
+        secure_mode=True,
     )
     model = tdk.make_private(keras.Sequential(_stack()), config)
     assert model.secure_mode is True
@@ -201,8 +211,9 @@ def test_secure_models_are_not_reproducible():
     x = np.random.default_rng(0).normal(size=(BATCH, WIDTH)).astype("float32")
     y = np.zeros((BATCH, WIDTH), dtype="float32")
     updates = [
-        _update(_zero_gradient_model(l2_norm_clip=1.0, noise_multiplier=1.0, secure_mode=True),
-                x, y)
+        _update(
+            _zero_gradient_model(l2_norm_clip=1.0, noise_multiplier=1.0, secure_mode=True), x, y
+        )
         for _ in range(2)
     ]
     assert not np.allclose(updates[0], updates[1])
@@ -218,8 +229,9 @@ def test_secure_loader_draws_fresh_samples_and_fits_a_secure_model():
         return [unpack_poisson_batch(source[i])[3].sum() for i in range(len(source))]
 
     # Each update's sample is drawn once (so its physical batches agree) ...
-    np.testing.assert_array_equal(unpack_poisson_batch(loader[0])[0],
-                                  unpack_poisson_batch(loader[0])[0])
+    np.testing.assert_array_equal(
+        unpack_poisson_batch(loader[0])[0], unpack_poisson_batch(loader[0])[0]
+    )
     # ... and the realised batch sizes vary across updates and loaders.
     sizes = draws(loader) + draws(tdk.PrivateDataLoader(x, y, batch_size=20, secure_mode=True))
     assert len(set(sizes)) > 1

@@ -179,7 +179,11 @@ def test_the_notebooks_compute_dp_sgd_privacy_prints_and_documents_its_conversio
     assert "iterated over 3600 steps satisfies differential privacy with eps = 0.942" in out
     assert "improved conversion" in out
     eps, order = compute_dp_sgd_privacy.compute_dp_sgd_privacy(
-        n=60000, batch_size=250, noise_multiplier=1.3, epochs=15, delta=1e-5,
+        n=60000,
+        batch_size=250,
+        noise_multiplier=1.3,
+        epochs=15,
+        delta=1e-5,
         conversion="classic",
     )
     assert "with eps = 1.18 and delta = 1e-05." in capsys.readouterr().out  # the notebook's

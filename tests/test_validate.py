@@ -128,8 +128,11 @@ def test_fix_mobilenet_at_32x32_has_no_tiny_groups():
 
 def _bn_convnet():
     inner = keras.Sequential(
-        [keras.Input((6, 6, 8)), layers.Conv2D(12, 3, padding="same"),
-         layers.BatchNormalization(name="bn_inner")],
+        [
+            keras.Input((6, 6, 8)),
+            layers.Conv2D(12, 3, padding="same"),
+            layers.BatchNormalization(name="bn_inner"),
+        ],
         name="inner",
     )
     inputs = keras.Input((6, 6, 3))
@@ -149,8 +152,11 @@ def test_fix_replaces_batch_normalization_and_keeps_the_rest():
     assert fixed is not model
     kinds = [type(layer).__name__ for _, layer in tdk.model_checks.iter_layers(fixed)]
     assert "BatchNormalization" not in kinds and kinds.count("GroupNormalization") == 2
-    norms = [layer for _, layer in tdk.model_checks.iter_layers(fixed)
-             if isinstance(layer, layers.GroupNormalization)]
+    norms = [
+        layer
+        for _, layer in tdk.model_checks.iter_layers(fixed)
+        if isinstance(layer, layers.GroupNormalization)
+    ]
     # 6 x 6 positions: 8 channels in 4 groups of 72 values, 12 in 6 groups of 72.
     assert [n.groups for n in norms] == [4, 6]
     assert norms[0].center is False and norms[0].scale is True
@@ -167,6 +173,7 @@ def test_fix_replaces_batch_normalization_and_keeps_the_rest():
 def test_fixed_model_treats_every_example_on_its_own():
     fixed = tdk.fix(_bn_convnet())
     x = np.random.default_rng(0).normal(size=(5, 6, 6, 3)).astype("float32")
+
     def run(batch):
         return keras.ops.convert_to_numpy(fixed(batch, training=True))
 

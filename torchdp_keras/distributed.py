@@ -99,9 +99,10 @@ def all_reduce_sum_(tensors: list[torch.Tensor], scalars: list[float] = ()) -> l
     if not tensors:
         raise DPConfigError("Expected at least one tensor to all-reduce. Received: []")
     first = tensors[0]
-    flat = torch.cat([t.reshape(-1) for t in tensors] + [
-        torch.tensor(list(scalars), dtype=first.dtype, device=first.device)
-    ])
+    flat = torch.cat(
+        [t.reshape(-1) for t in tensors]
+        + [torch.tensor(list(scalars), dtype=first.dtype, device=first.device)]
+    )
     torch.distributed.all_reduce(flat)
     offset = 0
     for t in tensors:

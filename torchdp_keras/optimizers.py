@@ -301,9 +301,7 @@ VectorizedDPKerasAdagradOptimizer = tf_privacy_named_class(
 # TF Privacy's vectorized TF1 optimizers.
 _VECTORIZED_TF1 = "privacy.optimizers.dp_optimizer_vectorized"
 VectorizedDPSGD = tf_privacy_named_class(DPKerasSGDOptimizer, "VectorizedDPSGD", _VECTORIZED_TF1)
-VectorizedDPAdam = tf_privacy_named_class(
-    DPKerasAdamOptimizer, "VectorizedDPAdam", _VECTORIZED_TF1
-)
+VectorizedDPAdam = tf_privacy_named_class(DPKerasAdamOptimizer, "VectorizedDPAdam", _VECTORIZED_TF1)
 VectorizedDPAdagrad = tf_privacy_named_class(
     DPKerasAdagradOptimizer, "VectorizedDPAdagrad", _VECTORIZED_TF1
 )

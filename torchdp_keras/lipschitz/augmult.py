@@ -149,8 +149,9 @@ class AugmultConfig:
 
 def default_augmult_config(multiplicity: int) -> AugmultConfig:
     """deel-lipdp's default: crops and flips, no colour jitter."""
-    return AugmultConfig(augmult=multiplicity, random_flip=True, random_crop=True,
-                         random_color=False)
+    return AugmultConfig(
+        augmult=multiplicity, random_flip=True, random_crop=True, random_color=False
+    )
 
 
 class AugmultLoader(PrivateDataLoader):
@@ -179,8 +180,10 @@ class AugmultLoader(PrivateDataLoader):
         batch = super().__getitem__(index)[POISSON_BATCH_KEY]
         x, y, mask = batch["x"], batch["y"], batch["mask"]
         views, labels = zip(
-            *[self.config.apply(image, label, crop_size=x.shape[1:], rng=self._rng)
-              for image, label in zip(x, y)]
+            *[
+                self.config.apply(image, label, crop_size=x.shape[1:], rng=self._rng)
+                for image, label in zip(x, y)
+            ]
         )
         x_views, y_views = self._bound(np.concatenate(views), np.concatenate(labels))
         weights = np.repeat(mask, self.augmult) / self.augmult

@@ -94,8 +94,10 @@ class AdaptiveLossGradientClipping(keras.callbacks.Callback):
 
     def _batch(self):
         data = self.ds_train
-        if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(
-            data, (tuple, list)
+        if (
+            hasattr(data, "__getitem__")
+            and hasattr(data, "__len__")
+            and not isinstance(data, (tuple, list))
         ):
             batch = data[0]
             poisson = unpack_poisson_batch(batch)

@@ -108,8 +108,10 @@ class DPParameters:
 
     def __post_init__(self):
         _validation.check_noise_multiplier(self.noise_multiplier)
-        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not (
-            0 < self.delta < 1
+        if (
+            isinstance(self.delta, bool)
+            or not isinstance(self.delta, (int, float))
+            or not (0 < self.delta < 1)
         ):
             raise DPConfigError(f"Expected 0 < delta < 1. Received: delta={self.delta!r}")
 
@@ -602,8 +604,9 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self._noise_multiplier = accounting_noise_multiplier(self)
         self._record_step()
         if self.debug:
-            logger.info("torchdp_keras.lipschitz: step %d, gradient bounds %s",
-                        self.dp_steps, bounds)
+            logger.info(
+                "torchdp_keras.lipschitz: step %d, gradient bounds %s", self.dp_steps, bounds
+            )
         real = batch if mask is None else int(keep.sum())
         counted = real
         if weights is not None:  # examples, not rows (augmented views weigh 1/m each)
@@ -727,9 +730,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
     def noise_stds(self) -> dict[str, float]:
         """`{variable.path: std}` of the noise a step adds to the batch-mean gradient."""
-        return _noise_stds(
-            self, compute_gradient_bounds(self), self.dp_parameters.noisify_strategy
-        )
+        return _noise_stds(self, compute_gradient_bounds(self), self.dp_parameters.noisify_strategy)
 
     # -- saving ------------------------------------------------------------------------
     def _lipschitz_config(self) -> dict:
@@ -900,4 +901,3 @@ class LayerStack(keras.Model):
             for c in config.pop("stacked_layers")
         ]
         return cls(stacked, **config)
-

@@ -102,8 +102,19 @@ class _Batches(keras.utils.PyDataset):
         return self.x[window], self.y[window]
 
 
-def _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder, classes,
-             class_names, seed, multiplicity=0):
+def _prepare(
+    x_train,
+    y_train,
+    x_test,
+    y_test,
+    batch_size,
+    bound_fct,
+    drop_remainder,
+    classes,
+    class_names,
+    seed,
+    multiplicity=0,
+):
     from torchdp_keras.data import PrivateDataLoader
 
     batch_size = check_int(batch_size, "batch_size")
@@ -115,8 +126,9 @@ def _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remai
         from torchdp_keras.lipschitz.augmult import AugmultLoader, default_augmult_config
 
         # The views are bounded, after augmentation (deel-lipdp's order).
-        loader = AugmultLoader(x_train, y_train, batch_size,
-                               default_augmult_config(multiplicity), bound, seed=seed)
+        loader = AugmultLoader(
+            x_train, y_train, batch_size, default_augmult_config(multiplicity), bound, seed=seed
+        )
     else:
         x_train, y_train = bound(x_train, y_train)
         loader = PrivateDataLoader(x_train, y_train, batch_size=batch_size, seed=seed)
@@ -136,12 +148,18 @@ def _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remai
 # TensorFlow's (tf.image) RGB -> YIQ and RGB -> YUV matrices (columns: Y, I/U, Q/V).
 _RGB_TO = {
     "YIQ": np.array(
-        [[0.299, 0.59590059, 0.2115], [0.587, -0.27455667, -0.52273617],
-         [0.114, -0.32134392, 0.31119955]]
+        [
+            [0.299, 0.59590059, 0.2115],
+            [0.587, -0.27455667, -0.52273617],
+            [0.114, -0.32134392, 0.31119955],
+        ]
     ),
     "YUV": np.array(
-        [[0.299, -0.14714119, 0.61497538], [0.587, -0.28886916, -0.51496512],
-         [0.114, 0.43601035, -0.10001026]]
+        [
+            [0.299, -0.14714119, 0.61497538],
+            [0.587, -0.28886916, -0.51496512],
+            [0.114, 0.43601035, -0.10001026],
+        ]
     ),
 }
 
@@ -286,8 +304,19 @@ def load_and_prepare_images_data(
     classes = int(max(y_train.max(), y_test.max())) + 1
     y_train = np.eye(classes, dtype="float32")[y_train]
     y_test = np.eye(classes, dtype="float32")[y_test]
-    return _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder,
-                    classes, [str(i) for i in range(classes)], seed, multiplicity)
+    return _prepare(
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        batch_size,
+        bound_fct,
+        drop_remainder,
+        classes,
+        [str(i) for i in range(classes)],
+        seed,
+        multiplicity,
+    )
 
 
 load_and_prepare_data = load_and_prepare_images_data
@@ -363,5 +392,15 @@ def prepare_tabular_data(
     x_train, x_test = (np.asarray(a, dtype="float32") for a in (x_train, x_test))
     y_train, y_test = (np.asarray(a, dtype="float32") for a in (y_train, y_test))
     classes = int(y_train.shape[-1]) if y_train.ndim > 1 else int(np.unique(y_train).shape[0])
-    return _prepare(x_train, y_train, x_test, y_test, batch_size, bound_fct, drop_remainder,
-                    classes, [str(i) for i in range(classes)], seed)
+    return _prepare(
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        batch_size,
+        bound_fct,
+        drop_remainder,
+        classes,
+        [str(i) for i in range(classes)],
+        seed,
+    )

@@ -262,8 +262,9 @@ def add_secure_noise_and_scale_(
         for t in tensors:
             if noise_std > 0:
                 # A strided tensor gets its noise through a contiguous buffer.
-                target = t if t.is_contiguous() else torch.zeros(t.shape, dtype=t.dtype,
-                                                                 device=t.device)
+                target = (
+                    t if t.is_contiguous() else torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+                )
                 flat = target.view(-1)
                 for start in range(0, flat.numel(), _SECURE_CHUNK):
                     part = flat[start : start + _SECURE_CHUNK]

@@ -336,9 +336,7 @@ class FastEngine:
         try:
             for leaf in leaves:
                 if self._rules[id(leaf)].recomputes_in_hooks:
-                    handles.append(
-                        leaf.register_forward_pre_hook(no_grad_before, with_kwargs=True)
-                    )
+                    handles.append(leaf.register_forward_pre_hook(no_grad_before, with_kwargs=True))
                     handles.append(
                         leaf.register_forward_hook(
                             restore_grad, with_kwargs=True, always_call=True, prepend=True

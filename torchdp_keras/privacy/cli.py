@@ -60,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.target_epsilon, args.delta, q, steps, accountant=args.accountant
             )
             spent = get_privacy_budget(
-                args.n, args.batch_size, args.epochs, sigma, args.delta, args.accountant,
+                args.n,
+                args.batch_size,
+                args.epochs,
+                sigma,
+                args.delta,
+                args.accountant,
                 verbose=False,
             )
             print(

@@ -181,4 +181,3 @@ class DP_LayerCentering(keras.layers.Layer, NormPreservingDPLayer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-

@@ -81,8 +81,7 @@ class DP_ClipGradient(keras.layers.Layer, NormPreservingDPLayer):
     ) -> None:
         if mode not in (None, "fixed", "dynamic", "dynamic_svt"):
             raise DPConfigError(
-                "Expected mode None, 'fixed', 'dynamic' or 'dynamic_svt'. Received: "
-                f"mode={mode!r}"
+                f"Expected mode None, 'fixed', 'dynamic' or 'dynamic_svt'. Received: mode={mode!r}"
             )
         if mode == "dynamic_svt" and clip_value is not None:
             raise DPConfigError(
