@@ -14,6 +14,7 @@ import torchdp_keras as tdk
 from torchdp_keras.accounting import PRVAccountant
 from torchdp_keras.config import DPKerasConfig
 from torchdp_keras.data import POISSON_BATCH_KEY, PoissonSampler, padded_size
+from torchdp_keras.data.sampling_plan import SamplingPlan
 from torchdp_keras.errors import DPConfigError
 
 N, B, DRAWS = 1000, 50, 500
@@ -147,7 +148,7 @@ def test_padding_rows_change_nothing_even_when_not_finite():
     plain, padded = _dp_model(), _dp_model()
     padded.set_weights(plain.get_weights())
     for model in (plain, padded):
-        model._use_loader(loader, None, None, None)
+        model._use_sampling_plan(SamplingPlan.from_loader(loader))
     plain.train_on_batch(_poisson_batch(x, y, np.ones(5)))
     junk_x = np.concatenate([x, np.full((3, 4), np.nan, "float32")])
     junk_y = np.concatenate([y, np.full((3, 1), 1e30, "float32")])
@@ -166,7 +167,7 @@ def test_update_is_normalised_by_the_expected_batch_size():
     model = tdk.make_private(base, l2_norm_clip=100.0, noise_multiplier=0.0)
     model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
     loader = tdk.PrivateDataLoader(np.zeros((40, 4), "float32"), np.zeros((40, 1)), batch_size=8)
-    model._use_loader(loader, None, None, None)
+    model._use_sampling_plan(SamplingPlan.from_loader(loader))
     model.train_on_batch(_poisson_batch(x, y, np.ones(2)))
     # per-example gradients are -2 y x; their sum over the *expected* batch of 8
     np.testing.assert_allclose(base.get_weights()[0][:, 0], [2 / 8, 2 / 8, 0, 0], rtol=1e-6)
@@ -183,7 +184,7 @@ def test_empty_draws_still_take_a_noisy_step():
     assert model.dp_steps == 100
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    model._use_loader(loader, None, None, None)
+    model._use_sampling_plan(SamplingPlan.from_loader(loader))
     logs = model.train_on_batch(
         _poisson_batch(x.to_numpy()[:8], y.to_numpy()[:8], np.zeros(8)), return_dict=True
     )

@@ -10,6 +10,7 @@ from helpers import Scale, reference_clipped_sum
 from keras import layers
 
 import torchdp_keras as tdk
+from torchdp_keras.data.sampling_plan import SamplingPlan
 from torchdp_keras.errors import UnsupportedLayerError
 from torchdp_keras.per_example import (
     FastEngine,
@@ -645,8 +646,8 @@ def test_updates_are_identical_across_modes(graph):
             model.train_on_batch(x, y)
         results[mode] = model.get_weights()
         if mode != "vmap":
-            assert isinstance(model._dp_engine, FastEngine)
-            assert not model._dp_engine.slow_layers
+            assert isinstance(model._get_dp_engine(), FastEngine)
+            assert not model._get_dp_engine().slow_layers
     for mode in ("fast", "auto"):
         for a, b in zip(results[mode], results["vmap"]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -681,7 +682,7 @@ def test_shared_layers_are_refused_by_fast_and_routed_to_vmap_by_auto(caplog):
     with caplog.at_level(logging.WARNING):
         auto.train_on_batch(x, y)
     assert "uses per-example gradients" in caplog.text
-    assert isinstance(auto._dp_engine, VmapEngine)
+    assert isinstance(auto._get_dp_engine(), VmapEngine)
     vmap.train_on_batch(x, y)
     for a, b in zip(auto.get_weights(), vmap.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5)
@@ -708,7 +709,7 @@ def test_padding_and_sample_weights_on_the_fast_path():
         model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
         init = init or model.get_weights()
         model.set_weights(init)
-        model._use_loader(loader, None, None, None)
+        model._use_sampling_plan(SamplingPlan.from_loader(loader))
         batch = {"x": x, "y": y, "sample_weight": w, "mask": mask}
         logs = model.train_on_batch({POISSON_BATCH_KEY: batch}, return_dict=True)
         results[mode] = (model.get_weights(), logs["loss"])
@@ -833,7 +834,7 @@ def test_subclassed_models_take_the_fast_path_and_match_the_per_example_engine(k
     if kind == "make_private":
         # Dropout inside the walked block: a step through the DP model runs.
         model.train_on_batch(x, y)
-        assert isinstance(model._dp_engine, FastEngine)
+        assert isinstance(model._get_dp_engine(), FastEngine)
     hooks = [len(layer._forward_hooks) for layer in model._flatten_layers()]
     assert hooks == [0] * len(hooks)  # the taps are gone after the step
 
@@ -883,7 +884,7 @@ def test_subclassed_models_that_share_weights_are_refused_by_fast_and_use_vmap_i
     auto.compile(optimizer="sgd", loss="mse")
     with caplog.at_level(logging.WARNING):
         auto.train_on_batch(x, y)
-    assert isinstance(auto._dp_engine, VmapEngine)
+    assert isinstance(auto._get_dp_engine(), VmapEngine)
     assert "uses per-example gradients" in caplog.text
 
 

@@ -298,7 +298,7 @@ def _dynamic_model(patience=2):
 
 def test_dynamic_clipping_is_accounted_as_pure_dp_releases():
     model = _dynamic_model(patience=2)
-    assert isinstance(model._accountant, tdk.RDPAccountant)
+    assert isinstance(model.accountant, tdk.RDPAccountant)
     hand = tdk.RDPAccountant()
     hand.compose(1.5, 50 / 200, 5 * 4)
     hand.compose_pure_dp(0.5, 3)  # releases at epochs 0, 2 and 4 of 5
@@ -313,7 +313,7 @@ def test_dynamic_clipping_is_accounted_as_pure_dp_releases():
     history = model.fit(loader, epochs=3, verbose=0, callbacks=[callback])
     layer = model.layers[-1]
     assert 0 < layer.clip_value <= math.sqrt(2)  # started at L = sqrt 2, then released values
-    assert model._accountant.pure_dp_history == [(0.5, 2)]  # epochs 0 and 2
+    assert model.accountant.pure_dp_history == [(0.5, 2)]  # epochs 0 and 2
     spent = tdk.RDPAccountant()
     spent.compose(1.5, 50 / 200, model.dp_steps)
     spent.compose_pure_dp(0.5, 2)

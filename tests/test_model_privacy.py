@@ -210,7 +210,7 @@ def test_private_model_with_config_round_trips(tmp_path):
     path = tmp_path / "p.keras"
     model.save(path)
     loaded = keras.models.load_model(path)
-    assert loaded._dp_keras_config == model._dp_keras_config
+    assert loaded.dp_keras_config == model.dp_keras_config
     assert loaded.dp_steps == 10
     with pytest.raises(PrivacyBudgetExceededError):
         with warnings.catch_warnings():

@@ -303,7 +303,7 @@ def test_dp_model_constructors_accept_valid_and_refuse_invalid_arguments(kind, d
     assert model.clipping_mode == dp["clipping_mode"]
     assert model.secure_mode is dp["secure_mode"]
     seed = dp["seed"]
-    assert model._dp_seed == (None if seed is None else int(seed))
+    assert model.dp_settings.seed == (None if seed is None else int(seed))
 
 
 @pytest.mark.parametrize("kind", ("DPSequential", "make_private"))

@@ -150,7 +150,7 @@ def test_noise_keys_are_distinct_per_update():
     model = _model()
     keys = set()
     for step in range(200):
-        model._dp_steps_taken = step
+        model.privacy_ledger.steps = step
         keys.add(model._noise_key())
     assert len(keys) == 200
 

@@ -112,7 +112,7 @@ class DPAccountant(keras.callbacks.Callback):
         self._allowed_steps = None
         if self.target_epsilon is not None:
             model = self.model
-            q = model._sampling_probability
+            q = model.privacy_ledger.sampling_probability
             if q is None:
                 raise DPConfigError(
                     "target_epsilon needs a known sampling probability (array inputs to "

@@ -11,7 +11,6 @@ the moving statistics it updates are released without noise.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 from torchdp_keras._backend import check_torch_backend
 
@@ -20,37 +19,9 @@ check_torch_backend()
 import keras  # noqa: E402
 
 from torchdp_keras.errors import DPConfigError, UnsupportedLayerError  # noqa: E402
-
-
-def iter_layers(
-    model: keras.layers.Layer, *, prefix: str | None = None, include_root: bool = False
-) -> Iterator[tuple[str, keras.layers.Layer]]:
-    """Yields `(path, layer)` for every layer nested in `model`, depth first.
-
-    The path joins layer names with "/" starting from `prefix` (default: the
-    model's own name), e.g. ``"classifier/block_1/batch_normalization"``. A
-    layer reachable twice (shared weights) is yielded once, at its first path.
-
-    Args:
-        model: The root layer.
-        prefix: Path of the root; defaults to `model.name`.
-        include_root: Also yield `(prefix, model)` first.
-    """
-    prefix = model.name if prefix is None else prefix
-    seen = {id(model)}
-    if include_root:
-        yield prefix, model
-
-    def walk(layer, prefix):
-        for child in layer._flatten_layers(include_self=False, recursive=False):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = f"{prefix}/{child.name}"
-            yield path, child
-            yield from walk(child, path)
-
-    yield from walk(model, prefix)
+from torchdp_keras.model_walk import iter_layers  # noqa: E402
+from torchdp_keras.per_example.fast_engine import FastEngine, FastPathUnsupported  # noqa: E402
+from torchdp_keras.per_example.registry import make_default_layer_registry  # noqa: E402
 
 
 def example_mixing_layers(
@@ -151,9 +122,6 @@ def find_problems(
 
 
 def _fast_path_problems(model: keras.Model, layer_registry) -> list[ModelProblem]:
-    from torchdp_keras.per_example import FastEngine, make_default_layer_registry
-    from torchdp_keras.per_example.fast_engine import FastPathUnsupported
-
     registry = layer_registry if layer_registry is not None else make_default_layer_registry()
     try:
         FastEngine(model, registry, fallback=None)
@@ -269,30 +237,3 @@ def validate(
     if strict and problems:
         raise problems_error(problems)
     return problems
-
-
-def seed_state_ids(model: keras.layers.Layer) -> set[int]:
-    """`id`s of the state variables of every SeedGenerator in `model`.
-
-    These non-trainable variables change every step without depending on
-    data (random layers draw fresh masks); any other non-trainable variable
-    updated in the training pass is state computed from the data.
-    """
-    ids = set()
-    for layer in [model] + [layer for _, layer in iter_layers(model)]:
-        for seed_generator in getattr(layer, "_seed_generators", ()):
-            ids.add(id(seed_generator.state))
-    return ids
-
-
-def data_updated_state_error(paths: list[str]) -> UnsupportedLayerError:
-    """The error for non-trainable variables updated from the training data."""
-    listed = "\n".join(f"  - {p}" for p in paths)
-    return UnsupportedLayerError(
-        "These non-trainable variables are updated from the training data during the "
-        f"forward pass:\n{listed}\n"
-        "DP-SGD only privatises the gradient step; state computed directly from the "
-        "data (such as moving statistics) would be released without noise. Freeze the "
-        "layers that own them (`trainable=False`) or replace them.",
-        layer_paths=paths,
-    )

@@ -137,7 +137,7 @@ class AdaptiveLossGradientClipping(keras.callbacks.Callback):
         value = private_clip_value(self._loss_gradient_norms(), upper, layer.epsilon, self._rng)
         # A clipping value of 0 would stop training; the grid's first point is 0.
         layer.clip_value = max(value, upper / (GRID_POINTS - 1))
-        self.model._accountant.compose_pure_dp(layer.epsilon)
+        self.model.accountant.compose_pure_dp(layer.epsilon)
         if logs is not None:
             logs["clipping_value"] = layer.clip_value
             if "epsilon" in logs:  # logged by a DPAccountant that ran before this release

@@ -41,6 +41,7 @@ from torchdp_keras.callbacks import DPAccountant
 from torchdp_keras.errors import DPConfigError, DPError, UnsupportedLayerError
 from torchdp_keras.lipschitz.dynamic import AdaptiveLossGradientClipping
 from torchdp_keras.lipschitz.layers import DP_BoundedInput, DPLayer
+from torchdp_keras.accounting.ledger import PrivacyLedger
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 
@@ -432,20 +433,19 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 "Expected dataset_metadata to be a torchdp_keras.lipschitz.DatasetMetadata. "
                 f"Received: dataset_metadata={dataset_metadata!r}"
             )
-        self._init_privacy_tracking()
+        self._init_privacy_tracking(
+            PrivacyLedger(
+                sampling_probability=dataset_metadata.batch_size
+                / dataset_metadata.nb_samples_train,
+                train_size=dataset_metadata.nb_samples_train,
+                target_delta=dp_parameters.delta,
+            )
+        )
         self.dp_parameters = dp_parameters
         self.dataset_metadata = dataset_metadata
         self.debug = bool(debug)
-        # Set from accounting_noise_multiplier before each step is recorded.
-        self._noise_multiplier = float(dp_parameters.noise_multiplier)
-        self._target_delta = dp_parameters.delta
-        self._train_size = dataset_metadata.nb_samples_train
-        self._sampling_probability = dataset_metadata.batch_size / dataset_metadata.nb_samples_train
         self._noise_generator = None
         self._noise_seed = secrets.randbits(63)  # OS entropy; the global torch RNG is untouched
-        self._poisson_expected_batch_size = None
-        self._optimizer_accumulation_steps = 1
-        self._accumulation_steps = 1
         self._dp_loss = None
 
     def _check_dp_layers(self) -> None:
@@ -492,14 +492,9 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 "is chosen from the loss gradients at the output. Received: " + ", ".join(paths),
                 layer_paths=paths,
             )
-        if not isinstance(self._accountant, RDPAccountant):
-            if self._accountant.steps:
-                raise DPConfigError(
-                    "A dynamic DP_ClipGradient cannot be added after training steps were "
-                    "accounted with the PRV accountant."
-                )
+        if not isinstance(self.accountant, RDPAccountant):
             # Its releases are pure-DP mechanisms, which the RDP accountant composes.
-            self._accountant = RDPAccountant()
+            self.privacy_ledger.use_accountant(RDPAccountant())
 
     def dynamic_clipping(self):
         """The last layer when it is a dynamic `DP_ClipGradient`, else None."""
@@ -519,9 +514,6 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             self._noise_generator = torch.Generator(device=device)
             self._noise_generator.manual_seed(self._noise_seed)
         return self._noise_generator
-
-    def _reset_accumulation(self) -> None:  # fit() hook; no accumulation here
-        pass
 
     def _loss_lipschitz_constant(self) -> float:
         if self._dp_loss is None:
@@ -568,7 +560,9 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
     def train_step(self, data):
         x, y, sample_weight, mask = self._unpack(data)
-        if mask is not None and self._poisson_expected_batch_size is None:
+        plan = self.sampling_plan
+        expected_batch = None if plan is None else plan.expected_batch_size
+        if mask is not None and expected_batch is None:
             raise DPConfigError(
                 "Received a PrivateDataLoader batch outside fit(): pass the loader to fit()."
             )
@@ -595,14 +589,13 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         planned = self.dataset_metadata.batch_size
         bounds = compute_gradient_bounds(self)
         grads = _noisify(self, bounds, trainable, [g / planned for g in grads], strategy)
-        normaliser = self._poisson_expected_batch_size if mask is not None else batch
+        normaliser = expected_batch if mask is not None else batch
         grads = [g * (planned / max(1, normaliser)) for g in grads]
         with torch.no_grad():
             self.optimizer.apply(grads, trainable)
             for layer in _dp_layers(self):
                 layer.project()
-        self._noise_multiplier = accounting_noise_multiplier(self)
-        self._record_step()
+        self.privacy_ledger.record_update(accounting_noise_multiplier(self))
         if self.debug:
             logger.info(
                 "torchdp_keras.lipschitz: step %d, gradient bounds %s", self.dp_steps, bounds
@@ -810,7 +803,7 @@ class DP_Sequential(LipschitzDPMixin, keras.Sequential):  # noqa: N801 (deel-lip
         model = cls(layers=layers, name=config.get("name"), **dp)
         if not model._functional and build_input_shape:
             model.build(build_input_shape)
-        model._restore_privacy_state(state)
+        model.privacy_ledger.load_state_dict(state)
         return model
 
 
@@ -864,7 +857,7 @@ class DP_Model(LipschitzDPMixin, keras.Model):  # noqa: N801 (deel-lipdp's name)
         config = dict(config)
         dp, state, layers = cls._pop_lipschitz_config(config, "dp_layers", custom_objects)
         model = cls(layers, name=config.get("name"), **dp)
-        model._restore_privacy_state(state)
+        model.privacy_ledger.load_state_dict(state)
         return model
 
 

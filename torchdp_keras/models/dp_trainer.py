@@ -1,4 +1,4 @@
-"""The DP-SGD training step shared by every DP model class.
+"""The DP-SGD training step shared by every per-example DP model class.
 
 `DPTrainerMixin` replaces Keras's torch `train_step` with DP-SGD:
 
@@ -14,15 +14,20 @@
 Guarantee: one step is the Gaussian mechanism with sensitivity `C` (with
 respect to adding or removing one unit) and noise multiplier `sigma`; the
 privacy accounting of the whole run composes these steps.
+
+Who owns what: the model's `dp_settings` (a frozen `DPSettings`, as given to
+the constructor), its `privacy_ledger` (a `PrivacyLedger`: what was spent),
+the `sampling_plan` of the current `fit` (a `SamplingPlan`), and the step's
+own runtime state (`DPStepState`: the settings in effect after compile, the
+engine, the noise seed, the accumulation).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import numbers
 import random
 import secrets
-import warnings
 
 import keras
 import numpy as np
@@ -30,8 +35,9 @@ import torch
 from keras import tree
 
 from torchdp_keras import _validation, distributed
+from torchdp_keras.accounting.ledger import PrivacyLedger
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.model_checks import check_per_example_privacy, iter_layers
+from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 from torchdp_keras.ops import add_noise_and_scale_, add_secure_noise_and_scale_
@@ -41,204 +47,68 @@ from torchdp_keras.optimizers import (
     private_apply,
 )
 from torchdp_keras.per_example import (
-    WHOLE_MODEL,
     ClippingPlan,
-    FastEngine,
-    FastPathUnsupported,
+    EngineSelection,
     LayerRegistry,
-    PerExampleGradientRule,
-    VmapEngine,
-    describe_slow_layers,
-    make_default_layer_registry,
+    make_engine,
 )
+from torchdp_keras.settings import DPSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DP_CONFIG_KEYS", "PRIVACY_STATE_KEY", "DPTrainerMixin", "validate_dp_arguments"]
-
-DP_CONFIG_KEYS = (
-    "l2_norm_clip",
-    "noise_multiplier",
-    "num_microbatches",
-    "use_xla",
-    "seed",
-    "clipping_mode",
-    "secure_mode",
-)
-CLIPPING_MODES = ("auto", "fast", "vmap")
-# Largest noise std the step accepts: float32 noise values (up to ~40 std in
-# the fused kernel's tails) and their sum with the clipped gradients stay finite.
-MAX_NOISE_STD = 1e36
-# The settings a DP optimizer may carry instead of the model.
-_OPTIMIZER_KEYS = ("l2_norm_clip", "noise_multiplier", "num_microbatches")
+__all__ = ["PRIVACY_STATE_KEY", "DPStepState", "DPTrainerMixin"]
 
 
-def validate_dp_arguments(
-    *,
-    l2_norm_clip,
-    noise_multiplier,
-    num_microbatches=None,
-    use_xla=False,
-    seed=None,
-    clipping_mode="auto",
-    layer_registry=None,
-    secure_mode=False,
-    required=True,
-) -> dict:
-    """Checks the DP keyword arguments and returns them normalised.
+@dataclasses.dataclass
+class DPStepState:
+    """The DP-SGD step's own state; one per model, declared here and nowhere else.
 
-    With `required=False` (`torchdp_keras.Model`), `l2_norm_clip` and
-    `noise_multiplier` may both be None: a DP optimizer supplies them at
-    `compile` time.
+    Attributes:
+        settings: The DP settings in effect: the model's `dp_settings`,
+            completed at `compile` by a DP optimizer's.
+        noise_seed: Seed of the noise stream (keyed by update number).
+        layer_rng: Draws the random layers' seed of each step.
+        rescale_to_unit_norm: Divide the update by `C` too (JAX Privacy's option).
+        microbatch_size: Examples per chunk of the whole-model engine.
+        optimizer_accumulation_steps: Batches per update the DP optimizer asks.
+        keras_accumulation_steps: The Keras optimizer's own accumulation
+            (then equal to the DP one), or None.
+        engine: The engine selection, built at the first step.
+        accum_grads, accum_batches, accum_units: The clipped sums of the
+            batches of the update in progress, and their counts.
+        nonfinite_logged_at: Update number of the last non-finite warning.
+        rebuilt_from_config: The model came from a config without its state.
+        distributed_synced: Rank 0's weights were broadcast.
     """
-    missing = [
-        name
-        for name, value in (("l2_norm_clip", l2_norm_clip), ("noise_multiplier", noise_multiplier))
-        if value is NOT_GIVEN
-    ]
-    if missing and required:
-        # Python's own kind of error for a missing required argument.
-        raise TypeError(
-            f"Missing required argument(s) {', '.join(missing)}: give l2_norm_clip and "
-            "noise_multiplier as keywords, or first and by position in TF Privacy's order."
-        )
-    l2_norm_clip = None if l2_norm_clip is NOT_GIVEN else l2_norm_clip
-    noise_multiplier = None if noise_multiplier is NOT_GIVEN else noise_multiplier
-    if not required and l2_norm_clip is None and noise_multiplier is None:
-        if num_microbatches is not None:
-            raise DPConfigError(
-                "Expected num_microbatches together with l2_norm_clip and noise_multiplier "
-                "(or all three on the DP optimizer). Received: "
-                f"num_microbatches={num_microbatches!r}, l2_norm_clip=None, "
-                "noise_multiplier=None"
-            )
-        settings = validate_dp_arguments(
-            l2_norm_clip=1.0,
-            noise_multiplier=0.0,
-            use_xla=use_xla,
-            seed=seed,
-            clipping_mode=clipping_mode,
-            layer_registry=layer_registry,
-            secure_mode=secure_mode,
-        )
-        return {**settings, "l2_norm_clip": None, "noise_multiplier": None}
-    if not isinstance(clipping_mode, str) or clipping_mode not in CLIPPING_MODES:
-        raise DPConfigError(
-            f"Expected clipping_mode in {CLIPPING_MODES}. Received: clipping_mode={clipping_mode!r}"
-        )
-    if layer_registry is None:
-        layer_registry = make_default_layer_registry()
-    elif not isinstance(layer_registry, LayerRegistry):
-        raise DPConfigError(
-            "Expected layer_registry to be a torchdp_keras.LayerRegistry. "
-            f"Received: layer_registry={layer_registry!r}"
-        )
-    l2_norm_clip = _validation.check_l2_norm_clip(l2_norm_clip)
-    noise_multiplier = _validation.check_noise_multiplier(noise_multiplier)
-    if noise_multiplier * l2_norm_clip > MAX_NOISE_STD:
-        raise DPConfigError(
-            f"Expected noise_multiplier * l2_norm_clip <= {MAX_NOISE_STD:g}: the noise is "
-            "added in float32, where a larger standard deviation overflows to inf. "
-            f"Received: noise_multiplier={noise_multiplier}, l2_norm_clip={l2_norm_clip}"
-        )
-    return {
-        "clipping_mode": clipping_mode,
-        "layer_registry": layer_registry,
-        "l2_norm_clip": l2_norm_clip,
-        "noise_multiplier": noise_multiplier,
-        "num_microbatches": _validation.check_optional_positive_int(
-            num_microbatches, "num_microbatches"
-        ),
-        "use_xla": _validation.check_bool(use_xla, "use_xla"),
-        "seed": _validation.check_seed(seed),
-        "secure_mode": _validation.check_secure_mode(secure_mode, seed),
-    }
 
+    settings: DPSettings
+    noise_seed: int
+    layer_rng: random.Random
+    rescale_to_unit_norm: bool = False
+    microbatch_size: int | None = None
+    optimizer_accumulation_steps: int = 1
+    keras_accumulation_steps: int | None = None
+    engine: EngineSelection | None = None
+    accum_grads: list | None = None
+    accum_batches: int = 0
+    accum_units: int = 0
+    nonfinite_logged_at: int | None = None
+    rebuilt_from_config: bool = False
+    distributed_synced: bool = False
 
-class _NotGiven:
-    """Default of the required DP arguments: tells "not given" from an explicit None."""
+    def reset_accumulation(self) -> None:
+        """Drops the update in progress."""
+        self.accum_grads, self.accum_batches, self.accum_units = None, 0, 0
 
-    def __repr__(self) -> str:
-        return "<not given>"
-
-
-NOT_GIVEN = _NotGiven()
-
-# TF Privacy's constructors take the DP arguments first and positionally:
-# DPSequential(l2_norm_clip, noise_multiplier, num_microbatches=None,
-# use_xla=True, layer_registry=None, *args, **kwargs).
-TF_PRIVACY_POSITIONAL = (
-    "l2_norm_clip",
-    "noise_multiplier",
-    "num_microbatches",
-    "use_xla",
-    "layer_registry",
-)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def keras_positional_arguments(args: tuple) -> tuple:
-    """The positional arguments meant for the Keras class (after TF Privacy's DP ones)."""
-    return args[len(TF_PRIVACY_POSITIONAL) :] if args and _is_number(args[0]) else args
-
-
-def split_positional_dp_arguments(owner: str, args: tuple, given: dict) -> tuple[tuple, dict]:
-    """Reads TF Privacy's positional order (numbers first) as well as Keras's (layers first).
-
-    A first positional argument that is a number is `l2_norm_clip` (a Keras
-    model's first positional argument, layers or inputs, never is); then come
-    `noise_multiplier`, `num_microbatches`, `use_xla`, `layer_registry`, and
-    the rest is the Keras class's own. In Keras's order, a number right
-    after the layers is refused rather than taken as Keras's `trainable`.
-
-    Args:
-        owner: The class name, for the error messages.
-        args: The positional arguments of the constructor.
-        given: The DP keyword arguments as received (name to value), where
-            None means not given.
-
-    Returns:
-        `(keras_args, dp_arguments)`: the positional arguments left for the
-        Keras class, and `given` updated with the DP arguments taken from the
-        positions.
-    """
-    if not args or not _is_number(args[0]):
-        if len(args) > 1 and _is_number(args[1]):
-            raise DPConfigError(
-                f"{owner} takes the DP arguments either first, in TF Privacy's order "
-                f"({owner}(l2_norm_clip, noise_multiplier, ...)), or as keywords after "
-                f"the Keras arguments ({owner}(layers, l2_norm_clip=..., "
-                "noise_multiplier=...)). Received: a number in second position, "
-                f"{args[1]!r}, after {type(args[0]).__name__}"
-            )
-        return args, dict(given)
-    positional = dict(zip(TF_PRIVACY_POSITIONAL, args))
-    twice = [name for name in positional if given.get(name) is not None]
-    twice = [name for name in twice if given[name] is not NOT_GIVEN]
-    if twice:
-        raise DPConfigError(
-            f"{owner} received {', '.join(twice)} both by position (TF Privacy's order) "
-            "and as keyword. Received: "
-            + ", ".join(f"{name}={positional[name]!r} and {name}={given[name]!r}" for name in twice)
-        )
-    return keras_positional_arguments(args), {**given, **positional}
-
-
-def resolve_dp_arguments(owner: str, args: tuple, *, required: bool = True, **given):
-    """`(keras_args, settings)`: a DP model constructor's positional and DP arguments.
-
-    Reads TF Privacy's positional order (`split_positional_dp_arguments`),
-    defaults `use_xla` to False and validates everything
-    (`validate_dp_arguments`).
-    """
-    positional = {name: given.pop(name) for name in TF_PRIVACY_POSITIONAL}
-    args, dp = split_positional_dp_arguments(owner, args, positional)
-    if dp["use_xla"] is NOT_GIVEN:
-        dp["use_xla"] = False
-    return args, validate_dp_arguments(required=required, **dp, **given)
+    def accumulate(self, summed: list, units: int, steps: int) -> bool:
+        """Adds one physical batch; True when the update of `steps` batches is due."""
+        if self.accum_grads is None:
+            self.accum_grads = list(summed)
+        else:
+            self.accum_grads = [a.add_(b) for a, b in zip(self.accum_grads, summed)]
+        self.accum_batches += 1
+        self.accum_units += units
+        return self.accum_batches >= steps
 
 
 def _batch_size(x) -> int:
@@ -256,66 +126,52 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     `DPModel`, `PrivateKerasModel` or `make_private`.
     """
 
-    def _init_dp(self, settings: dict, dp_keras_config=None) -> None:
-        self._init_privacy_tracking(dp_keras_config=dp_keras_config)
-        self._rescale_to_unit_norm = bool(
-            dp_keras_config is not None and dp_keras_config.rescale_to_unit_norm
+    def _init_dp(self, settings: DPSettings, dp_keras_config=None) -> None:
+        config = dp_keras_config
+        self._init_privacy_tracking(
+            PrivacyLedger(
+                config=config,
+                sampling_probability=config.sampling_probability if config else None,
+                train_size=config.train_size if config else None,
+                target_delta=config.delta if config else None,
+            )
         )
-        self._microbatch_size = dp_keras_config.microbatch_size if dp_keras_config else None
-        # As given to the constructor (None in a torchdp_keras.Model whose DP
-        # optimizer supplies them); what the step uses is set from these and
-        # the optimizer at compile time.
-        self._dp_model_settings = {key: settings[key] for key in _OPTIMIZER_KEYS}
-        self._l2_norm_clip = settings["l2_norm_clip"]
-        self._noise_multiplier = settings["noise_multiplier"]
-        self._num_microbatches = settings["num_microbatches"]
-        self._optimizer_accumulation_steps = 1
-        self._keras_accumulation_steps = None
-        self._use_xla = settings["use_xla"]
-        self._dp_seed = settings["seed"]
-        self._clipping_mode = settings["clipping_mode"]
-        self._layer_registry = settings["layer_registry"]
-        self._secure_mode = settings["secure_mode"]
-        entropy = self._dp_seed if self._dp_seed is not None else secrets.randbits(128)
+        self.dp_settings = settings
+        entropy = settings.seed if settings.seed is not None else secrets.randbits(128)
         noise_seed, layer_seed = np.random.SeedSequence(entropy).generate_state(2, np.uint64)
-        self._noise_seed = int(noise_seed)
-        self._layer_rng = random.Random(int(layer_seed))
-        self._dp_engine = None
-        self._vmap_reason = None
-        self._engine_checked = False
-        self._poisson_expected_batch_size = None
-        self._accumulation_steps = 1
-        self._nonfinite_examples = 0
-        self._nonfinite_logged_at = None
-        self._rebuilt_from_config = False
-        self._distributed_synced = False
-        self._reset_accumulation()
+        self._dp_step = DPStepState(
+            settings=settings,
+            noise_seed=int(noise_seed),
+            layer_rng=random.Random(int(layer_seed)),
+            rescale_to_unit_norm=bool(config is not None and config.rescale_to_unit_norm),
+            microbatch_size=config.microbatch_size if config is not None else None,
+        )
 
-    # -- read-only DP settings ----------------------------------------------
+    # -- read-only DP settings (in effect) -------------------------------------------
     @property
     def l2_norm_clip(self) -> float:
         """The clipping norm C: every unit's gradient is clipped to this L2 norm."""
-        return self._l2_norm_clip
+        return self._dp_step.settings.l2_norm_clip
 
     @property
     def noise_multiplier(self) -> float:
         """sigma: the noise added to the clipped sum has std sigma * C."""
-        return self._noise_multiplier
+        return self._dp_step.settings.noise_multiplier
 
     @property
     def num_microbatches(self) -> int | None:
         """Number of groups a batch is split into for clipping (None: per example)."""
-        return self._num_microbatches
+        return self._dp_step.settings.num_microbatches
 
     @property
     def clipping_mode(self) -> str:
         """ "auto" (fast clipping where possible), "fast" (only) or "vmap"."""
-        return self._clipping_mode
+        return self.dp_settings.clipping_mode
 
     @property
     def layer_registry(self) -> LayerRegistry:
         """The rules the fast clipping path uses."""
-        return self._layer_registry
+        return self.dp_settings.layer_registry
 
     @property
     def secure_mode(self) -> bool:
@@ -325,26 +181,30 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         `torchdp_keras.secure_random` (resistant to floating-point attacks),
         fit() accepts only secure `PrivateDataLoader`s, and nothing is seeded.
         """
-        return self._secure_mode
+        return self.dp_settings.secure_mode
 
     @property
     def use_xla(self) -> bool:
         """Whether the DP step is compiled with torch.compile (TF Privacy's name)."""
-        return self._use_xla
-
-    def _dp_config(self) -> dict:
-        return {
-            **self._dp_model_settings,
-            "use_xla": self._use_xla,
-            "seed": self._dp_seed,
-            "clipping_mode": self._clipping_mode,
-            "secure_mode": self._secure_mode,
-        }
+        return self.dp_settings.use_xla
 
     def get_config(self):
         config = super().get_config()
-        config.update(self._dp_config())
+        config.update(self.dp_settings.to_config())
         return config
+
+    def _planned_accumulation_steps(self) -> int:
+        return self._dp_step.optimizer_accumulation_steps
+
+    def _requires_secure_sampling(self) -> bool:
+        return self.dp_settings.secure_mode
+
+    def _accumulation_steps(self) -> int:
+        """Batches per update now: this fit's plan's, else the optimizer's."""
+        plan = self.sampling_plan
+        if plan is not None:
+            return plan.accumulation_steps
+        return self._dp_step.optimizer_accumulation_steps
 
     # -- Keras hooks ----------------------------------------------------------
     def compile(self, optimizer="rmsprop", loss=None, *args, **kwargs):
@@ -358,18 +218,25 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 "Expected a loss in compile(): DP-SGD clips the gradient of each "
                 "example's loss. Received: loss=None"
             )
-        if self._use_xla and kwargs.get("jit_compile", "auto") == "auto":
+        if self.dp_settings.use_xla and kwargs.get("jit_compile", "auto") == "auto":
             kwargs["jit_compile"] = True
         super().compile(optimizer, loss, *args, **kwargs)
         self._adopt_optimizer_settings()
-        self._dp_engine = None
+        self.sampling_plan = None
+        self._dp_step.engine = None
+
+    def fit(self, *args, **kwargs):
+        """Trains with DP-SGD; see `PrivacyTrackingMixin.fit` and `keras.Model.fit`."""
+        self._dp_step.reset_accumulation()
+        return super().fit(*args, **kwargs)
 
     def _adopt_optimizer_settings(self) -> None:
         """Takes the DP settings of a DP optimizer (TF Privacy's style), checking clashes."""
-        given = self._dp_model_settings
+        given = self.dp_settings
+        state = self._dp_step
         dp_optimizer = find_dp_optimizer(self.optimizer)
         if dp_optimizer is None:
-            if given["l2_norm_clip"] is None:
+            if not given.complete:
                 raise DPConfigError(
                     f"Model '{self.name}' has no DP settings: compile it with a DP "
                     "optimizer, e.g. torchdp_keras.optimizers.DPKerasSGDOptimizer("
@@ -377,30 +244,33 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                     "construct it with l2_norm_clip=... and noise_multiplier=.... "
                     f"Received: optimizer={type(self.optimizer).__name__}"
                 )
-            settings = {**given, "gradient_accumulation_steps": 1}
+            effective, accumulation = given, 1
         else:
-            settings = dp_optimizer.dp_settings
-            self._check_optimizer_settings(given, settings)
+            optimizer_settings = dp_optimizer.dp_settings
+            self._check_optimizer_settings(given, optimizer_settings)
+            effective = given.with_optimizer_settings(
+                optimizer_settings["l2_norm_clip"],
+                optimizer_settings["noise_multiplier"],
+                optimizer_settings["num_microbatches"],
+            )
+            accumulation = optimizer_settings["gradient_accumulation_steps"]
         keras_steps = keras_gradient_accumulation_steps(self.optimizer)
         if keras_steps is not None:
-            self._check_keras_accumulation(keras_steps, settings["gradient_accumulation_steps"])
-            settings = {**settings, "gradient_accumulation_steps": keras_steps}
-        self._keras_accumulation_steps = keras_steps
-        self._l2_norm_clip = settings["l2_norm_clip"]
-        self._noise_multiplier = settings["noise_multiplier"]
-        self._num_microbatches = settings["num_microbatches"]
-        self._optimizer_accumulation_steps = settings["gradient_accumulation_steps"]
-        self._accumulation_steps = self._optimizer_accumulation_steps
+            self._check_keras_accumulation(keras_steps, accumulation)
+            accumulation = keras_steps
+        state.keras_accumulation_steps = keras_steps
+        state.settings = effective
+        state.optimizer_accumulation_steps = accumulation
         if dp_optimizer is not None:
             dp_optimizer._claim_for_dp_model()
 
-    def _check_optimizer_settings(self, given: dict, settings: dict) -> None:
+    def _check_optimizer_settings(self, given: DPSettings, settings: dict) -> None:
         """A DP optimizer's settings must not contradict the model's or its config's."""
-        if given["l2_norm_clip"] is not None:
+        if given.complete:
             clashes = [
-                f"{key}=({given[key]!r}, {settings[key]!r})"
-                for key in _OPTIMIZER_KEYS
-                if given[key] != settings[key]
+                f"{key}=({getattr(given, key)!r}, {settings[key]!r})"
+                for key in ("l2_norm_clip", "noise_multiplier", "num_microbatches")
+                if getattr(given, key) != settings[key]
             ]
             if clashes:
                 raise DPConfigError(
@@ -409,7 +279,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                     "on a torchdp_keras.Model). Received (model, optimizer): " + ", ".join(clashes)
                 )
         accumulation = settings["gradient_accumulation_steps"]
-        config = self._dp_keras_config
+        config = self.dp_keras_config
         if (
             config is not None
             and accumulation > 1
@@ -429,7 +299,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         updates again would step once every k * k batches.
         """
         name = type(self.optimizer).__name__
-        config = self._dp_keras_config
+        config = self.dp_keras_config
         planned, source = (
             (config.gradient_accumulation_steps, "DPKerasConfig")
             if config is not None
@@ -446,64 +316,27 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             )
 
     def _get_dp_engine(self):
+        """The engine the next step clips with (rebuilt when the variables changed)."""
+        state = self._dp_step
         key = tuple(id(v) for v in self.trainable_variables + self.non_trainable_variables)
-        if self._dp_engine is None or self._dp_engine.variable_key != key:
+        if state.engine is None or state.engine.variable_key != key:
             self._check_model()
-            self._vmap_reason = None
-            self._engine_checked = False
-            self._dp_engine = self._build_engine()
-        return self._dp_engine
+            state.engine = make_engine(
+                self,
+                state.settings,
+                microbatch_size=state.microbatch_size,
+                log_once=self._log_once,
+                warn_once=self._warn_once,
+            )
+        return state.engine.engine
 
     def _check_model(self) -> None:
         """`torchdp_keras.validate` with this model's clipping mode: every problem at once."""
         check_per_example_privacy(
-            self, clipping_mode=self._clipping_mode, layer_registry=self._layer_registry
-        )
-
-    def _vmap_engine(self) -> VmapEngine:
-        return VmapEngine(
             self,
-            compile=bool(self.jit_compile),
-            compile_source=self._compile_source(),
-            units_per_chunk=self._microbatch_size if self._num_microbatches is None else None,
+            clipping_mode=self.dp_settings.clipping_mode,
+            layer_registry=self.dp_settings.layer_registry,
         )
-
-    def _compile_source(self) -> str:
-        """The user's argument that turned compilation on, as the user wrote it."""
-        return "use_xla=True" if self._use_xla else "jit_compile=True"
-
-    def _build_engine(self):
-        """The engine of `clipping_mode`; "auto" says (once) what it could not make fast."""
-        mode = self._clipping_mode
-        if mode == "vmap":
-            return self._vmap_engine()
-        try:
-            fallback = PerExampleGradientRule() if mode == "auto" else None
-            engine = FastEngine(self, self._layer_registry, fallback=fallback)
-        except FastPathUnsupported as error:
-            if mode == "fast":
-                raise
-            return self._fall_back_to_vmap(error)
-        slow = describe_slow_layers(engine)
-        if slow:
-            self._log_once("slow-layers", slow)
-        if self.jit_compile and "jit-fast" not in self._warned_once:
-            self._warned_once = self._warned_once | {"jit-fast"}
-            warnings.warn(
-                f"torchdp_keras: {self._compile_source()} compiles the per-example engine "
-                "(clipping_mode='vmap'); the fast clipping path runs eagerly.",
-                stacklevel=3,
-            )
-        return engine
-
-    def _fall_back_to_vmap(self, error) -> VmapEngine:
-        """The per-example engine for "auto", saying once why the fast path was left."""
-        self._vmap_reason = str(error)
-        self._log_once(
-            "vmap-fallback",
-            f"model '{self.name}' uses per-example gradients (clipping_mode='auto'): {error}",
-        )
-        return self._vmap_engine()
 
     def clipping_plan(self) -> ClippingPlan:
         """Which engine clips each weighted layer of this model, and why; printable.
@@ -516,47 +349,27 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         Example:
             >>> print(model.clipping_plan())  # doctest: +SKIP
         """
-        engine = self._get_dp_engine()
-        if isinstance(engine, FastEngine):
-            return ClippingPlan("fast", tuple(engine.plan), None, self._engine_checked)
-        layers = tuple(
-            (path, type(layer).__name__, WHOLE_MODEL)
-            for path, layer in iter_layers(self)
-            if layer.trainable_weights and not layer._flatten_layers(include_self=False)
-        )
-        reason = None if self._clipping_mode == "vmap" else self._vmap_reason
-        return ClippingPlan("vmap", layers, reason, self._engine_checked)
+        self._get_dp_engine()
+        return self._dp_step.engine.plan()
 
     def _log_once(self, key: str, message: str) -> None:
         if key not in self._warned_once:
             self._warned_once = self._warned_once | {key}
             logger.warning("torchdp_keras: %s", message)
 
-    def _clipped_batch(self, **kwargs):
-        engine = self._get_dp_engine()
-        try:
-            result = engine.clipped_batch(**kwargs)
-        except FastPathUnsupported as error:
-            if self._clipping_mode == "fast":
-                raise
-            self._dp_engine = self._fall_back_to_vmap(error)
-            result = self._dp_engine.clipped_batch(**kwargs)
-        self._engine_checked = True
-        return result
-
     def _warn_if_noise_restarts(self) -> None:
         """A seeded model rebuilt from its config alone restarts its noise stream."""
-        if not self._privacy_state_restored and self._dp_steps_taken == 0:
+        if not self.privacy_ledger.restored and self.privacy_ledger.steps == 0:
             self._warn_once(
                 "seed-restart",
-                f"model '{self.name}' was rebuilt from its config with seed={self._dp_seed} "
-                "but without its privacy state, so its noise restarts at update 0: if its "
-                "weights come from an earlier run with this seed, continued training "
-                "repeats that run's noise (and its epsilon does not count the earlier "
-                "updates). Restore it with keras.models.load_model or load_weights (which "
-                "carry the privacy state), or rebuild it with seed=None.",
+                f"model '{self.name}' was rebuilt from its config with "
+                f"seed={self.dp_settings.seed} but without its privacy state, so its noise "
+                "restarts at update 0: if its weights come from an earlier run with this "
+                "seed, continued training repeats that run's noise (and its epsilon does "
+                "not count the earlier updates). Restore it with keras.models.load_model or "
+                "load_weights (which carry the privacy state), or rebuild it with seed=None.",
             )
-        self._rebuilt_from_config = False
+        self._dp_step.rebuilt_from_config = False
 
     @property
     def nonfinite_examples(self) -> int:
@@ -567,20 +380,21 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         itself depends on the data and is not privatised: it is for debugging
         the input pipeline, not for publication.
         """
-        return self._nonfinite_examples
+        return self.privacy_ledger.nonfinite_examples
 
     def _report_nonfinite(self, count: int) -> None:
         """Warns (in the logs) about units left out, at most once per 100 steps."""
-        self._nonfinite_examples += count
-        step = self._dp_steps_taken
-        if self._nonfinite_logged_at is None or step - self._nonfinite_logged_at >= 100:
-            self._nonfinite_logged_at = step
+        ledger, state = self.privacy_ledger, self._dp_step
+        ledger.nonfinite_examples += count
+        step = ledger.steps
+        if state.nonfinite_logged_at is None or step - state.nonfinite_logged_at >= 100:
+            state.nonfinite_logged_at = step
             logger.warning(
                 "torchdp_keras: %d example(s) of this batch had a non-finite (NaN or inf) "
                 "gradient or loss and were left out of the update (%d so far in model '%s', "
                 "DP step %d). Check the inputs and the loss; this count is not private.",
                 count,
-                self._nonfinite_examples,
+                ledger.nonfinite_examples,
                 self.name,
                 step,
             )
@@ -594,7 +408,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         entropy drawn when the model is built and never saved: a restored model
         draws new entropy.
         """
-        sequence = np.random.SeedSequence([self._noise_seed, self._dp_steps_taken])
+        sequence = np.random.SeedSequence([self._dp_step.noise_seed, self.privacy_ledger.steps])
         return int(sequence.generate_state(1, np.uint64)[0]) & (2**62 - 1)
 
     def _weight_regularization(self, trainable_variables):
@@ -611,23 +425,10 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             )
         return total.detach(), grads
 
-    def _accumulate(self, summed, units: int) -> bool:
-        """Adds one physical batch; True when an update is due."""
-        if self._accum_grads is None:
-            self._accum_grads = list(summed)
-        else:
-            self._accum_grads = [a.add_(b) for a, b in zip(self._accum_grads, summed)]
-        self._accum_batches += 1
-        self._accum_units += units
-        return self._accum_batches >= self._accumulation_steps
-
-    def _reset_accumulation(self) -> None:
-        self._accum_grads = None
-        self._accum_batches = 0
-        self._accum_units = 0
-
     def train_step(self, data):
         x, y, sample_weight, mask = self._unpack(data)
+        state, ledger, plan = self._dp_step, self.privacy_ledger, self.sampling_plan
+        settings = state.settings
         trainable_variables = list(self.trainable_variables)
         if not trainable_variables:
             raise DPConfigError(
@@ -635,77 +436,79 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 "to train privately."
             )
         batch_size = _batch_size(x)
+        expected_batch = None if plan is None else plan.expected_batch_size
         if mask is not None:
-            if self._poisson_expected_batch_size is None:
+            if expected_batch is None:
                 raise DPConfigError(
                     "Received a PrivateDataLoader batch outside fit(): pass the loader "
                     "itself to fit(), which reads its sampling probability."
                 )
-            if self._num_microbatches is not None:
+            if settings.num_microbatches is not None:
                 raise DPConfigError(
                     "Expected num_microbatches=None with Poisson-sampled batches (each "
                     f"example is its own clipping unit). Received: "
-                    f"num_microbatches={self._num_microbatches}"
+                    f"num_microbatches={settings.num_microbatches}"
                 )
             real_examples = int(mask.sum().item())
         else:
             real_examples = batch_size
-        self._check_budget_before_step(batch_size, poisson=mask is not None)
+        ledger.check_before_step(batch_size, poisson=mask is not None)
         rank, world = distributed.process_group()
-        if world > 1 and not self._distributed_synced:
+        if world > 1 and not state.distributed_synced:
             self._sync_ranks()
-        if self._rebuilt_from_config and self._dp_seed is not None:
+        if state.rebuilt_from_config and settings.seed is not None:
             self._warn_if_noise_restarts()
-        num_units = _validation.units_per_batch(batch_size, self._num_microbatches)
+        num_units = _validation.units_per_batch(batch_size, settings.num_microbatches)
         optimizer = self.optimizer
         loss_scale = 1.0
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             loss_scale = float(optimizer.dynamic_scale)
 
-        result = self._clipped_batch(
-            x=x,
-            y=y,
-            sample_weight=sample_weight,
+        self._get_dp_engine()
+        result = state.engine.clipped_batch(
+            x,
+            y,
+            sample_weight,
             num_units=num_units,
-            l2_norm_clip=self._l2_norm_clip,
-            rng_seed=self._layer_rng.getrandbits(63),
+            l2_norm_clip=settings.l2_norm_clip,
+            rng_seed=state.layer_rng.getrandbits(63),
             loss_scale=loss_scale,
             unit_mask=mask,
         )
         if result.num_nonfinite:
             self._report_nonfinite(result.num_nonfinite)
-        update_due = self._accumulate(result.summed, num_units)
+        update_due = state.accumulate(result.summed, num_units, self._accumulation_steps())
         reg_loss, reg_grads = self._weight_regularization(trainable_variables)
         if update_due:
-            noise_std = self._noise_multiplier * self._l2_norm_clip
-            units = self._accum_units
+            noise_std = settings.noise_std
+            units = state.accum_units
             if world > 1:
                 # Rank 0 alone noises its clipped sum; one all-reduce sums the
                 # ranks' sums (noise once per update) and their clipping units.
                 if rank == 0:
                     self._add_noise_and_scale(noise_std, 1.0)
-                (units,) = distributed.all_reduce_sum_(self._accum_grads, [units])
+                (units,) = distributed.all_reduce_sum_(state.accum_grads, [units])
                 noise_std = 0.0
             # Normalise by the expected batch of the update under Poisson
             # sampling (never the realised one, which depends on the data),
             # else by the number of clipping units accumulated (on all ranks).
-            normaliser = self._poisson_expected_batch_size if mask is not None else None
+            normaliser = expected_batch if mask is not None else None
             normaliser = normaliser or units
-            scale = normaliser * (self._l2_norm_clip if self._rescale_to_unit_norm else 1.0)
+            scale = normaliser * (settings.l2_norm_clip if state.rescale_to_unit_norm else 1.0)
             grads = self._add_noise_and_scale(noise_std, 1.0 / scale)
             if reg_grads is not None:
                 grads = [g if r is None else g.add_(r) for g, r in zip(grads, reg_grads)]
             if loss_scale != 1.0:
                 grads = [g.mul_(loss_scale) for g in grads]
-            if self._keras_accumulation_steps:
+            if state.keras_accumulation_steps:
                 # Keras applies (sum of its window's gradients) / k: k * update
                 # with zeros elsewhere in the window applies the update once.
-                grads = [g.mul_(self._keras_accumulation_steps) for g in grads]
+                grads = [g.mul_(state.keras_accumulation_steps) for g in grads]
             with torch.no_grad(), private_apply():
                 optimizer.apply(grads, trainable_variables)
-            self._reset_accumulation()
-            self._record_step()
-        elif self._keras_accumulation_steps:
+            state.reset_accumulation()
+            ledger.record_update(settings.noise_multiplier)
+        elif state.keras_accumulation_steps:
             # Advances the optimizer's own accumulation window in step with the
             # DP one; its accumulators only ever hold zeros or noised updates.
             zeros = [torch.zeros_like(v.value) for v in trainable_variables]
@@ -747,19 +550,21 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         model never repeats released noise. With the extension the stream is
         the kernel's Philox one, the same on CPU and CUDA.
         """
-        if self._secure_mode:
-            return add_secure_noise_and_scale_(self._accum_grads, noise_std, scale)
-        return add_noise_and_scale_(self._accum_grads, noise_std, scale, seed=self._noise_key())
+        grads = self._dp_step.accum_grads
+        if self.dp_settings.secure_mode:
+            return add_secure_noise_and_scale_(grads, noise_std, scale)
+        return add_noise_and_scale_(grads, noise_std, scale, seed=self._noise_key())
 
     def _sync_ranks(self) -> None:
         """Before the first data-parallel step: rank 0's weights everywhere."""
-        distributed.check_same(self._dp_steps_taken, "dp_steps")
+        state = self._dp_step
+        distributed.check_same(self.privacy_ledger.steps, "dp_steps")
         variables = list(self.variables)
         if self.optimizer is not None and self.optimizer.built:
             variables += list(self.optimizer.variables)
         distributed.broadcast_([v.value for v in variables])
-        self._layer_rng.seed(distributed.shared_entropy(self._layer_rng.getrandbits(63)))
-        self._distributed_synced = True
+        state.layer_rng.seed(distributed.shared_entropy(state.layer_rng.getrandbits(63)))
+        state.distributed_synced = True
 
     def _metric_variables(self) -> list:
         return [v for metric in self.metrics for v in metric.variables]

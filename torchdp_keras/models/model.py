@@ -8,13 +8,8 @@ from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
 
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.models.dp_trainer import (
-    NOT_GIVEN,
-    PRIVACY_STATE_KEY,
-    DPTrainerMixin,
-    keras_positional_arguments,
-    resolve_dp_arguments,
-)
+from torchdp_keras.models.dp_trainer import PRIVACY_STATE_KEY, DPTrainerMixin
+from torchdp_keras.settings import DPSettings, keras_positional_arguments
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
@@ -22,26 +17,18 @@ class DPModel(DPTrainerMixin, keras.Model):
     """A `keras.Model` trained with DP-SGD (per-example clipping and noise).
 
     Works as a functional model and as a base class for subclassed models;
-    takes the same DP arguments as `DPSequential`, by keyword or first by
-    position in TF Privacy's order (`DPModel(l2_norm_clip, noise_multiplier,
-    num_microbatches=None, use_xla=False, layer_registry=None, *args,
-    **kwargs)`).
+    takes the DP arguments of `torchdp_keras.settings.DPSettings`
+    (`l2_norm_clip`, `noise_multiplier`, `num_microbatches`, `use_xla`,
+    `seed`, `clipping_mode`, `layer_registry`, `secure_mode`), by keyword or
+    first by position in TF Privacy's order (`DPModel(l2_norm_clip,
+    noise_multiplier, num_microbatches=None, use_xla=False,
+    layer_registry=None, *args, **kwargs)`).
 
     Args:
-        *args: Passed to `keras.Model` (e.g. `inputs`, `outputs`), after TF
-            Privacy's positional DP arguments when the first is a number.
-        l2_norm_clip: Clipping norm `C` > 0.
-        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
-        num_microbatches: None (clip every example) or the number of
-            contiguous groups a batch is split into.
-        use_xla: Compile the DP step with `torch.compile`.
-        seed: Seed of the noise and of the random layers; None: OS entropy.
-        clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
-        layer_registry: The `LayerRegistry` of fast-clipping rules.
-        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
-            the OS CSPRNG, with the floating-point attack mitigation; a seed
-            is then an error.
-        **kwargs: Passed to `keras.Model`.
+        *args: TF Privacy's positional DP arguments when the first is a
+            number, then `keras.Model`'s (e.g. `inputs`, `outputs`).
+        **kwargs: The DP arguments (see `DPSettings`; `l2_norm_clip` and
+            `noise_multiplier` are required), and `keras.Model`'s.
 
     Example:
         >>> inputs = keras.Input((4,))
@@ -74,31 +61,9 @@ class DPModel(DPTrainerMixin, keras.Model):
             return twin.__new__(twin, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(
-        self,
-        *args,
-        l2_norm_clip=NOT_GIVEN,
-        noise_multiplier=NOT_GIVEN,
-        num_microbatches=None,
-        use_xla=NOT_GIVEN,
-        seed=None,
-        clipping_mode="auto",
-        layer_registry=None,
-        secure_mode=False,
-        **kwargs,
-    ):
-        args, settings = resolve_dp_arguments(
-            type(self).__name__,
-            args,
-            required=self._dp_settings_required,
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            num_microbatches=num_microbatches,
-            use_xla=use_xla,
-            layer_registry=layer_registry,
-            seed=seed,
-            clipping_mode=clipping_mode,
-            secure_mode=secure_mode,
+    def __init__(self, *args, **kwargs):
+        args, kwargs, settings = DPSettings.from_arguments(
+            type(self).__name__, args, kwargs, required=self._dp_settings_required
         )
         if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
             raise DPConfigError(
@@ -121,8 +86,8 @@ class DPModel(DPTrainerMixin, keras.Model):
         config = dict(config)
         privacy_state = config.pop(PRIVACY_STATE_KEY, None)
         model = super().from_config(config, custom_objects=custom_objects)
-        model._restore_privacy_state(privacy_state)
-        model._rebuilt_from_config = True
+        model.privacy_ledger.load_state_dict(privacy_state)
+        model._dp_step.rebuilt_from_config = True
         return model
 
 

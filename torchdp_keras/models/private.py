@@ -7,12 +7,8 @@ import keras
 from torchdp_keras import _validation
 from torchdp_keras.config import DPKerasConfig
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.models.dp_trainer import (
-    DP_CONFIG_KEYS,
-    PRIVACY_STATE_KEY,
-    DPTrainerMixin,
-    validate_dp_arguments,
-)
+from torchdp_keras.models.dp_trainer import PRIVACY_STATE_KEY, DPTrainerMixin
+from torchdp_keras.settings import DP_CONFIG_KEYS, DPSettings
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
@@ -28,18 +24,9 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
         config: A `DPKerasConfig` (JAX Privacy's style: budget first, sigma
             calibrated). Give either `config` or `l2_norm_clip` and
             `noise_multiplier`.
-        l2_norm_clip: Clipping norm `C` > 0.
-        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C`.
-        num_microbatches: None (clip every example) or the number of
-            contiguous groups a batch is split into.
-        use_xla: Compile the DP step with `torch.compile`.
-        seed: Seed of the noise and of the random layers; None: OS entropy.
-        clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
-        layer_registry: The `LayerRegistry` of fast-clipping rules.
-        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
-            the OS CSPRNG, with the floating-point attack mitigation; a seed
-            is then an error.
-        **kwargs: Passed to `keras.Model` (`name`, `trainable`).
+        **kwargs: The DP arguments of `torchdp_keras.settings.DPSettings`
+            (without a config; with one, only `use_xla`, `clipping_mode` and
+            `layer_registry`), and `keras.Model`'s (`name`, `trainable`).
 
     Example:
         >>> base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -50,21 +37,7 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
 
     _dp_wraps_model = True  # its output is exactly model.model's (see fast clipping)
 
-    def __init__(
-        self,
-        model,
-        config: DPKerasConfig | None = None,
-        *,
-        l2_norm_clip=None,
-        noise_multiplier=None,
-        num_microbatches=None,
-        use_xla=False,
-        seed=None,
-        clipping_mode="auto",
-        layer_registry=None,
-        secure_mode=False,
-        **kwargs,
-    ):
+    def __init__(self, model, config: DPKerasConfig | None = None, **kwargs):
         if not isinstance(model, keras.Model):
             raise DPConfigError(
                 f"Expected model to be a keras.Model. Received: model={model!r} "
@@ -75,17 +48,7 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
                 f"Expected a non-private model. Received: model={model.name!r}, "
                 f"which is already a {type(model).__name__}."
             )
-        config, settings = _resolve_settings(
-            config,
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            num_microbatches=num_microbatches,
-            use_xla=use_xla,
-            seed=seed,
-            clipping_mode=clipping_mode,
-            layer_registry=layer_registry,
-            secure_mode=secure_mode,
-        )
+        config, settings, kwargs = _resolve_settings(config, kwargs)
         kwargs.setdefault("name", f"private_{model.name}")
         super().__init__(**kwargs)
         self.model = model
@@ -106,9 +69,9 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
             "trainable": self.trainable,
             "model": keras.saving.serialize_keras_object(self.model),
         }
-        config.update(self._dp_config())
-        if self._dp_keras_config is not None:
-            config["dp_keras_config"] = self._dp_keras_config.to_dict()
+        config.update(self.dp_settings.to_config())
+        if self.dp_keras_config is not None:
+            config["dp_keras_config"] = self.dp_keras_config.to_dict()
         return config
 
     @classmethod
@@ -127,53 +90,35 @@ class PrivateKerasModel(DPTrainerMixin, keras.Model):
                 "clipping_mode": dp.get("clipping_mode", "auto"),
             }
         private = cls(model=model, **dp, **config)
-        private._restore_privacy_state(privacy_state)
-        private._rebuilt_from_config = True
+        private.privacy_ledger.load_state_dict(privacy_state)
+        private._dp_step.rebuilt_from_config = True
         return private
 
 
-def _resolve_settings(
-    config,
-    *,
-    l2_norm_clip,
-    noise_multiplier,
-    num_microbatches,
-    use_xla,
-    seed,
-    clipping_mode,
-    layer_registry,
-    secure_mode=False,
-):
-    """Returns (config with a resolved sigma or None, validated DP settings)."""
+_CONFIG_OWNS = ("l2_norm_clip", "noise_multiplier", "num_microbatches", "seed", "secure_mode")
+
+
+def _resolve_settings(config, kwargs: dict):
+    """`(config with a resolved sigma or None, DPSettings, Keras kwargs)`."""
+    kwargs = dict(kwargs)
     if config is None:
-        if l2_norm_clip is None or noise_multiplier is None:
+        if kwargs.get("l2_norm_clip") is None or kwargs.get("noise_multiplier") is None:
             raise DPConfigError(
                 "Expected either a DPKerasConfig or both l2_norm_clip and noise_multiplier. "
-                f"Received: config=None, l2_norm_clip={l2_norm_clip!r}, "
-                f"noise_multiplier={noise_multiplier!r}"
+                f"Received: config=None, l2_norm_clip={kwargs.get('l2_norm_clip')!r}, "
+                f"noise_multiplier={kwargs.get('noise_multiplier')!r}"
             )
-        return None, validate_dp_arguments(
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            num_microbatches=num_microbatches,
-            use_xla=use_xla,
-            seed=seed,
-            clipping_mode=clipping_mode,
-            layer_registry=layer_registry,
-            secure_mode=secure_mode,
-        )
+        _, kwargs, settings = DPSettings.from_arguments("PrivateKerasModel", (), kwargs)
+        return None, settings, kwargs
     if not isinstance(config, DPKerasConfig):
         raise DPConfigError(
             f"Expected config to be a DPKerasConfig. Received: config={config!r} "
             f"of type {type(config).__name__}"
         )
-    given = {
-        "l2_norm_clip": l2_norm_clip,
-        "noise_multiplier": noise_multiplier,
-        "num_microbatches": num_microbatches,
-        "seed": seed,
-        "secure_mode": _validation.check_bool(secure_mode, "secure_mode") or None,
-    }
+    given = {key: kwargs.pop(key, None) for key in _CONFIG_OWNS if key != "secure_mode"}
+    if "secure_mode" in kwargs:  # False is allowed (the config decides); True clashes
+        secure_mode = _validation.check_bool(kwargs.pop("secure_mode"), "secure_mode")
+        given["secure_mode"] = secure_mode or None
     clashing = {k: v for k, v in given.items() if v is not None}
     if clashing:
         raise DPConfigError(
@@ -181,29 +126,20 @@ def _resolve_settings(
             + ", ".join(f"{k}={v!r}" for k, v in clashing.items())
         )
     config = config.update_with_calibrated_noise_multiplier()
-    settings = validate_dp_arguments(
+    settings = DPSettings.create(
         l2_norm_clip=config.clipping_norm,
         noise_multiplier=config.noise_multiplier,
-        use_xla=use_xla,
+        use_xla=kwargs.pop("use_xla", False),
         seed=config.seed,
-        clipping_mode=clipping_mode,
-        layer_registry=layer_registry,
+        clipping_mode=kwargs.pop("clipping_mode", "auto"),
+        layer_registry=kwargs.pop("layer_registry", None),
         secure_mode=config.secure_mode,
     )
-    return config, settings
+    return config, settings, kwargs
 
 
 def make_private(
-    model: keras.Model,
-    config: DPKerasConfig | None = None,
-    *,
-    l2_norm_clip: float | None = None,
-    noise_multiplier: float | None = None,
-    num_microbatches: int | None = None,
-    seed: int | None = None,
-    clipping_mode: str = "auto",
-    layer_registry=None,
-    secure_mode: bool = False,
+    model: keras.Model, config: DPKerasConfig | None = None, **settings
 ) -> PrivateKerasModel:
     """Returns a DP-SGD model that shares the layers and weights of `model`.
 
@@ -215,16 +151,10 @@ def make_private(
     Args:
         model: Any Keras model (Sequential, functional or subclassed).
         config: A `DPKerasConfig`, or None.
-        l2_norm_clip: Clipping norm `C` > 0 (without a config).
-        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C` (without a config).
-        num_microbatches: None (clip every example) or the number of
-            contiguous groups a batch is split into (without a config).
-        seed: Seed of the noise and of the random layers; None: OS entropy.
-        clipping_mode: "auto", "fast" or "vmap" (see `DPSequential`).
-        layer_registry: The `LayerRegistry` of fast-clipping rules.
-        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
-            the OS CSPRNG, with the floating-point attack mitigation; a seed
-            is then an error.
+        **settings: Without a config, the DP arguments of
+            `torchdp_keras.settings.DPSettings` (`l2_norm_clip` and
+            `noise_multiplier` required); with one, only `use_xla`,
+            `clipping_mode` and `layer_registry`.
 
     Returns:
         A `PrivateKerasModel` wrapping `model`.
@@ -235,14 +165,4 @@ def make_private(
         >>> dp_model.model is base
         True
     """
-    return PrivateKerasModel(
-        model,
-        config,
-        l2_norm_clip=l2_norm_clip,
-        noise_multiplier=noise_multiplier,
-        num_microbatches=num_microbatches,
-        seed=seed,
-        clipping_mode=clipping_mode,
-        layer_registry=layer_registry,
-        secure_mode=secure_mode,
-    )
+    return PrivateKerasModel(model, config, **settings)

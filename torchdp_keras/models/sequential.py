@@ -6,13 +6,8 @@ import keras
 from keras.src.saving import serialization_lib
 
 from torchdp_keras.model_checks import check_per_example_privacy
-from torchdp_keras.models.dp_trainer import (
-    DP_CONFIG_KEYS,
-    NOT_GIVEN,
-    PRIVACY_STATE_KEY,
-    DPTrainerMixin,
-    resolve_dp_arguments,
-)
+from torchdp_keras.models.dp_trainer import PRIVACY_STATE_KEY, DPTrainerMixin
+from torchdp_keras.settings import DP_CONFIG_KEYS, DPSettings
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
@@ -35,27 +30,11 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         *args: Keras's positional arguments (`layers`, `trainable`, `name`),
             or TF Privacy's: `l2_norm_clip, noise_multiplier, num_microbatches,
             use_xla, layer_registry`, then Keras's.
-        l2_norm_clip: Clipping norm `C` > 0 (required, by keyword or position).
-        noise_multiplier: Ratio `sigma` >= 0 of the noise std to `C` (required).
-        num_microbatches: None (clip every example) or the number of
-            contiguous groups a batch is split into; the batch size must be a
-            multiple of it.
-        use_xla: Compile the DP step with `torch.compile` (same as
-            `compile(jit_compile=True)`); falls back to eager with a warning.
-        seed: Seed of the noise and of the random layers, for reproducible
-            runs; None draws OS entropy.
-        clipping_mode: "auto" (default: fast clipping for every layer the
-            registry covers, explicit per-layer per-example gradients for the
-            others, per-example gradients of the whole model when the model
-            is outside the fast path's scope), "fast" (fast clipping only;
-            anything else is an `UnsupportedLayerError`) or "vmap"
-            (per-example gradients of the whole model).
-        layer_registry: The `LayerRegistry` of fast-clipping rules; default
-            `make_default_layer_registry()`.
-        secure_mode: Draw the noise (and, in fit, the Poisson samples) from
-            the OS CSPRNG, with the floating-point attack mitigation; a seed
-            is then an error. Slower; for production releases.
-        **kwargs: Passed to `keras.Sequential` (`name`, `trainable`).
+        **kwargs: The DP arguments of `torchdp_keras.settings.DPSettings`
+            (`l2_norm_clip` and `noise_multiplier` required, by keyword or
+            position; `num_microbatches`, `use_xla`, `seed`, `clipping_mode`,
+            `layer_registry`, `secure_mode`), and `keras.Sequential`'s
+            (`name`, `trainable`).
 
     Example:
         >>> model = DPSequential(
@@ -69,31 +48,8 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         ...                      keras.layers.Dense(2)])
     """
 
-    def __init__(
-        self,
-        *args,
-        l2_norm_clip=NOT_GIVEN,
-        noise_multiplier=NOT_GIVEN,
-        num_microbatches=None,
-        use_xla=NOT_GIVEN,
-        seed=None,
-        clipping_mode="auto",
-        layer_registry=None,
-        secure_mode=False,
-        **kwargs,
-    ):
-        args, settings = resolve_dp_arguments(
-            "DPSequential",
-            args,
-            l2_norm_clip=l2_norm_clip,
-            noise_multiplier=noise_multiplier,
-            num_microbatches=num_microbatches,
-            use_xla=use_xla,
-            layer_registry=layer_registry,
-            seed=seed,
-            clipping_mode=clipping_mode,
-            secure_mode=secure_mode,
-        )
+    def __init__(self, *args, **kwargs):
+        args, kwargs, settings = DPSettings.from_arguments("DPSequential", args, kwargs)
         self._dp_checks_on_add = False
         super().__init__(*args, **kwargs)
         self._init_dp(settings)
@@ -133,6 +89,6 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
             and isinstance(build_input_shape, (tuple, list))
         ):
             model.build(build_input_shape)
-        model._restore_privacy_state(privacy_state)
-        model._rebuilt_from_config = True
+        model.privacy_ledger.load_state_dict(privacy_state)
+        model._dp_step.rebuilt_from_config = True
         return model

@@ -41,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 import torch
@@ -49,21 +51,60 @@ from keras.src import backend as keras_backend
 from keras.src.models.functional import Functional
 
 from torchdp_keras.errors import UnsupportedLayerError
-from torchdp_keras.model_checks import data_updated_state_error, iter_layers, seed_state_ids
+from torchdp_keras.model_walk import data_updated_state_error, iter_layers, seed_state_ids
 from torchdp_keras.ops import clip_factors
+from torchdp_keras.per_example.engine import ClippedBatch
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.layout import layout_preserving_forward, layout_preserving_ops
 from torchdp_keras.per_example.loss_weights import broadcast_example_weights
 from torchdp_keras.per_example.memory import BUDGET_KEY, StepBudget
 from torchdp_keras.per_example.registry import LayerRegistry
-from torchdp_keras.per_example.rules.base import SAVED_KEY, WORKSPACE_KEY, output_derivative
+from torchdp_keras.per_example.rules.base import (
+    SAVED_KEY,
+    WORKSPACE_KEY,
+    LayerRule,
+    output_derivative,
+)
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
 from torchdp_keras.per_example.rules.sublayers import SublayerRule
-from torchdp_keras.per_example.vmap_engine import ClippedBatch
 
 logger = logging.getLogger(__name__)
 
 _SEPARABLE_REDUCTIONS = {"sum_over_batch_size": True, "sum": False}  # value: scale by B
+
+
+class Tap(NamedTuple):
+    """One call of a ruled layer in the forward pass.
+
+    Attributes:
+        layer: The layer called.
+        rule: Its `LayerRule`.
+        args, kwargs: The call's arguments (inputs in the layer's dtype).
+        tensor: The tapped tensor, whose gradient the backward pass gives
+            (the pre-activation `z`, or the finished output).
+        saved: What the rule's forward kept for its norms, or None.
+        derivative: `f'` of the activation to multiply the output's gradient
+            by, when the finished output is the tap; else None.
+    """
+
+    layer: Any
+    rule: LayerRule
+    args: tuple
+    kwargs: dict
+    tensor: torch.Tensor
+    saved: Any
+    derivative: Callable | None
+
+
+class UnitTap(NamedTuple):
+    """A tap with its output gradient, seen as one row per clipping unit."""
+
+    layer: Any
+    rule: LayerRule
+    args: tuple
+    kwargs: dict
+    grad: torch.Tensor
+    saved: Any
 
 
 class FastPathUnsupported(UnsupportedLayerError):
@@ -374,7 +415,7 @@ class FastEngine:
             )
         z = None if output is None else rule.tap_output(layer, output)
         if z is not None:  # a sublayer whose finished output is the tap
-            taps.append((layer, rule, args, kwargs, z, None, None))
+            taps.append(Tap(layer, rule, args, kwargs, z, None, None))
             return None
         derivative = (
             output_derivative(layer.activation)
@@ -384,7 +425,7 @@ class FastEngine:
         if derivative is not None and isinstance(output, torch.Tensor):
             # The finished output is the tap; its gradient times f'(z), read
             # off the output, is the pre-activation gradient (no second forward).
-            taps.append((layer, rule, args, kwargs, output, None, derivative))
+            taps.append(Tap(layer, rule, args, kwargs, output, None, derivative))
             return None
         first = args[0]
         if isinstance(first, torch.Tensor) and layer._convert_input_args:
@@ -416,7 +457,7 @@ class FastEngine:
             for tensor, tensor_mask in pairs:
                 if isinstance(tensor, torch.Tensor) and tensor_mask is not None:
                     keras_backend.set_keras_mask(tensor, tensor_mask)
-        taps.append((layer, rule, args, kwargs, z, saved[0] if saved else None, None))
+        taps.append(Tap(layer, rule, args, kwargs, z, saved[0] if saved else None, None))
         return out
 
     def _loss_sum(self, y, y_pred, sample_weight, batch_size):
@@ -452,7 +493,7 @@ class FastEngine:
         loss_scale: float = 1.0,
         unit_mask=None,
     ) -> ClippedBatch:
-        """Same contract as `VmapEngine.clipped_batch`, computed by fast clipping."""
+        """`ClippingEngine.clipped_batch`, computed by fast clipping."""
         to_tensor = keras.ops.convert_to_tensor
         x, y, sample_weight = tree.map_structure(
             lambda t: None if t is None else to_tensor(t), (x, y, sample_weight)
@@ -511,7 +552,7 @@ class FastEngine:
     def _clipped_batch(
         self, x, y, sample_weight, batch_size, units, keep, l2_norm_clip, loss_scale
     ):
-        taps: list = []
+        taps: list[Tap] = []
         # On the first step the gradient of every trainable weight (every use)
         # is taken too: of its own parameter where that is an autograd leaf,
         # else of a fresh leaf copy the step reads instead.
@@ -540,7 +581,7 @@ class FastEngine:
                     layer_paths=[],
                 )
             self._check_state_updates(scope)
-            zs = [tap[4] for tap in taps]
+            zs = [tap.tensor for tap in taps]
             grads = torch.autograd.grad(loss * loss_scale, zs + (leaves or []), allow_unused=True)
             full = None
             if leaves is not None:
@@ -548,7 +589,7 @@ class FastEngine:
         with torch.no_grad():
             grads = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zs)]
             grads = [
-                g if tap[6] is None else g.mul_(tap[6](tap[4].detach()))
+                g if tap.derivative is None else g.mul_(tap.derivative(tap.tensor.detach()))
                 for g, tap in zip(grads, taps)
             ]
             if loss_scale != 1.0:  # in place: these are large, fresh tensors
@@ -561,17 +602,19 @@ class FastEngine:
             # One entry per tapped layer: its uses (a shared layer has several).
             groups: dict[int, list] = {}
             for tap, g in zip(taps, grads):
-                groups.setdefault(id(tap[0]), []).append(self._unit_view(tap, g, units, batch_size))
+                groups.setdefault(id(tap.layer), []).append(
+                    self._unit_view(tap, g, units, batch_size)
+                )
             entries = []
             budget = StepBudget()  # explicit per-example products, over all layers
             for uses in groups.values():
-                layer, rule = uses[0][0], uses[0][1]
+                layer, rule = uses[0].layer, uses[0].rule
                 cache = {
                     WORKSPACE_KEY: self._workspaces.setdefault(id(layer), {}),
-                    SAVED_KEY: uses[0][5],
+                    SAVED_KEY: uses[0].saved,
                     BUDGET_KEY: budget,
                 }
-                entries.append((layer, rule, [use[2:5] for use in uses], cache))
+                entries.append((layer, rule, [(u.args, u.kwargs, u.grad) for u in uses], cache))
             sq_norms = None
             for layer, rule, uses, cache in entries:
                 part = rule.use_squared_norms(layer, uses, cache)
@@ -601,11 +644,11 @@ class FastEngine:
             loss_sum=loss.detach() if keep is None or bool(keep.any()) else loss.new_zeros(()),
         )
 
-    def _unit_view(self, tap, grad, units: int, batch_size: int) -> tuple:
-        """`(layer, rule, args, kwargs, grad, saved)` with one row per clipping unit."""
-        layer, rule, args, kwargs = tap[:4]
+    def _unit_view(self, tap: Tap, grad, units: int, batch_size: int) -> UnitTap:
+        """The tap with its output gradient, with one row per clipping unit."""
+        layer, rule, args, kwargs = tap.layer, tap.rule, tap.args, tap.kwargs
         if units == batch_size:
-            return layer, rule, args, kwargs, grad, tap[5]
+            return UnitTap(layer, rule, args, kwargs, grad, tap.saved)
         view = rule.fold_units(layer, args, kwargs, grad, units)
         if view is None:
             path = self._paths.get(id(layer), layer.name)
@@ -614,7 +657,7 @@ class FastEngine:
                 f"examples (num_microbatches={units} with batches of {batch_size}).",
                 layer_paths=[path],
             )
-        return (layer, rule, *view, rule.fold_saved(layer, tap[5], units))
+        return UnitTap(layer, rule, *view, rule.fold_saved(layer, tap.saved, units))
 
     def _verify(self, entries, full, loss_scale, keep, like) -> None:
         """The taps' unclipped sums must be autograd's full gradient of every weight.

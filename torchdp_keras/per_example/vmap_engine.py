@@ -18,9 +18,7 @@ are not part of it: the DP model adds their gradient after noising.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from typing import Any
 
 import keras
 import torch
@@ -28,38 +26,14 @@ from keras import tree
 from keras.src import backend as keras_backend
 
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.model_checks import data_updated_state_error, seed_state_ids
+from torchdp_keras.model_walk import data_updated_state_error, seed_state_ids
 from torchdp_keras.ops import clipped_sum_and_norms
+from torchdp_keras.per_example.engine import ClippedBatch
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.loss_weights import broadcast_example_weights
 
 # Per-unit gradients held at once, in elements (256 MiB of float32).
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 26
-
-
-@dataclasses.dataclass
-class ClippedBatch:
-    """What one pass of the engine over a batch returns.
-
-    Attributes:
-        summed: Sum over units of the clipped unit gradients, one tensor per
-            trainable variable (in `model.trainable_variables` order).
-        unit_losses: The loss of every unit, shape `(num_units,)` (None
-            where the engine only computes their sum).
-        unit_norms: The unclipped gradient norm of every unit (float64).
-        y_pred: The model's training-mode predictions for the whole batch.
-        loss_sum: The sum of the units' losses (padding excluded).
-        num_nonfinite: Units left out because their gradient (or, in the
-            per-example engine, their loss) was not finite: NaN or inf from a
-            bad example. They contribute exactly zero to `summed`.
-    """
-
-    summed: list[torch.Tensor]
-    unit_losses: torch.Tensor | None
-    unit_norms: torch.Tensor
-    y_pred: Any
-    loss_sum: torch.Tensor
-    num_nonfinite: int = 0
 
 
 def _leading_dims(tree_):
