@@ -37,11 +37,11 @@ from keras.src.saving import serialization_lib
 
 from torchdp_keras import _validation
 from torchdp_keras.accounting import PRVAccountant
+from torchdp_keras.accounting.ledger import PrivacyLedger
 from torchdp_keras.callbacks import DPAccountant
 from torchdp_keras.errors import DPConfigError, DPError, UnsupportedLayerError
 from torchdp_keras.lipschitz.dynamic import AdaptiveLossGradientClipping
 from torchdp_keras.lipschitz.layers import DP_BoundedInput, DPLayer
-from torchdp_keras.accounting.ledger import PrivacyLedger
 from torchdp_keras.models.keras_hooks import DPKerasHooksMixin
 from torchdp_keras.models.privacy_tracking import PRIVACY_STATE_KEY, PrivacyTrackingMixin
 
