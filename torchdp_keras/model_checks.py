@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras._backend import check_torch_backend
 
 check_torch_backend()
@@ -42,7 +43,7 @@ def iter_layers(
         yield prefix, model
 
     def walk(layer, prefix):
-        for child in layer._flatten_layers(include_self=False, recursive=False):
+        for child in keras_compat.flatten_layers(layer, include_self=False, recursive=False):
             if id(child) in seen:
                 continue
             seen.add(id(child))
@@ -280,7 +281,7 @@ def seed_state_ids(model: keras.layers.Layer) -> set[int]:
     """
     ids = set()
     for layer in [model] + [layer for _, layer in iter_layers(model)]:
-        for seed_generator in getattr(layer, "_seed_generators", ()):
+        for seed_generator in keras_compat.seed_generators(layer):
             ids.add(id(seed_generator.state))
     return ids
 
