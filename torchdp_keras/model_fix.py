@@ -10,6 +10,7 @@ weights included, is copied unchanged; the original model is not modified.
 
 from __future__ import annotations
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras._backend import check_torch_backend
 
 check_torch_backend()
@@ -63,7 +64,7 @@ def _positions(layer, axis: int) -> int | None:
     try:
         shape = tuple(layer.input.shape)
     except (AttributeError, ValueError):
-        shapes = getattr(layer, "_build_shapes_dict", None) or {}
+        shapes = keras_compat.build_shapes_dict(layer) or {}
         shape = next(iter(shapes.values()), None)
     if not shape:
         return None
@@ -199,6 +200,4 @@ def _check_rebuildable(model: keras.Model) -> None:
 
 
 def _is_graph(model: keras.Model) -> bool:
-    from keras.src.models.functional import Functional
-
-    return isinstance(model, (keras.Sequential, Functional))
+    return isinstance(model, (keras.Sequential, keras_compat.Functional))

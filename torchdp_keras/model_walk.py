@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import keras
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.errors import UnsupportedLayerError
 
 
@@ -34,7 +35,7 @@ def iter_layers(
         yield prefix, model
 
     def walk(layer, prefix):
-        for child in layer._flatten_layers(include_self=False, recursive=False):
+        for child in keras_compat.flatten_layers(layer, include_self=False, recursive=False):
             if id(child) in seen:
                 continue
             seen.add(id(child))
@@ -54,7 +55,7 @@ def seed_state_ids(model: keras.layers.Layer) -> set[int]:
     """
     ids = set()
     for layer in [model] + [layer for _, layer in iter_layers(model)]:
-        for seed_generator in getattr(layer, "_seed_generators", ()):
+        for seed_generator in keras_compat.seed_generators(layer):
             ids.add(id(seed_generator.state))
     return ids
 

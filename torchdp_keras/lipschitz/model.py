@@ -33,8 +33,8 @@ import keras
 import numpy as np
 import torch
 from keras import tree
-from keras.src.saving import serialization_lib
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras import _validation
 from torchdp_keras.accounting import PRVAccountant
 from torchdp_keras.accounting.ledger import PrivacyLedger
@@ -604,7 +604,9 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         counted = real
         if weights is not None:  # examples, not rows (augmented views weigh 1/m each)
             counted = float(weights.sum() if keep is None else weights[keep.cpu()].sum())
-        self._loss_tracker.update_state(total.detach() / max(1e-12, counted), sample_weight=counted)
+        keras_compat.loss_tracker(self).update_state(
+            total.detach() / max(1e-12, counted), sample_weight=counted
+        )
         if mask is not None:
             if real == 0:
                 return self.get_metrics_result()
@@ -746,7 +748,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             "debug": config.pop("debug", False),
         }
         layers = [
-            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
+            keras_compat.deserialize_keras_object(c, custom_objects=custom_objects)
             for c in config.pop(layers_key)
         ]
         return dp, config.pop(PRIVACY_STATE_KEY, None), layers
@@ -801,7 +803,7 @@ class DP_Sequential(LipschitzDPMixin, keras.Sequential):  # noqa: N801 (deel-lip
         dp, state, layers = cls._pop_lipschitz_config(config, "layers", custom_objects)
         build_input_shape = config.pop("build_input_shape", None)
         model = cls(layers=layers, name=config.get("name"), **dp)
-        if not model._functional and build_input_shape:
+        if not keras_compat.sequential_graph(model) and build_input_shape:
             model.build(build_input_shape)
         model.privacy_ledger.load_state_dict(state)
         return model
@@ -890,7 +892,7 @@ class LayerStack(keras.Model):
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         stacked = [
-            serialization_lib.deserialize_keras_object(c, custom_objects=custom_objects)
+            keras_compat.deserialize_keras_object(c, custom_objects=custom_objects)
             for c in config.pop("stacked_layers")
         ]
         return cls(stacked, **config)

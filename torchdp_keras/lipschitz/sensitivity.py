@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import torch
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras._validation import check_int, check_positive
 from torchdp_keras.lipschitz.model import get_eps_delta
 
@@ -86,7 +87,7 @@ def check_layer_gradient_norm(S: float, layer, examples) -> bool:
         xi = x[i : i + 1]
 
         def output(weight, xi=xi):
-            with keras.src.backend.StatelessScope(state_mapping=[(variable, weight)]):
+            with keras_compat.StatelessScope(state_mapping=[(variable, weight)]):
                 return layer(xi)
 
         jacobian = torch.func.jacrev(output)(variable.value.detach())

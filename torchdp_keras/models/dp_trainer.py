@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from keras import tree
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras import _validation, distributed
 from torchdp_keras.accounting.ledger import PrivacyLedger
 from torchdp_keras.errors import DPConfigError
@@ -414,7 +415,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     def _weight_regularization(self, trainable_variables):
         """Returns (loss, gradients) of the weight regularizers (not private data)."""
         with torch.enable_grad():
-            losses = self._get_regularization_losses()
+            losses = keras_compat.regularization_losses(self)
             if not losses:
                 return None, None
             total = losses[0]
@@ -519,7 +520,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         loss = result.loss_sum / max(1, num_units if mask is None else real_examples)
         if reg_loss is not None:
             loss = loss + reg_loss
-        self._loss_tracker.update_state(loss, sample_weight=real_examples)
+        keras_compat.loss_tracker(self).update_state(loss, sample_weight=real_examples)
 
         y_pred = result.y_pred
         if mask is not None:
@@ -529,7 +530,7 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             )
         logs = None
         if real_examples:
-            compile_loss = self._compile_loss
+            compile_loss = keras_compat.compile_loss(self)
             if compile_loss is not None and compile_loss.metrics:
                 # Per-output loss trackers of multi-output models: the per-unit
                 # calls ran in a stateless scope, so update them on the batch.

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import keras
 from keras import tree
-from keras.src.saving import serialization_lib
-from keras.src.trainers.data_adapters import data_adapter_utils
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.data import unpack_poisson_batch
 
 
@@ -25,7 +24,7 @@ class DPKerasHooksMixin:
     def compile_from_config(self, config):
         # Keras skips compiling a loaded model whose class overrides compile();
         # ours only adds checks, so the saved compile config applies as is.
-        config = serialization_lib.deserialize_keras_object(config)
+        config = keras_compat.deserialize_keras_object(config)
         self.compile(**config)
         if hasattr(self, "optimizer") and self.built:
             self.optimizer.build(self.trainable_variables)
@@ -52,7 +51,7 @@ class DPKerasHooksMixin:
         poisson = unpack_poisson_batch(data)
         if poisson is not None:
             return poisson
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras_compat.unpack_x_y_sample_weight(data)
         return x, y, sample_weight, None
 
     def test_step(self, data):
@@ -70,13 +69,8 @@ class DPKerasHooksMixin:
     def _symbolic_build(self, iterator=None, data_batch=None):
         # Keras peeks at the first batch to build metrics; a Poisson batch is
         # unwrapped to the (x, y, sample_weight) Keras expects.
-        if data_batch is None and iterator is not None and self._needs_symbolic_build():
-            for _, _, data_or_iterator in iterator:
-                if isinstance(data_or_iterator, (list, tuple)):
-                    data_batch = data_or_iterator[0]
-                else:
-                    data_batch = next(data_or_iterator)
-                break
+        if data_batch is None and iterator is not None and keras_compat.needs_symbolic_build(self):
+            data_batch = keras_compat.first_data_batch(iterator)
         if data_batch is None:
             return super()._symbolic_build(iterator=iterator)
         x, y, sample_weight, _ = self._unpack(data_batch)
@@ -84,11 +78,3 @@ class DPKerasHooksMixin:
         while parts[-1] is None:
             parts.pop()
         return super()._symbolic_build(data_batch=tuple(parts))
-
-    def _needs_symbolic_build(self) -> bool:
-        """Keras's condition for building from a peeked batch."""
-        return (
-            not all(layer.built for layer in self._flatten_layers())
-            or (self._compile_metrics is not None and not self._compile_metrics.built)
-            or (self._compile_loss is not None and not self._compile_loss.built)
-        )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import keras
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
-from keras.src.trainers.trainer import Trainer
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.models.dp_trainer import PRIVACY_STATE_KEY, DPTrainerMixin
 from torchdp_keras.settings import DPSettings, keras_positional_arguments
@@ -57,7 +55,7 @@ class DPModel(DPTrainerMixin, keras.Model):
         # would rewrite the class's bases.
         twin = _FUNCTIONAL_TWINS.get(cls)
         keras_args = keras_positional_arguments(args)
-        if twin is not None and functional_init_arguments(keras_args, kwargs):
+        if twin is not None and keras_compat.functional_init_arguments(keras_args, kwargs):
             return twin.__new__(twin, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
@@ -65,7 +63,8 @@ class DPModel(DPTrainerMixin, keras.Model):
         args, kwargs, settings = DPSettings.from_arguments(
             type(self).__name__, args, kwargs, required=self._dp_settings_required
         )
-        if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
+        functional = isinstance(self, keras_compat.Functional)
+        if keras_compat.functional_init_arguments(args, kwargs) and not functional:
             raise DPConfigError(
                 f"{type(self).__name__} passes `inputs` and `outputs` to "
                 "DPModel.__init__: a DPModel subclass must define `call()`. For "
@@ -73,9 +72,9 @@ class DPModel(DPTrainerMixin, keras.Model):
                 "l2_norm_clip=..., noise_multiplier=...) directly, or wrap a "
                 "keras.Model with torchdp_keras.make_private(model, ...)."
             )
-        if isinstance(self, Functional):
-            Trainer.__init__(self)
-            Functional.__init__(self, *args, **kwargs)
+        if functional:
+            keras_compat.Trainer.__init__(self)
+            keras_compat.Functional.__init__(self, *args, **kwargs)
         else:
             super().__init__(*args, **kwargs)
         self._init_dp(settings)
@@ -92,7 +91,7 @@ class DPModel(DPTrainerMixin, keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class DPFunctional(DPModel, Functional):
+class DPFunctional(DPModel, keras_compat.Functional):
     """What `DPModel(inputs=..., outputs=...)` returns: a functional DP model.
 
     Not constructed directly; it exists so that a functional DP model is a
@@ -141,7 +140,7 @@ class Model(DPModel):
 
 
 @keras.saving.register_keras_serializable(package="torchdp_keras")
-class FunctionalModel(Model, Functional):
+class FunctionalModel(Model, keras_compat.Functional):
     """What `Model(inputs=..., outputs=...)` returns: a functional `torchdp_keras.Model`."""
 
 

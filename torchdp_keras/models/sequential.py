@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import keras
-from keras.src.saving import serialization_lib
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.model_checks import check_per_example_privacy
 from torchdp_keras.models.dp_trainer import PRIVACY_STATE_KEY, DPTrainerMixin
 from torchdp_keras.settings import DP_CONFIG_KEYS, DPSettings
@@ -75,16 +75,14 @@ class DPSequential(DPTrainerMixin, keras.Sequential):
         layers = []
         for layer_config in config.pop("layers"):
             layers.append(
-                serialization_lib.deserialize_keras_object(
-                    layer_config, custom_objects=custom_objects
-                )
+                keras_compat.deserialize_keras_object(layer_config, custom_objects=custom_objects)
             )
         build_input_shape = config.pop("build_input_shape", None)
         model = cls(
             layers=layers, name=config.get("name"), trainable=config.get("trainable", True), **dp
         )
         if (
-            not model._functional
+            keras_compat.sequential_graph(model) is None
             and build_input_shape
             and isinstance(build_input_shape, (tuple, list))
         ):

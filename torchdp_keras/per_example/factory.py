@@ -18,6 +18,7 @@ from typing import Any
 
 import keras
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.model_walk import iter_layers
 from torchdp_keras.per_example.engine import ClippedBatch, ClippingEngine
 from torchdp_keras.per_example.fast_engine import (
@@ -142,7 +143,8 @@ class EngineSelection:
         layers = tuple(
             (path, type(layer).__name__, WHOLE_MODEL)
             for path, layer in iter_layers(self._model)
-            if layer.trainable_weights and not layer._flatten_layers(include_self=False)
+            if layer.trainable_weights
+            and not keras_compat.flatten_layers(layer, include_self=False)
         )
         reason = None if self.clipping_mode == "vmap" else self.vmap_reason
         return ClippingPlan("vmap", layers, reason, self.checked)

@@ -47,9 +47,8 @@ from typing import Any, NamedTuple
 import keras
 import torch
 from keras import tree
-from keras.src import backend as keras_backend
-from keras.src.models.functional import Functional
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.errors import UnsupportedLayerError
 from torchdp_keras.model_walk import data_updated_state_error, iter_layers, seed_state_ids
 from torchdp_keras.ops import clip_factors
@@ -119,21 +118,21 @@ class FastPathUnsupported(UnsupportedLayerError):
         self.problems = tuple(problems)
 
 
-def graph_of(model) -> Functional | None:
+def graph_of(model) -> keras_compat.Functional | None:
     """The functional graph that computes `model`'s output, or None."""
     if isinstance(model, keras.Sequential):
-        return model._functional
-    if isinstance(model, Functional):
+        return keras_compat.sequential_graph(model)
+    if isinstance(model, keras_compat.Functional):
         return model
     if getattr(model, "_dp_wraps_model", False):  # PrivateKerasModel calls model.model
         return graph_of(model.model)
     return None
 
 
-def _graph_layers(graph: Functional):
+def _graph_layers(graph: keras_compat.Functional):
     """(layer, uses) for every operation of a graph, nested graphs flattened."""
     counts: dict[int, list] = {}
-    for depth_nodes in graph._nodes_by_depth.values():
+    for depth_nodes in keras_compat.graph_nodes_by_depth(graph).values():
         for node in depth_nodes:
             op = node.operation
             if op is None or node.is_input:
@@ -244,7 +243,7 @@ class FastEngine:
         if rule is None or isinstance(rule, SublayerRule):
             children = [
                 child
-                for child in layer._flatten_layers(include_self=False, recursive=False)
+                for child in keras_compat.flatten_layers(layer, include_self=False, recursive=False)
                 if self._trained(child)
             ]
             owned = [id(w) for child in children for w in self._trained(child)]
@@ -316,12 +315,12 @@ class FastEngine:
         return tuple(id(v) for v in self._trainable + self._non_trainable)
 
     # -- forward through the graph -----------------------------------------------
-    def _run_graph(self, graph: Functional, inputs, taps: list):
-        inputs = graph._standardize_inputs(inputs)
+    def _run_graph(self, graph: keras_compat.Functional, inputs, taps: list):
+        inputs = keras_compat.standardize_graph_inputs(graph, inputs)
 
         def operation_fn(op):
             def call(*args, **kwargs):
-                if getattr(op, "_call_has_training_arg", False):
+                if keras_compat.call_has_training_arg(op):
                     kwargs["training"] = True  # as Functional.call propagates it
                 inner = graph_of(op) if isinstance(op, keras.Model) else None
                 if inner is not None:
@@ -340,7 +339,7 @@ class FastEngine:
 
             return call
 
-        return graph._run_through_graph(inputs, operation_fn=operation_fn)
+        return keras_compat.run_through_graph(graph, inputs, operation_fn=operation_fn)
 
     def _composite_call(self, layer, args, kwargs, taps):
         """Runs a walked layer's own call, tapping every weighted layer inside it."""
@@ -428,22 +427,22 @@ class FastEngine:
             taps.append(Tap(layer, rule, args, kwargs, output, None, derivative))
             return None
         first = args[0]
-        if isinstance(first, torch.Tensor) and layer._convert_input_args:
+        if isinstance(first, torch.Tensor) and keras_compat.convert_input_args(layer):
             # What Layer.__call__ does first: the input in the layer's dtype.
             converted = layer.dtype_policy.convert_input(first, layer.autocast, layer.input_dtype)
             if converted is not first:
-                mask = keras_backend.get_keras_mask(first)
+                mask = keras_compat.get_keras_mask(first)
                 if mask is not None:
-                    keras_backend.set_keras_mask(converted, mask)
+                    keras_compat.set_keras_mask(converted, mask)
                 args = (converted, *args[1:])
         autocast = None
         if layer.autocast and layer.compute_dtype != layer.variable_dtype:
-            autocast = keras_backend.AutocastScope(layer.compute_dtype)
+            autocast = keras_compat.AutocastScope(layer.compute_dtype)
         with autocast or contextlib.nullcontext():
             z, finish, *saved = rule.forward(layer, args, kwargs)
             out = finish(z)
         if hasattr(layer, "compute_mask") and isinstance(args[0], torch.Tensor):
-            mask = keras_backend.get_keras_mask(args[0])
+            mask = keras_compat.get_keras_mask(args[0])
             try:
                 out_mask = layer.compute_mask(args[0], mask)
             except (TypeError, ValueError):
@@ -456,16 +455,19 @@ class FastEngine:
             )
             for tensor, tensor_mask in pairs:
                 if isinstance(tensor, torch.Tensor) and tensor_mask is not None:
-                    keras_backend.set_keras_mask(tensor, tensor_mask)
+                    keras_compat.set_keras_mask(tensor, tensor_mask)
         taps.append(Tap(layer, rule, args, kwargs, z, saved[0] if saved else None, None))
         return out
 
     def _loss_sum(self, y, y_pred, sample_weight, batch_size):
-        compile_loss = self._model._compile_loss
+        compile_loss = keras_compat.compile_loss(self._model)
         if compile_loss is None:
             raise FastPathUnsupported("The model has no compiled loss.", layer_paths=[])
         total = compile_loss(y, y_pred, broadcast_example_weights(sample_weight, y_pred))
-        reductions = {getattr(fn, "reduction", None) for _, fn, _, _ in compile_loss._flat_losses}
+        reductions = {
+            getattr(fn, "reduction", None)
+            for _, fn, _, _ in keras_compat.compiled_losses(compile_loss)
+        }
         if reductions == {None} and total.ndim >= 1 and total.shape[0] == batch_size:
             # Unreduced (TF Privacy's tutorial): an example's loss is the mean
             # of its row, as the per-example engine takes it.
@@ -566,7 +568,7 @@ class FastEngine:
                     mapping.append((variable, value))
                 leaves.append(value)
         with torch.enable_grad():
-            with keras_backend.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            with keras_compat.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
                 if self._graph is not None:
                     y_pred = self._run_graph(self._graph, x, taps)
                 else:

@@ -25,9 +25,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from keras.src.backend.torch import nn as keras_torch_nn
-from keras.src.backend.torch import random as keras_torch_random
-from keras.src.random.seed_generator import draw_seed
+
+from torchdp_keras import _keras_compat as keras_compat
 
 
 def _keep_memory_format(tensor):
@@ -35,7 +34,7 @@ def _keep_memory_format(tensor):
 
 
 def _advance_seed_and_use_default_generator(seed):
-    draw_seed(seed)  # advances the SeedGenerator's state as Keras would
+    keras_compat.draw_seed(seed)  # advances the SeedGenerator's state as Keras would
     return None  # torch random ops then draw from the default generator
 
 
@@ -48,13 +47,15 @@ def per_example_call_context(device: torch.device, rng_seed: int) -> Iterator[No
         rng_seed: Seed of the forked default generator(s) inside the context.
     """
     patches = [
-        (keras_torch_nn, "_maybe_convert_to_channels_last", _keep_memory_format),
         (
-            keras_torch_random,
+            keras_compat.keras_torch_random,
             "torch_seed_generator",
             _advance_seed_and_use_default_generator,
         ),
     ]
+    channels_last = keras_compat.channels_last_conversion_target()
+    if channels_last is not None:  # Keras < 3.14 never converts the layout
+        patches.insert(0, (*channels_last, _keep_memory_format))
     cuda_devices = []
     if device.type == "cuda":
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]

@@ -26,8 +26,10 @@ from collections.abc import Callable, Iterator
 
 import keras
 import torch
-from keras.src import backend as keras_backend
-from keras.src.backend.torch import nn as keras_torch_nn
+
+from torchdp_keras import _keras_compat as keras_compat
+
+keras_torch_nn = keras_compat.keras_torch_nn  # keras's torch ops, patched in place below
 
 _MAX_BY_RANK = {
     1: torch.nn.functional.max_pool1d,
@@ -89,7 +91,7 @@ def layout_preserving_forward(layer) -> Callable[[torch.Tensor], torch.Tensor] |
 
 def _pool_on_view(original, pools):
     def pool(inputs, pool_size, strides=None, padding="valid", data_format=None):
-        data_format = keras_backend.standardize_data_format(data_format)
+        data_format = keras_compat.standardize_data_format(data_format)
         spatial = getattr(inputs, "ndim", 0) - 2
         if (
             not isinstance(inputs, torch.Tensor)
@@ -112,7 +114,7 @@ def _conv_on_view(original):
     from torchdp_keras.per_example.rules.conv import _CONV_FUNCTIONS, _pad_channels_last
 
     def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
-        data_format = keras_backend.standardize_data_format(data_format)
+        data_format = keras_compat.standardize_data_format(data_format)
         spatial = getattr(inputs, "ndim", 0) - 2
         if isinstance(kernel, keras.Variable):  # a layer passes its kernel variable
             kernel = kernel.value

@@ -23,8 +23,8 @@ import warnings
 import keras
 import torch
 from keras import tree
-from keras.src import backend as keras_backend
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.errors import DPConfigError
 from torchdp_keras.model_walk import data_updated_state_error, seed_state_ids
 from torchdp_keras.ops import clipped_sum_and_norms
@@ -123,21 +123,21 @@ class VmapEngine:
         mapping = list(zip(self._trainable, trainable_values)) + list(
             zip(self._non_trainable, non_trainable_values)
         )
-        with keras_backend.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+        with keras_compat.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
             initial = [scope.get_current_value(v) for v in self._non_trainable]
-            if model._call_has_training_arg:
+            if keras_compat.call_has_training_arg(model):
                 y_pred = model(x, training=True)
             else:
                 y_pred = model(x)
             terms = []
-            if model._compile_loss is not None:
-                compiled = model._compile_loss(
+            if keras_compat.compile_loss(model) is not None:
+                compiled = keras_compat.compile_loss(model)(
                     y, y_pred, broadcast_example_weights(sample_weight, y_pred)
                 )
                 if compiled is not None:
                     terms.append(compiled)
             for extra in scope.losses:
-                terms.append(model._aggregate_additional_loss(extra))
+                terms.append(keras_compat.aggregate_additional_loss(model, extra))
             final = [scope.get_current_value(v) for v in self._non_trainable]
         if not terms:
             raise DPConfigError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from keras import ops
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.memory import BUDGET_KEY, explicit_memory_budget
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
@@ -152,7 +153,7 @@ class DenseRule(LayerRule):
     activation_after_tap = True
 
     def unsupported_reason(self, layer) -> str | None:
-        return option_reason(layer) or parts_reason(layer, getattr(layer, "_kernel", None))
+        return option_reason(layer) or parts_reason(layer, keras_compat.kernel_variable(layer))
 
     def forward(self, layer, args, kwargs):
         z = ops.matmul(args[0], layer.kernel)
@@ -185,7 +186,7 @@ class DenseRule(LayerRule):
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
         a, g = as_sequence(args[0]).to(grad.dtype), as_sequence(grad)
-        parts = trainable_parts(layer, layer._kernel, {})
+        parts = trainable_parts(layer, keras_compat.kernel_variable(layer), {})
         norms = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
         if "kernel" in parts:
             norms = norms + matmul_squared_norms(a, g, cache)
@@ -202,7 +203,7 @@ class DenseRule(LayerRule):
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
         a, g = as_sequence(args[0]).to(grad.dtype), as_sequence(grad)
         out = []
-        for name in trainable_parts(layer, layer._kernel, {}):
+        for name in trainable_parts(layer, keras_compat.kernel_variable(layer), {}):
             if name == "kernel":
                 out.append(clipped_product_sum(a, g, factors, cache))
             elif name == "bias":

@@ -26,6 +26,7 @@ import string
 import torch
 from keras import ops
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
     is_linear,
@@ -76,7 +77,7 @@ class EinsumDenseRule(LayerRule):
                 f"equation {layer.equation!r} (the batch axis must lead the input and "
                 "the output, and stay out of the kernel)"
             )
-        return option_reason(layer) or parts_reason(layer, getattr(layer, "_kernel", None))
+        return option_reason(layer) or parts_reason(layer, keras_compat.kernel_variable(layer))
 
     def forward(self, layer, args, kwargs):
         z = ops.einsum(layer.equation, args[0], layer.kernel)
@@ -166,7 +167,7 @@ class EinsumDenseRule(LayerRule):
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
         a = torch.as_tensor(args[0]).to(grad.dtype)
-        parts = trainable_parts(layer, layer._kernel, {})
+        parts = trainable_parts(layer, keras_compat.kernel_variable(layer), {})
         norms = torch.zeros(grad.shape[0], dtype=torch.float64, device=grad.device)
         if "kernel" in parts:
             matrices = self._matrices(layer, a, grad, cache)
@@ -187,7 +188,7 @@ class EinsumDenseRule(LayerRule):
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
         a = torch.as_tensor(args[0]).to(grad.dtype)
         out = []
-        for name, weight in trainable_parts(layer, layer._kernel, {}).items():
+        for name, weight in trainable_parts(layer, keras_compat.kernel_variable(layer), {}).items():
             if name == "kernel":
                 matrices = self._matrices(layer, a, grad, cache)
                 if matrices is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from keras import ops
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
     fold_rows,
@@ -68,7 +69,7 @@ class EmbeddingRule(LayerRule):
     """
 
     def unsupported_reason(self, layer) -> str | None:
-        return option_reason(layer) or parts_reason(layer, getattr(layer, "_embeddings", None))
+        return option_reason(layer) or parts_reason(layer, keras_compat.embeddings_variable(layer))
 
     def forward(self, layer, args, kwargs):
         ids = args[0]
@@ -99,7 +100,7 @@ class EmbeddingRule(LayerRule):
 
     def squared_norms(self, layer, args, kwargs, grad, cache):
         ids, g = _ids_and_grads(args, grad)
-        parts = trainable_parts(layer, layer._embeddings, {})
+        parts = trainable_parts(layer, keras_compat.embeddings_variable(layer), {})
         norms = torch.zeros(g.shape[0], dtype=torch.float64, device=g.device)
         if "kernel" in parts:
             norms = norms + _sparse_squared_norms(ids, g, cache, "")
@@ -114,7 +115,9 @@ class EmbeddingRule(LayerRule):
     def clipped_sums(self, layer, args, kwargs, grad, factors, cache):
         ids, g = _ids_and_grads(args, grad)
         out = []
-        for name, weight in trainable_parts(layer, layer._embeddings, {}).items():
+        for name, weight in trainable_parts(
+            layer, keras_compat.embeddings_variable(layer), {}
+        ).items():
             if name == "kernel":
                 out.append(_sparse_sum(ids, g, factors, weight.shape))
             elif name == "lora_kernel_a":

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import keras
 import torch
-from keras.src import backend as keras_backend
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import SAVED_KEY, LayerRule, sq_norm_rows
 
 
@@ -83,7 +83,7 @@ class NormalizationRule(LayerRule):
             mapping.append((layer.beta, torch.zeros_like(layer.beta.value)))
         call_kwargs = {k: v for k, v in kwargs.items() if k != "training"}
         with torch.set_grad_enabled(grad_enabled and torch.is_grad_enabled()):
-            with keras_backend.StatelessScope(state_mapping=mapping):
+            with keras_compat.StatelessScope(state_mapping=mapping):
                 return torch.as_tensor(layer.call(args[0], **call_kwargs))
 
     def _per_example(self, layer, args, kwargs, grad, cache):

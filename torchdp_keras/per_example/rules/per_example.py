@@ -23,8 +23,8 @@ import math
 
 import torch
 from keras import tree
-from keras.src import backend as keras_backend
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import LayerRule, sq_norm_rows
 
 
@@ -66,7 +66,7 @@ class PerExampleGradientRule(LayerRule):
                 part.reshape(shape) for part, shape in zip(torch.split(row, sizes), shapes)
             ]
             mapping = list(zip(weights, weight_values)) + list(zip(others, other_values))
-            with keras_backend.StatelessScope(state_mapping=mapping):
+            with keras_compat.StatelessScope(state_mapping=mapping):
                 out = layer(*filled[: len(args)], **call_kwargs)
             return tree.map_structure(
                 lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, out

@@ -34,9 +34,8 @@ from __future__ import annotations
 import keras
 import torch
 from keras import tree
-from keras.src import backend as keras_backend
-from keras.src.backend.torch.core import to_torch_dtype
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
     SAVED_KEY,
     LayerRule,
@@ -69,7 +68,7 @@ def _value(variable, dtype):
 def _layer_mask(args, kwargs):
     mask = kwargs.get("mask")
     if mask is None and isinstance(args[0], torch.Tensor):
-        mask = keras_backend.get_keras_mask(args[0])
+        mask = keras_compat.get_keras_mask(args[0])
     if isinstance(mask, (list, tuple)):
         mask = mask[0]
     return None if mask is None else torch.as_tensor(mask).to(torch.bool)
@@ -142,7 +141,7 @@ class RecurrentRule(LayerRule):
     def forward(self, layer, args, kwargs):
         cell = layer.cell
         kind = _cell_kind(cell)
-        dtype = to_torch_dtype(cell.compute_dtype)
+        dtype = keras_compat.to_torch_dtype(cell.compute_dtype)
         x = torch.as_tensor(args[0]).to(dtype)
         training = bool(kwargs.get("training", False))
         mask = _layer_mask(args, kwargs)

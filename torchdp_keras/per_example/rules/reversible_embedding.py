@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from keras import ops
 
+from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import fold_rows, identity, option_reason
 from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
 from torchdp_keras.per_example.rules.embedding import (
@@ -42,7 +43,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
     supports_shared_uses = True
 
     def unsupported_reason(self, layer) -> str | None:
-        expected = {id(layer._embeddings)}
+        expected = {id(keras_compat.embeddings_variable(layer))}
         if not layer.tie_weights:
             expected.add(id(getattr(layer, "reverse_embeddings", None)))
         for option in ("lora_enabled", "logit_soft_cap", "reverse_dtype"):
@@ -96,7 +97,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         return cat(lookups), cat(projections)
 
     def _trainable(self, layer) -> list[str]:
-        names = {id(layer._embeddings): "table"}
+        names = {id(keras_compat.embeddings_variable(layer)): "table"}
         if not layer.tie_weights:
             names[id(layer.reverse_embeddings)] = "reverse"
         return [names[id(w)] for w in layer.trainable_weights]
@@ -128,7 +129,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         out = []
         for name in self._trainable(layer):
             if name == "table":
-                shape = tuple(layer._embeddings.shape)
+                shape = tuple(keras_compat.embeddings_variable(layer).shape)
                 g_dtype = uses[0][2].dtype
                 total = torch.zeros(shape, dtype=g_dtype, device=uses[0][2].device)
                 if lookup is not None:
