@@ -11,12 +11,14 @@ per example, never O(vocabulary) nor O(T^2). The clipped sum is one
 
 from __future__ import annotations
 
+import keras
 import torch
 from keras import ops
 
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
     fold_rows,
+    handles,
     identity,
     option_reason,
     scratch,
@@ -59,6 +61,7 @@ def _sparse_sum(ids, g, factors, shape):
     return table.index_add_(0, ids.reshape(-1), rows)
 
 
+@handles(keras.layers.Embedding)
 class EmbeddingRule(LayerRule):
     """The embedding table of `Embedding`, and its LoRA factors.
 
