@@ -178,3 +178,35 @@ def test_registered_layer_matches_one_example_at_a_time(key, float64):
     assert len(result.summed) == len(want)
     for got, expected in zip(result.summed, want):
         np.testing.assert_allclose(got.numpy(), expected, rtol=rtol, atol=rtol * clip)
+
+
+def test_handles_declares_on_the_rule_class_only_and_registries_are_fresh(monkeypatch):
+    from torchdp_keras.errors import DPConfigError
+    from torchdp_keras.per_example import registry as registry_module
+    from torchdp_keras.per_example.rules.base import handled_layers, handles
+    from torchdp_keras.per_example.rules.embedding import EmbeddingRule
+    from torchdp_keras.per_example.rules.reversible_embedding import ReversibleEmbeddingRule
+
+    # A subclass of a declared rule declares nothing of its base's.
+    assert handled_layers(EmbeddingRule) == (layers.Embedding,)
+    assert layers.Embedding not in handled_layers(ReversibleEmbeddingRule)
+    assert handled_layers(type("Undeclared", (EmbeddingRule,), {})) == ()
+    with pytest.raises(TypeError, match="already declares"):
+        handles(layers.Dense)(EmbeddingRule)
+    with pytest.raises(TypeError, match="LayerRule subclasses"):
+        handles(layers.Dense)(object)
+    with pytest.raises(TypeError, match="import paths"):
+        handles("Dense")
+    # Each call builds a registry of its own: changing one changes no other.
+    first = make_default_layer_registry()
+    first.insert(layers.PReLU, first.rule_for(layers.Dense))
+    assert layers.PReLU not in make_default_layer_registry()
+    # Two rules that claim one class are an error, not a silent override.
+
+    @handles(layers.Dense)
+    class OtherDenseRule(first.rule_for(layers.Dense).__class__):
+        pass
+
+    monkeypatch.setattr(registry_module, "RULES", (*registry_module.RULES, OtherDenseRule))
+    with pytest.raises(DPConfigError, match="OtherDenseRule and DenseRule both declare"):
+        make_default_layer_registry()

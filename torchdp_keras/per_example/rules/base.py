@@ -82,7 +82,8 @@ class LayerRule(abc.ABC):
     """Fast per-example clipping for one layer type.
 
     Subclass it and register an instance with `LayerRegistry.insert` to make
-    a custom layer eligible for the fast path. `args` and `kwargs` are the
+    a custom layer eligible for the fast path. The built-in rules declare
+    their layer classes with `@handles` and are listed in `rules.RULES`. `args` and `kwargs` are the
     arguments of the layer's call in the model (the first positional
     argument is the layer's input), with the batch on axis 0. `cache` is a
     dict private to one call of the layer in one step, which a rule can use to
