@@ -8,44 +8,64 @@ subclass that only renames or configures, like keras_hub's
 Classes of optional packages are registered by their import path
 ("keras_hub.src...PositionEmbedding"), so that the package is never
 imported for it.
+
+The built-in rules declare their layer classes next to their code
+(`@handles` in `rules.base`); `make_default_layer_registry` builds a fresh
+registry from the rule classes of `rules.RULES` every time it is called.
+There is no global registry: add your own rules to the registry you pass to
+the model, with `insert`.
+
+Example:
+    >>> import keras
+    >>> registry = make_default_layer_registry()
+    >>> keras.layers.Dense in registry
+    True
+    >>> conv = keras.layers.Conv2D(4, 3)
+    >>> conv.build((None, 8, 8, 2))
+    >>> type(registry.lookup(conv)).__name__
+    'ConvRule'
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import keras
 
 from torchdp_keras.errors import DPConfigError
-from torchdp_keras.per_example.rules.base import LayerRule
-from torchdp_keras.per_example.rules.conv import (
-    ConvRule,
-    ConvTransposeRule,
-    DepthwiseConvRule,
-    SeparableConvRule,
+from torchdp_keras.per_example.rules import RULES
+from torchdp_keras.per_example.rules.base import (
+    LayerKey,
+    LayerRule,
+    check_layer_key,
+    handled_layers,
 )
-from torchdp_keras.per_example.rules.dense import DenseRule
-from torchdp_keras.per_example.rules.einsum_dense import EinsumDenseRule
-from torchdp_keras.per_example.rules.embedding import EmbeddingRule
-from torchdp_keras.per_example.rules.normalization import NormalizationRule
-from torchdp_keras.per_example.rules.position_embedding import PositionEmbeddingRule
-from torchdp_keras.per_example.rules.recurrent import BidirectionalRule, RecurrentRule
-from torchdp_keras.per_example.rules.reversible_embedding import ReversibleEmbeddingRule
-from torchdp_keras.per_example.rules.sublayers import SublayerRule
 
 
 class LayerRegistry:
     """Maps layer classes to the rules that clip them without per-model vmap.
 
     Example:
+        >>> from torchdp_keras.per_example import SublayerRule
+        >>> class Block(keras.layers.Layer):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.inner = keras.layers.Dense(3)
+        ...
+        ...     def call(self, x):
+        ...         return self.inner(x)
         >>> registry = make_default_layer_registry()
-        >>> registry.insert(MyLayer, MyLayerRule())  # doctest: +SKIP
-        >>> registry.is_elem(keras.layers.Dense(3))
+        >>> registry.is_elem(keras.layers.Dense(3)), registry.is_elem(Block())
+        (True, False)
+        >>> registry.insert(Block, SublayerRule())
+        >>> registry.is_elem(Block())
         True
     """
 
     def __init__(self) -> None:
-        self._rules: dict[type | str, LayerRule] = {}
+        self._rules: dict[LayerKey, LayerRule] = {}
 
-    def insert(self, layer_class: type | str, rule: LayerRule) -> None:
+    def insert(self, layer_class: LayerKey, rule: LayerRule) -> None:
         """Registers `rule` for `layer_class` (and its subclasses that keep its `call`).
 
         Args:
@@ -54,8 +74,7 @@ class LayerRegistry:
                 not be installed.
             rule: The `LayerRule`.
         """
-        valid_class = isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)
-        if not valid_class and not (isinstance(layer_class, str) and "." in layer_class):
+        if not check_layer_key(layer_class):
             raise DPConfigError(
                 f"Expected layer_class to be a keras.layers.Layer subclass or its import "
                 f"path. Received: layer_class={layer_class!r}"
@@ -107,6 +126,18 @@ class LayerRegistry:
     def __len__(self) -> int:
         return len(self._rules)
 
+    def __iter__(self) -> Iterator[LayerKey]:
+        """The registered layer classes and import paths, in insertion order."""
+        return iter(tuple(self._rules))
+
+    def __contains__(self, layer_class: object) -> bool:
+        """Whether this exact class (or import path) is registered."""
+        return layer_class in self._rules
+
+    def rule_for(self, layer_class: LayerKey) -> LayerRule:
+        """The rule registered for exactly `layer_class` (KeyError if none)."""
+        return self._rules[layer_class]
+
 
 def make_default_layer_registry() -> LayerRegistry:
     """A registry with the built-in rules.
@@ -125,31 +156,26 @@ def make_default_layer_registry() -> LayerRegistry:
     instance (grouped or channels_first convolutions, LoRA, quantized
     layers) leaves it to the per-layer per-example fallback of
     clipping_mode="auto", which logs it.
+
+    The registry is new at every call: one instance of each rule class of
+    `rules.RULES`, inserted for each layer class it declares with `@handles`.
+
+    Returns:
+        A `LayerRegistry` that the caller owns (changing it changes no other).
+
+    Raises:
+        DPConfigError: two rule classes declare the same layer class.
     """
     registry = LayerRegistry()
-    recurrent = RecurrentRule()
-    # One rule instance per family, shared by the family's classes.
-    families = [
-        (DenseRule(), ("Dense",)),
-        (EmbeddingRule(), ("Embedding",)),
-        (ConvRule(), ("Conv1D", "Conv2D", "Conv3D")),
-        (DepthwiseConvRule(), ("DepthwiseConv1D", "DepthwiseConv2D")),
-        (ConvTransposeRule(), ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose")),
-        (SeparableConvRule(), ("SeparableConv1D", "SeparableConv2D")),
-        (recurrent, ("RNN", "SimpleRNN", "GRU", "LSTM")),
-        (BidirectionalRule(recurrent), ("Bidirectional",)),
-        (EinsumDenseRule(), ("EinsumDense",)),
-        (NormalizationRule(), ("LayerNormalization", "GroupNormalization", "RMSNormalization")),
-    ]
-    for rule, names in families:
-        for name in names:
-            registry.insert(getattr(keras.layers, name), rule)
-    registry.insert(keras.layers.MultiHeadAttention, SublayerRule())
-    reversible = getattr(keras.layers, "ReversibleEmbedding", None)  # Keras >= 3.12
-    if reversible is not None:
-        registry.insert(reversible, ReversibleEmbeddingRule())
-    registry.insert(
-        "keras_hub.src.layers.modeling.position_embedding.PositionEmbedding",
-        PositionEmbeddingRule(),
-    )
+    claimed: dict[LayerKey, str] = {}
+    for rule_class in RULES:
+        rule = rule_class()  # one instance per rule, shared by the classes it declares
+        for layer_class in handled_layers(rule_class):
+            if layer_class in claimed:
+                raise DPConfigError(
+                    f"{rule_class.__name__} and {claimed[layer_class]} both declare "
+                    f"@handles({layer_class!r})"
+                )
+            claimed[layer_class] = rule_class.__name__
+            registry.insert(layer_class, rule)
     return registry

@@ -11,6 +11,17 @@ example `i`:
 * given per-example clip factors `c_i`, the clipped sums
   `sum_i c_i * grad_i(W)` for each weight, formed directly from `a` and `g`
   ("book-keeping"), with no second backward pass.
+
+Each rule class says which layer classes its default instance handles with
+`@handles(...)`, next to the class: `make_default_layer_registry` reads those
+declarations from the rule classes listed in `rules.RULES`. A declaration is
+an immutable tuple on the rule class; it registers nothing anywhere by itself.
+
+Example:
+    >>> import keras
+    >>> from torchdp_keras.per_example.rules.dense import DenseRule
+    >>> handled_layers(DenseRule) == (keras.layers.Dense,)
+    True
 """
 
 from __future__ import annotations
@@ -71,7 +82,8 @@ class LayerRule(abc.ABC):
     """Fast per-example clipping for one layer type.
 
     Subclass it and register an instance with `LayerRegistry.insert` to make
-    a custom layer eligible for the fast path. `args` and `kwargs` are the
+    a custom layer eligible for the fast path. The built-in rules declare
+    their layer classes with `@handles` and are listed in `rules.RULES`. `args` and `kwargs` are the
     arguments of the layer's call in the model (the first positional
     argument is the layer's input), with the batch on axis 0. `cache` is a
     dict private to one call of the layer in one step, which a rule can use to
@@ -200,6 +212,72 @@ class LayerRule(abc.ABC):
         cache: dict,
     ) -> list[torch.Tensor]:
         """`sum_i factors[i] * grad_i(w)` for each `w` in `layer.trainable_weights`."""
+
+
+LayerKey = type | str
+"""A layer class, or the import path of one ("package.module.ClassName")."""
+
+_HANDLES = "_handled_layers"
+
+
+def check_layer_key(layer_class) -> bool:
+    """Whether `layer_class` is a `keras.layers.Layer` subclass or a dotted import path."""
+    if isinstance(layer_class, type):
+        return issubclass(layer_class, keras.layers.Layer)
+    return isinstance(layer_class, str) and "." in layer_class
+
+
+def handles(*layer_classes: LayerKey | None) -> Callable[[type], type]:
+    """Class decorator: the layer classes a rule's default instance handles.
+
+    Put it on the rule class, next to its code. It records the classes on the
+    rule class as an immutable tuple (read with `handled_layers`) and
+    registers nothing: `make_default_layer_registry` builds a fresh registry
+    from the declarations of the rule classes in `rules.RULES`. A class of an
+    optional package is named by its import path ("keras_hub.src...Layer"),
+    so that the package is never imported for it; a `None` (a class missing
+    from this Keras version, from `getattr(keras.layers, name, None)`) is
+    left out. A subclass of a declared rule declares nothing unless it is
+    decorated itself.
+
+    Args:
+        *layer_classes: `keras.layers.Layer` subclasses or their import paths.
+
+    Returns:
+        The decorator, which returns the rule class unchanged but for the
+        declaration.
+
+    Example:
+        >>> import keras
+        >>> @handles(keras.layers.Dense, "my_package.layers.MyDense")
+        ... class MyDenseRule(LayerRule):
+        ...     pass
+        >>> handled_layers(MyDenseRule) == (keras.layers.Dense, "my_package.layers.MyDense")
+        True
+    """
+    keys = tuple(key for key in layer_classes if key is not None)
+    for key in keys:
+        if not check_layer_key(key):
+            raise TypeError(
+                f"Expected keras.layers.Layer subclasses or their import paths. Received: {key!r}"
+            )
+    if len(set(keys)) != len(keys):
+        raise TypeError(f"A layer class is named twice: {keys!r}")
+
+    def declare(rule_class: type) -> type:
+        if not (isinstance(rule_class, type) and issubclass(rule_class, LayerRule)):
+            raise TypeError(f"@handles decorates LayerRule subclasses. Received: {rule_class!r}")
+        if _HANDLES in vars(rule_class):
+            raise TypeError(f"{rule_class.__name__} already declares its layers")
+        setattr(rule_class, _HANDLES, keys)
+        return rule_class
+
+    return declare
+
+
+def handled_layers(rule_class: type) -> tuple[LayerKey, ...]:
+    """The layer classes `rule_class` itself declares with `@handles` (its bases' not included)."""
+    return vars(rule_class).get(_HANDLES, ())
 
 
 WORKSPACE_KEY = "workspace"

@@ -23,12 +23,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import keras
 import torch
 from keras import ops
 
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
     as_sequence,
+    handles,
     is_linear,
     option_reason,
     scratch,
@@ -145,6 +147,7 @@ def _layer_inputs(layer, args):
     return inputs if inputs.dtype == dtype else inputs.to(dtype)
 
 
+@handles(keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 class ConvRule(LayerRule):
     """Kernel and bias of a standard convolution (groups=1), through patches.
 
@@ -213,6 +216,7 @@ class ConvRule(LayerRule):
         return out
 
 
+@handles(keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 class DepthwiseConvRule(LayerRule):
     """Kernel and bias of `DepthwiseConv1D`/`DepthwiseConv2D`.
 
@@ -304,6 +308,7 @@ class DepthwiseConvRule(LayerRule):
         return out
 
 
+@handles(keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 class SeparableConvRule(DepthwiseConvRule):
     """`SeparableConv1D/2D`: a depthwise convolution `u`, then a 1x1 pointwise one, then bias.
 
@@ -378,6 +383,7 @@ class SeparableConvRule(DepthwiseConvRule):
         return out
 
 
+@handles(keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
 class ConvTransposeRule(LayerRule):
     """Kernel and bias of `Conv1DTranspose/2DTranspose/3DTranspose`.
 

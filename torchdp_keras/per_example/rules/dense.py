@@ -15,6 +15,7 @@ Clipped sums are `einsum(c_i a_i, g_i)` (book-keeping).
 
 from __future__ import annotations
 
+import keras
 import torch
 from keras import ops
 
@@ -24,6 +25,7 @@ from torchdp_keras.per_example.rules.base import (
     LayerRule,
     as_sequence,
     fold_rows,
+    handles,
     identity,
     is_linear,
     option_reason,
@@ -141,6 +143,7 @@ def parts_reason(layer, kernel, extra: dict | None = None) -> str | None:
     )
 
 
+@handles(keras.layers.Dense)
 class DenseRule(LayerRule):
     """Kernel and bias of `Dense`, and its LoRA factors; the activation follows the tap.
 

@@ -23,12 +23,14 @@ from __future__ import annotations
 import math
 import string
 
+import keras
 import torch
 from keras import ops
 
 from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
+    handles,
     is_linear,
     option_reason,
     reduce_to_shape,
@@ -55,6 +57,7 @@ def expand_equation(equation: str, input_ndim: int) -> tuple[str, str, str]:
     return inputs, kernel, output
 
 
+@handles(keras.layers.EinsumDense)
 class EinsumDenseRule(LayerRule):
     """Kernel and bias of `EinsumDense`; the activation is applied after the tap."""
 

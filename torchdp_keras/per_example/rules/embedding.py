@@ -11,6 +11,7 @@ per example, never O(vocabulary) nor O(T^2). The clipped sum is one
 
 from __future__ import annotations
 
+import keras
 import torch
 from keras import ops
 
@@ -18,6 +19,7 @@ from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
     LayerRule,
     fold_rows,
+    handles,
     identity,
     option_reason,
     scratch,
@@ -60,6 +62,7 @@ def _sparse_sum(ids, g, factors, shape):
     return table.index_add_(0, ids.reshape(-1), rows)
 
 
+@handles(keras.layers.Embedding)
 class EmbeddingRule(LayerRule):
     """The embedding table of `Embedding`, and its LoRA factors.
 

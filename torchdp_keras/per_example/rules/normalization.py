@@ -19,7 +19,7 @@ import keras
 import torch
 
 from torchdp_keras import _keras_compat as keras_compat
-from torchdp_keras.per_example.rules.base import SAVED_KEY, LayerRule, sq_norm_rows
+from torchdp_keras.per_example.rules.base import SAVED_KEY, LayerRule, handles, sq_norm_rows
 
 
 def _parameter_axes(layer, ndim: int) -> list[int]:
@@ -42,6 +42,7 @@ def _scale(layer):
     return getattr(layer, "gamma", None)
 
 
+@handles(*_LAYERS)
 class NormalizationRule(LayerRule):
     """The scale (`gamma`) and offset (`beta`) of the normalisation layers."""
 

@@ -12,9 +12,16 @@ from __future__ import annotations
 import torch
 from keras import ops
 
-from torchdp_keras.per_example.rules.base import LayerRule, identity, sq_norm_rows, weights_reason
+from torchdp_keras.per_example.rules.base import (
+    LayerRule,
+    handles,
+    identity,
+    sq_norm_rows,
+    weights_reason,
+)
 
 
+@handles("keras_hub.src.layers.modeling.position_embedding.PositionEmbedding")
 class PositionEmbeddingRule(LayerRule):
     """The `position_embeddings` table of keras_hub's `PositionEmbedding`."""
 

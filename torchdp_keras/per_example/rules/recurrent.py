@@ -40,6 +40,7 @@ from torchdp_keras.per_example.rules.base import (
     SAVED_KEY,
     LayerRule,
     fold_rows,
+    handles,
     sq_norm_rows,
     sub_cache,
 )
@@ -106,6 +107,7 @@ def _blocks(operands, grad) -> list:
     return list(zip(operands, torch.chunk(grad, len(operands), dim=-1)))
 
 
+@handles(keras.layers.RNN, keras.layers.SimpleRNN, keras.layers.GRU, keras.layers.LSTM)
 class RecurrentRule(LayerRule):
     """Kernel, recurrent kernel and bias of `SimpleRNN`, `GRU` and `LSTM`.
 
@@ -113,9 +115,12 @@ class RecurrentRule(LayerRule):
     always runs the loop itself (`recomputes_in_hooks`).
 
     Example:
-        >>> registry = make_default_layer_registry()  # doctest: +SKIP
-        >>> registry.is_elem(keras.layers.LSTM(8))  # doctest: +SKIP
-        True
+        >>> from torchdp_keras.per_example import make_default_layer_registry
+        >>> registry = make_default_layer_registry()
+        >>> lstm = keras.layers.LSTM(8)
+        >>> lstm.build((None, 5, 3))
+        >>> type(registry.lookup(lstm)).__name__
+        'RecurrentRule'
     """
 
     recomputes_in_hooks = True
@@ -326,6 +331,7 @@ class RecurrentRule(LayerRule):
 _KERAS_RNNS = (keras.layers.SimpleRNN, keras.layers.GRU, keras.layers.LSTM, keras.layers.RNN)
 
 
+@handles(keras.layers.Bidirectional)
 class BidirectionalRule(LayerRule):
     """`Bidirectional` around two layers the `RecurrentRule` covers.
 

@@ -19,11 +19,12 @@ dtype, LoRA or quantization leave the layer to the per-layer fallback.
 
 from __future__ import annotations
 
+import keras
 import torch
 from keras import ops
 
 from torchdp_keras import _keras_compat as keras_compat
-from torchdp_keras.per_example.rules.base import fold_rows, identity, option_reason
+from torchdp_keras.per_example.rules.base import fold_rows, handles, identity, option_reason
 from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
 from torchdp_keras.per_example.rules.embedding import (
     EmbeddingRule,
@@ -37,6 +38,7 @@ def _is_reverse(args, kwargs) -> bool:
     return bool(kwargs.get("reverse", args[1] if len(args) > 1 else False))
 
 
+@handles(getattr(keras.layers, "ReversibleEmbedding", None))  # Keras >= 3.12
 class ReversibleEmbeddingRule(EmbeddingRule):
     """The table (and untied reverse table) of `ReversibleEmbedding`, over both of its uses."""
 

@@ -17,9 +17,12 @@ directly.
 
 from __future__ import annotations
 
-from torchdp_keras.per_example.rules.base import LayerRule
+import keras
+
+from torchdp_keras.per_example.rules.base import LayerRule, handles
 
 
+@handles(keras.layers.MultiHeadAttention)
 class SublayerRule(LayerRule):
     """Marks a layer whose weights are clipped through its sublayers' rules."""
 
