@@ -62,6 +62,7 @@ from torchdp_keras.per_example.rules.base import (
     SAVED_KEY,
     WORKSPACE_KEY,
     LayerRule,
+    as_forward,
     output_derivative,
 )
 from torchdp_keras.per_example.rules.per_example import PerExampleGradientRule
@@ -439,8 +440,8 @@ class FastEngine:
         if layer.autocast and layer.compute_dtype != layer.variable_dtype:
             autocast = keras_compat.AutocastScope(layer.compute_dtype)
         with autocast or contextlib.nullcontext():
-            z, finish, *saved = rule.forward(layer, args, kwargs)
-            out = finish(z)
+            forward = as_forward(rule, rule.forward(layer, args, kwargs))
+            z, out = forward.z, forward.finish(forward.z)
         if hasattr(layer, "compute_mask") and isinstance(args[0], torch.Tensor):
             mask = keras_compat.get_keras_mask(args[0])
             try:
@@ -456,7 +457,7 @@ class FastEngine:
             for tensor, tensor_mask in pairs:
                 if isinstance(tensor, torch.Tensor) and tensor_mask is not None:
                     keras_compat.set_keras_mask(tensor, tensor_mask)
-        taps.append(Tap(layer, rule, args, kwargs, z, saved[0] if saved else None, None))
+        taps.append(Tap(layer, rule, args, kwargs, z, forward.saved, None))
         return out
 
     def _loss_sum(self, y, y_pred, sample_weight, batch_size):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 import torch
@@ -36,6 +37,23 @@ from torchdp_keras.ops.clip_noise import squared_row_norms
 from torchdp_keras.per_example.memory import BUDGET_KEY
 
 Finish = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Forward(NamedTuple):
+    """What `LayerRule.forward` returns.
+
+    Attributes:
+        z: The tapped tensor (pre-activation output): the engine takes the
+            gradient of the loss with respect to it.
+        finish: The rest of the layer: its output is `finish(z)`.
+        saved: Anything the forward computed that the norms need (e.g. a
+            normalised input), handed to `squared_norms` and `clipped_sums`
+            as `cache["saved"]`; None when nothing is.
+    """
+
+    z: torch.Tensor
+    finish: Finish
+    saved: Any = None
 
 
 def _relu_derivative(y):
@@ -78,6 +96,23 @@ def output_derivative(activation) -> Callable[[torch.Tensor], torch.Tensor] | No
     return _OUTPUT_DERIVATIVES.get(activation)
 
 
+def as_forward(rule, result) -> Forward:
+    """`rule.forward`'s result as a `Forward`.
+
+    A plain `(z, finish)` or `(z, finish, saved)` tuple (user rules written
+    before `Forward`) is read the same way; anything else is a clear error.
+    """
+    if isinstance(result, Forward):
+        return result
+    if isinstance(result, tuple) and len(result) in (2, 3) and callable(result[1]):
+        return Forward(*result)
+    raise TypeError(
+        f"Expected {type(rule).__name__}.forward to return a Forward(z, finish, saved=None). "
+        f"Received: {type(result).__name__}"
+        + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+    )
+
+
 class LayerRule(abc.ABC):
     """Fast per-example clipping for one layer type.
 
@@ -113,15 +148,13 @@ class LayerRule(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def forward(self, layer, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Finish]:
+    def forward(self, layer, args: tuple, kwargs: dict) -> Forward:
         """Computes the layer's pre-activation output `z` and the rest of the layer.
 
         Returns:
-            `(z, finish)`: the layer's output is `finish(z)`; the engine takes
-            the gradient of the loss with respect to `z`. A rule may return
-            `(z, finish, saved)`: `saved` (anything the forward computed that
-            the norms need, e.g. a normalised input) is then in
-            `cache["saved"]` for `squared_norms` and `clipped_sums`.
+            A `Forward(z, finish, saved=None)`: the layer's output is
+            `finish(z)`; the engine takes the gradient of the loss with
+            respect to `z`; `saved` reaches the norms as `cache["saved"]`.
         """
 
     def tap_output(self, layer, output: torch.Tensor) -> torch.Tensor | None:

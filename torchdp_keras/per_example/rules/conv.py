@@ -28,9 +28,11 @@ import torch
 from keras import ops
 
 from torchdp_keras.per_example.rules.base import (
+    Forward,
     LayerRule,
     as_sequence,
     handles,
+    identity,
     is_linear,
     option_reason,
     scratch,
@@ -175,7 +177,7 @@ class ConvRule(LayerRule):
         z = _convolve(layer, inputs, layer.kernel.value.to(inputs.dtype), groups=1)
         if layer.use_bias:
             z = z + layer.bias.value.to(z.dtype)
-        return z, (layer.activation or (lambda t: t))
+        return Forward(z, layer.activation or identity)
 
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
@@ -243,7 +245,7 @@ class DepthwiseConvRule(LayerRule):
         z = _convolve(layer, inputs, grouped, groups=channels)
         if layer.use_bias:
             z = z + layer.bias.value.to(z.dtype)
-        return z, (layer.activation or (lambda t: t))
+        return Forward(z, layer.activation or identity)
 
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None
@@ -347,7 +349,7 @@ class SeparableConvRule(DepthwiseConvRule):
         z = torch.matmul(u, self._pointwise(layer, u.dtype))
         if layer.use_bias:
             z = z + layer.bias.value.to(z.dtype)
-        return z, (layer.activation or (lambda t: t)), u
+        return Forward(z, layer.activation or identity, u)
 
     # The norms need u, which only the rule's forward keeps: never tapped from
     # the layer's finished output (with or without an activation).
@@ -421,7 +423,7 @@ class ConvTransposeRule(LayerRule):
         )
         if layer.use_bias:
             z = z + layer.bias.value.to(z.dtype)
-        return z, (layer.activation or (lambda t: t))
+        return Forward(z, layer.activation or identity)
 
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None

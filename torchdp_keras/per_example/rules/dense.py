@@ -22,6 +22,7 @@ from keras import ops
 from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.memory import BUDGET_KEY, explicit_memory_budget
 from torchdp_keras.per_example.rules.base import (
+    Forward,
     LayerRule,
     as_sequence,
     fold_rows,
@@ -162,7 +163,7 @@ class DenseRule(LayerRule):
         z = ops.matmul(args[0], layer.kernel)
         if layer.bias is not None:
             z = ops.add(z, layer.bias)
-        return z, (layer.activation or identity)
+        return Forward(z, layer.activation or identity)
 
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None

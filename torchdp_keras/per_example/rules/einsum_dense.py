@@ -29,8 +29,10 @@ from keras import ops
 
 from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
+    Forward,
     LayerRule,
     handles,
+    identity,
     is_linear,
     option_reason,
     reduce_to_shape,
@@ -86,7 +88,7 @@ class EinsumDenseRule(LayerRule):
         z = ops.einsum(layer.equation, args[0], layer.kernel)
         if layer.bias is not None:
             z = ops.add(z, layer.bias)
-        return z, layer.activation or (lambda t: t)
+        return Forward(z, layer.activation or identity)
 
     def tap_output(self, layer, output):
         return output if is_linear(layer.activation) else None

@@ -17,6 +17,7 @@ from keras import ops
 
 from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
+    Forward,
     LayerRule,
     fold_rows,
     handles,
@@ -78,7 +79,9 @@ class EmbeddingRule(LayerRule):
         ids = args[0]
         if ids.dtype not in (torch.int32, torch.int64):
             ids = ops.cast(ids, "int32")
-        return ops.cast(ops.take(layer.embeddings, ids, axis=0), layer.compute_dtype), identity
+        return Forward(
+            ops.cast(ops.take(layer.embeddings, ids, axis=0), layer.compute_dtype), identity
+        )
 
     def tap_output(self, layer, output):
         return output

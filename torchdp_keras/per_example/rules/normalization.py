@@ -19,7 +19,14 @@ import keras
 import torch
 
 from torchdp_keras import _keras_compat as keras_compat
-from torchdp_keras.per_example.rules.base import SAVED_KEY, LayerRule, handles, sq_norm_rows
+from torchdp_keras.per_example.rules.base import (
+    SAVED_KEY,
+    Forward,
+    LayerRule,
+    handles,
+    identity,
+    sq_norm_rows,
+)
 
 
 def _parameter_axes(layer, ndim: int) -> list[int]:
@@ -69,7 +76,7 @@ class NormalizationRule(LayerRule):
             y = y * scale.value.to(y.dtype).reshape(shape)
         if beta is not None:
             y = y + beta.value.to(y.dtype).reshape(shape)
-        return y, (lambda t: t), x_hat
+        return Forward(y, identity, x_hat)
 
     def tap_output(self, layer, output):
         return output

@@ -25,7 +25,7 @@ import torch
 from keras import tree
 
 from torchdp_keras import _keras_compat as keras_compat
-from torchdp_keras.per_example.rules.base import LayerRule, sq_norm_rows
+from torchdp_keras.per_example.rules.base import Forward, LayerRule, sq_norm_rows
 
 
 class PerExampleGradientRule(LayerRule):
@@ -75,7 +75,7 @@ class PerExampleGradientRule(LayerRule):
         def finish(z):
             return torch.func.vmap(call_one, randomness="different")(z, tensors)
 
-        return z, finish, (shapes, sizes)
+        return Forward(z, finish, (shapes, sizes))
 
     def fold_units(self, layer, args, kwargs, grad, units):
         # The tap's gradient rows are the per-example gradients: a group's

@@ -13,6 +13,7 @@ import torch
 from keras import ops
 
 from torchdp_keras.per_example.rules.base import (
+    Forward,
     LayerRule,
     handles,
     identity,
@@ -40,7 +41,7 @@ class PositionEmbeddingRule(LayerRule):
         rows = ops.slice(
             ops.convert_to_tensor(layer.position_embeddings), (start, 0), (steps, width)
         )
-        return ops.broadcast_to(rows, ops.shape(inputs)), identity
+        return Forward(ops.broadcast_to(rows, ops.shape(inputs)), identity)
 
     def tap_output(self, layer, output):
         return output

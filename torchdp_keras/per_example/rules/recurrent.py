@@ -38,6 +38,7 @@ from keras import tree
 from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.per_example.rules.base import (
     SAVED_KEY,
+    Forward,
     LayerRule,
     fold_rows,
     handles,
@@ -185,7 +186,7 @@ class RecurrentRule(LayerRule):
         def finish(z):
             return self._loop(layer, kind, z, states, mask, recurrent_masks, bias, saved)
 
-        return z, finish, saved
+        return Forward(z, finish, saved)
 
     @staticmethod
     def _loop(layer, kind, z, states, mask, recurrent_masks, bias, saved):
@@ -383,11 +384,11 @@ class BidirectionalRule(LayerRule):
 
         def finish(z):
             forward_z, backward_z = torch.split(z, sizes, dim=-1)
-            y = parts[0][1](forward_z)
-            y_rev = parts[1][1](backward_z)
+            y = parts[0].finish(forward_z)
+            y_rev = parts[1].finish(backward_z)
             return _merge(layer, y, y_rev)
 
-        return z, finish, (sizes, parts[0][2], parts[1][2])
+        return Forward(z, finish, (sizes, parts[0].saved, parts[1].saved))
 
     def fold_units(self, layer, args, kwargs, grad, units):
         return args, kwargs, fold_rows(grad, units)

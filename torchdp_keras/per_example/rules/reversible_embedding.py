@@ -24,7 +24,13 @@ import torch
 from keras import ops
 
 from torchdp_keras import _keras_compat as keras_compat
-from torchdp_keras.per_example.rules.base import fold_rows, handles, identity, option_reason
+from torchdp_keras.per_example.rules.base import (
+    Forward,
+    fold_rows,
+    handles,
+    identity,
+    option_reason,
+)
 from torchdp_keras.per_example.rules.dense import clipped_product_sum, matmul_squared_norms
 from torchdp_keras.per_example.rules.embedding import (
     EmbeddingRule,
@@ -60,7 +66,7 @@ class ReversibleEmbeddingRule(EmbeddingRule):
         if not _is_reverse(args, kwargs):
             return super().forward(layer, args[:1], {})
         kernel = ops.transpose(layer.embeddings) if layer.tie_weights else layer.reverse_embeddings
-        return ops.matmul(args[0], kernel), identity
+        return Forward(ops.matmul(args[0], kernel), identity)
 
     def tap_output(self, layer, output):
         return output
