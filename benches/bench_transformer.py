@@ -98,8 +98,9 @@ def main(argv=None) -> dict:
         summary,
         PLAIN,
     )
-    if private._dp_engine is not None and getattr(private._dp_engine, "slow_layers", None):
-        print("layers on per-example gradients:", private._dp_engine.slow_layers)
+    slow = private.clipping_plan().slow_layers
+    if slow:
+        print("layers on per-example gradients:", ", ".join(slow))
     return finish(summary, "DPModel (auto)", args.max_ratio, "DP/plain ratio", args.json)
 
 

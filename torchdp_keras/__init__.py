@@ -39,6 +39,9 @@ _LAZY = {
     "make_private": "torchdp_keras.models",
     "make_dp_model_class": "torchdp_keras.models",
     "DPKerasConfig": "torchdp_keras.config",
+    "DPSettings": "torchdp_keras.settings",
+    "PrivacyLedger": "torchdp_keras.accounting.ledger",
+    "SamplingPlan": "torchdp_keras.data.sampling_plan",
     "LayerRegistry": "torchdp_keras.per_example",
     "LayerRule": "torchdp_keras.per_example",
     "SublayerRule": "torchdp_keras.per_example",
@@ -71,6 +74,7 @@ _SUBMODULES = (
     "optimizers",
     "per_example",
     "privacy",
+    "settings",
 )
 
 __all__ = [
@@ -107,8 +111,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         compute_dp_sgd_privacy_statement,
         get_privacy_budget,
     )
+    from torchdp_keras.accounting.ledger import PrivacyLedger  # noqa: F401
     from torchdp_keras.config import DPKerasConfig  # noqa: F401
     from torchdp_keras.data import PrivateDataLoader  # noqa: F401
+    from torchdp_keras.data.sampling_plan import SamplingPlan  # noqa: F401
     from torchdp_keras.model_checks import ModelProblem, validate  # noqa: F401
     from torchdp_keras.model_fix import fix  # noqa: F401
     from torchdp_keras.models import (  # noqa: F401
@@ -131,3 +137,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
         compute_rdp,
         get_privacy_spent,
     )
+    from torchdp_keras.settings import DPSettings  # noqa: F401
