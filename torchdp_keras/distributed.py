@@ -34,6 +34,7 @@ Example (run with `torchrun --nproc_per_node=2 train.py`):
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 import torch
 
@@ -87,7 +88,7 @@ def check_same(value: int, name: str) -> None:
         )
 
 
-def all_reduce_sum_(tensors: list[torch.Tensor], scalars: list[float] = ()) -> list[float]:
+def all_reduce_sum_(tensors: list[torch.Tensor], scalars: Sequence[float] = ()) -> list[float]:
     """Sums `tensors` (in place) and `scalars` over the ranks in one all-reduce.
 
     The tensors are packed into one flat buffer (one collective, not one per

@@ -52,7 +52,7 @@ def check_event(noise_multiplier, sampling_probability, steps) -> tuple[float, f
     if (
         not isinstance(sampling_probability, numbers.Real)
         or isinstance(sampling_probability, bool)
-        or not 0 <= sampling_probability <= 1
+        or not 0 <= to_float(sampling_probability) <= 1
     ):
         raise DPConfigError(
             "Expected 0 <= sampling_probability <= 1. "

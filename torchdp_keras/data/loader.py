@@ -168,7 +168,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
         self.updates_per_epoch = check_int(steps_per_epoch, "steps_per_epoch")
         self.epoch = 0
         self._first_update = 0
-        self._last_draw = (None, None)
+        self._last_draw: tuple[int, np.ndarray] | None = None  # (key, this rank's draw)
 
     # -- what the accountant needs -----------------------------------------------
     @property
@@ -190,7 +190,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
         """Numbers the next epoch's first update `update` (fit calls it with `dp_steps`)."""
         self._first_update = check_int(update, "update", 0)
         self.epoch = 0
-        self._last_draw = (None, None)
+        self._last_draw = None
 
     # -- PyDataset -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -202,7 +202,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
     def _draw(self, update: int) -> np.ndarray:
         """This rank's examples of update `update` of the epoch (all of them on one process)."""
         key = self._first_update + self.epoch * self.updates_per_epoch + update
-        if self._last_draw[0] != key:
+        if self._last_draw is None or self._last_draw[0] != key:
             drawn = self._sampler.sample(0, key)
             if self._world > 1:
                 if self.secure_mode:  # rank 0's draw: a CSPRNG cannot be shared by a seed

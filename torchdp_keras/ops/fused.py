@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ _STATE: dict = {}
 def _load() -> dict:
     if _STATE:
         return _STATE
-    state = {
+    state: dict[str, Any] = {
         "loaded": False,
         "cpu": False,
         "cuda": False,
