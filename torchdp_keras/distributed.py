@@ -24,7 +24,8 @@ Collectives time out with the process group's `timeout` (set it in
 an error instead of waiting forever (gloo also fails at once when a peer's
 connection closes).
 
-Example (run with `torchrun --nproc_per_node=2 train.py`):
+Example (run with `torchrun --nproc_per_node=2 train.py`; skipped in the doctests,
+which run in one process that no torchrun started):
     >>> import torch.distributed as dist  # doctest: +SKIP
     >>> dist.init_process_group("gloo")  # doctest: +SKIP
     >>> loader = PrivateDataLoader(x, y, batch_size=256)  # global batch  # doctest: +SKIP

@@ -70,6 +70,7 @@ class Accountant(abc.ABC):
     history (at least one event with steps > 0, q > 0 and sigma > 0).
 
     Example:
+        >>> from torchdp_keras.accounting import RDPAccountant
         >>> acc = RDPAccountant()
         >>> acc.compose(noise_multiplier=1.1, sampling_probability=0.01, steps=1000)
         >>> acc.steps

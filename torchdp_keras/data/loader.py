@@ -112,8 +112,17 @@ class PrivateDataLoader(keras.utils.PyDataset):
     `sampling_probability` is the global q.
 
     Example:
-        >>> loader = PrivateDataLoader(feature_df=x, label_df=y, batch_size=64)  # doctest: +SKIP
-        >>> dp_model.fit(loader, epochs=5, target_delta=1e-5)  # doctest: +SKIP
+        >>> x = np.random.default_rng(0).random((640, 4), dtype="float32")
+        >>> y = x.sum(axis=1, keepdims=True)
+        >>> loader = PrivateDataLoader(feature_df=x, label_df=y, batch_size=64, seed=0)
+        >>> loader.sampling_probability, len(loader)
+        (0.1, 10)
+        >>> dp_model = tdk.DPSequential([keras.Input((4,)), keras.layers.Dense(1)],
+        ...                             l2_norm_clip=1.0, noise_multiplier=1.1)
+        >>> dp_model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        >>> history = dp_model.fit(loader, epochs=5, target_delta=1e-5, verbose=0)
+        >>> dp_model.dp_steps
+        50
     """
 
     def __init__(

@@ -117,8 +117,11 @@ def extension_info() -> dict:
     examples per barrier), None if unknown. Both None without the extension.
 
     Example:
-        >>> torchdp_keras.ops.extension_info()["reason"]  # doctest: +SKIP
-        'loaded (CPU only)'
+        >>> info = torchdp_keras.ops.extension_info()
+        >>> sorted(info)
+        ['cpu', 'cpu_l2_bytes', 'cpu_one_read_bytes', 'cuda', 'loaded', 'reason']
+        >>> info["reason"]  # e.g. 'loaded (CPU only)', or why the kernels did not load
+        '...'
     """
     return dict(_load())
 
