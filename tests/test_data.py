@@ -85,6 +85,8 @@ def test_loader_batches_are_padded_with_a_mask_and_cover_the_epoch():
     assert not np.array_equal(loader[3][POISSON_BATCH_KEY]["x"], first_epoch)
 
 
+# torch.from_numpy of pandas' read-only (copy-on-write) array: torch warns that it is not writable.
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
 @pytest.mark.parametrize(
     "features",
     [
@@ -281,6 +283,10 @@ class _UserSampled(keras.utils.PyDataset):
         return self.x[i * 16 : (i + 1) * 16], self.y[i * 16 : (i + 1) * 16]
 
 
+# torch.from_numpy of pandas' read-only (copy-on-write) array: torch warns that it is not writable.
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
+# keras's fit(shuffle=True), its default, on a torch DataLoader, which it cannot shuffle.
+@pytest.mark.filterwarnings("ignore:`shuffle=True` was passed, but will be ignored:UserWarning")
 def test_user_sampled_inputs_are_used_as_they_are_with_a_warning():
     x, y = _frame(n=64)
     model = tdk.make_private(
@@ -339,6 +345,7 @@ def test_microbatch_size_bounds_the_chunk_the_engine_differentiates(monkeypatch)
     assert seen == [8] * 8
 
 
+@pytest.mark.filterwarnings("ignore:torchdp_keras. only 40 training example")  # "." matches ":"
 @pytest.mark.parametrize("mode", ["auto", "vmap"])
 def test_a_poisson_loader_trains_a_per_position_language_model_loss(mode):
     """The loader's padding weights are per example; the loss is per example and position."""

@@ -10,6 +10,13 @@ from keras import layers
 import torchdp_keras as tdk
 from torchdp_keras.ops import clip_factors, per_unit_squared_norms
 
+# The models here train on a few examples, as arrays: the library's privacy warnings about
+# both ("." stands for ":", the field separator of a filter) are expected, and not the point.
+pytestmark = [
+    pytest.mark.filterwarnings(r"ignore:torchdp_keras. only \d+ training example"),
+    pytest.mark.filterwarnings(r"ignore:torchdp_keras. fit\(\) on arrays trains on shuffled"),
+]
+
 
 def _linear_dp(l2_norm_clip, num_microbatches=None, lr=1.0, **kwargs):
     model = tdk.DPSequential(
@@ -116,6 +123,8 @@ def test_equals_plain_keras_without_noise_and_with_huge_clip():
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
+# sigma = 1e-8 is beyond what the PRV accountant discretises: it falls back to RDP, with a warning.
+@pytest.mark.filterwarnings("ignore:The PRV computation failed:RuntimeWarning")
 @pytest.mark.parametrize(
     "dp",
     [dict(l2_norm_clip=1e-3, noise_multiplier=0.0), dict(l2_norm_clip=1e9, noise_multiplier=1e-8)],
@@ -175,6 +184,8 @@ def test_weight_regularizer_is_added_after_clipping():
     np.testing.assert_allclose(model.get_weights()[0][:, 0], w0 - data_part - reg_part, rtol=1e-5)
 
 
+# float() of the regularization loss, which requires grad: torch warns.
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")
 def test_logged_loss_is_mean_unit_loss_plus_regularization():
     model = tdk.DPSequential(
         [keras.Input((3,)), layers.Dense(1, kernel_regularizer=keras.regularizers.L2(0.1))],

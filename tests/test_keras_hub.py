@@ -10,6 +10,11 @@ import keras  # noqa: E402
 import torchdp_keras as tdk  # noqa: E402
 from torchdp_keras.per_example import FastEngine, VmapEngine  # noqa: E402
 
+# keras warns that the classifier's dict of keras.Input has keys other than the inputs' names.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:When providing `inputs` as a dict, all keys in the dict must match:UserWarning"
+)
+
 B, T, V = 4, 8, 50
 
 

@@ -10,6 +10,13 @@ from keras import layers
 
 import torchdp_keras as tdk
 
+pytestmark = [
+    # The models here train on a few examples, as arrays: the library's privacy warnings about
+    # both are expected, and not the point ("." stands for ":", the field separator).
+    pytest.mark.filterwarnings(r"ignore:torchdp_keras. only \d+ training example"),
+    pytest.mark.filterwarnings(r"ignore:torchdp_keras. fit\(\) on arrays trains on shuffled"),
+]
+
 DP = dict(l2_norm_clip=1.0, noise_multiplier=0.5)
 
 

@@ -684,6 +684,8 @@ def test_deel_lipdp_pooling_and_activation_options():
     )
 
 
+# float() of a kernel, which requires grad: torch warns.
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")
 def test_quick_layers_take_deel_lipdp_arguments():
     frob = _built(DP_QuickFrobeniusDense(4, nm_coef=2.0), (6,))
     _randomize_weights(frob, seed=1, scale=5.0)
@@ -728,6 +730,8 @@ def test_group_sort_default_sorts_the_whole_axis_as_deel_lip():
     assert DP_GroupSort.from_config(DP_GroupSort(2).get_config()).n == 2
 
 
+# deel-lipdp's layers take input_shape, which keras discourages (with a warning).
+@pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`/`input_dim` argument:UserWarning")
 def test_bounded_input_takes_deel_lipdp_arguments():
     layer = DP_BoundedInput(input_shape=(3,), upper_bound=2.0)
     assert layer.upper_bound == layer.max_norm == 2.0 and layer.propagate_inputs(None) == 2.0

@@ -27,6 +27,12 @@ from torchdp_keras.lipschitz import layers as L
 from torchdp_keras.lipschitz import losses as LL
 from torchdp_keras.per_example import VmapEngine
 
+# The models here fit arrays: the library's warning that they are not Poisson-sampled is
+# expected, and not the point ("." stands for ":", the field separator of a filter).
+pytestmark = pytest.mark.filterwarnings(
+    r"ignore:torchdp_keras. fit\(\) on arrays trains on shuffled"
+)
+
 MAX_NORM = 2.0
 BATCH = 32
 

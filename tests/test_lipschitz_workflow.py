@@ -157,6 +157,8 @@ def test_model_methods_of_deel_lipdp():
     )
 
 
+# deel-lipdp's code passes input_shape to the first layer, which keras discourages (with a warning).
+@pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`/`input_dim` argument:UserWarning")
 def test_lipdp_tutorial_smoke(mnist_path, capsys):
     import importlib.util
     import os
@@ -220,6 +222,8 @@ def _mlp_mixer(use_residuals, size=16, patch=4):
     return model
 
 
+# deel-lipdp's code passes input_shape to the first layer, which keras discourages (with a warning).
+@pytest.mark.filterwarnings("ignore:Do not pass an `input_shape`/`input_dim` argument:UserWarning")
 @pytest.mark.parametrize("use_residuals", [False, True])
 def test_deel_lipdps_mlp_mixer_ports_and_keeps_its_bounds(use_residuals):
     from torchdp_keras.per_example import VmapEngine

@@ -92,6 +92,8 @@ def test_no_seed_uses_fresh_entropy():
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.05
 
 
+@pytest.mark.filterwarnings("ignore:torchdp_keras. only 32 training example")  # "." matches ":"
+@pytest.mark.filterwarnings(r"ignore:torchdp_keras. fit\(\) on arrays trains on shuffled")
 def test_seeded_training_with_dropout_is_reproducible():
     def run():
         keras.utils.set_random_seed(0)

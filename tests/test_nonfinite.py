@@ -95,6 +95,7 @@ def test_all_examples_bad_gives_a_zero_update(mode):
     assert model.nonfinite_examples == 8
 
 
+@pytest.mark.filterwarnings("ignore:torchdp_keras. only 64 training example")  # "." matches ":"
 @pytest.mark.parametrize("mode", ["fast", "vmap"])
 def test_poisson_batches_with_a_bad_example(mode):
     x, y = _data(64, seed=1)

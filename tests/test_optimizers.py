@@ -274,6 +274,7 @@ def test_accumulation_equals_one_large_batch_without_noise():
         np.testing.assert_allclose(a, s, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:torchdp_keras. only 40 training example")  # "." matches ":"
 def test_accumulation_must_match_the_poisson_loader():
     model = _zero_gradient_model(2)
     x = np.zeros((40, 100), dtype="float32")

@@ -177,6 +177,8 @@ def test_subclassed_model_with_a_recurrent_layer(float64):
     _check_against_reference(model, x, y, clip=0.05, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:torchdp_keras. only 6 training example")  # "." matches ":"
+@pytest.mark.filterwarnings(r"ignore:torchdp_keras. fit\(\) on arrays trains on shuffled")
 @pytest.mark.parametrize("kind", ["simple", "gru", "lstm"])
 def test_dropout_runs_on_the_fast_path_and_leaves_no_mask_behind(kind):
     inputs = keras.Input((STEPS, FEATURES))

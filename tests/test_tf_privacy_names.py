@@ -227,6 +227,8 @@ class _Residual(keras.Model):
         return self.dense(x)
 
 
+@pytest.mark.filterwarnings("ignore:torchdp_keras. only 4 training example")  # "." matches ":"
+@pytest.mark.filterwarnings(r"ignore:torchdp_keras. fit\(\) on arrays trains on shuffled")
 def test_make_dp_model_class():
     assert tdk.make_dp_model_class(keras.Sequential) is tdk.DPSequential
     assert tdk.make_dp_model_class(keras.Model) is tdk.DPModel

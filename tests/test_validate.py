@@ -182,6 +182,8 @@ def test_fixed_model_treats_every_example_on_its_own():
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:torchdp_keras. only 40 training example")  # "." matches ":"
+@pytest.mark.filterwarnings(r"ignore:torchdp_keras. fit\(\) on arrays trains on shuffled")
 def test_fixed_model_trains_privately_and_sequential_stays_sequential():
     model = keras.Sequential(
         [keras.Input((6,)), layers.Dense(8), layers.BatchNormalization(), layers.Dense(3)]

@@ -62,8 +62,17 @@ class DPAccountant(keras.callbacks.Callback):
             model never overspends.
 
     Example:
-        >>> model.fit(x, y, epochs=50,
-        ...           callbacks=[DPAccountant(target_epsilon=3.0)])  # doctest: +SKIP
+        >>> x = np.random.default_rng(0).random((1000, 4), dtype="float32")
+        >>> y = x.sum(axis=1, keepdims=True)
+        >>> model = tdk.DPSequential([keras.Input((4,)), keras.layers.Dense(1)],
+        ...                          l2_norm_clip=1.0, noise_multiplier=1.1)
+        >>> model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        >>> loader = tdk.PrivateDataLoader(x, y, batch_size=100, seed=0)
+        >>> history = model.fit(loader, epochs=50, target_delta=1e-5, verbose=0,
+        ...                     callbacks=[DPAccountant(target_epsilon=3.0)])
+        >>> epsilons = history.history["epsilon"]
+        >>> len(epsilons) < 50, epsilons[-1] <= 3.0  # stopped within the budget
+        (True, True)
     """
 
     def __init__(

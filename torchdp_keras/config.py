@@ -160,7 +160,7 @@ class DPKerasConfig:
         """Epsilon (PRV) of `train_steps` updates at `delta` with the given sigma."""
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         if sigma is None:
-            sigma = self.update_with_calibrated_noise_multiplier().noise_multiplier
+            sigma = self._calibrated_noise_multiplier()
         accountant = make_accountant("prv")
         accountant.compose(sigma, self.sampling_probability, self.train_steps)
         return accountant.get_epsilon(self.delta)
@@ -173,10 +173,12 @@ class DPKerasConfig:
         """
         if self.noise_multiplier is not None:
             return self
-        sigma = calibrate_noise_multiplier(
+        return dataclasses.replace(self, noise_multiplier=self._calibrated_noise_multiplier())
+
+    def _calibrated_noise_multiplier(self) -> float:
+        return calibrate_noise_multiplier(
             self.epsilon, self.delta, self.sampling_probability, self.train_steps, "prv"
         )
-        return dataclasses.replace(self, noise_multiplier=sigma)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serialisable dict."""

@@ -24,7 +24,8 @@ Collectives time out with the process group's `timeout` (set it in
 an error instead of waiting forever (gloo also fails at once when a peer's
 connection closes).
 
-Example (run with `torchrun --nproc_per_node=2 train.py`):
+Example (run with `torchrun --nproc_per_node=2 train.py`; skipped in the doctests,
+which run in one process that no torchrun started):
     >>> import torch.distributed as dist  # doctest: +SKIP
     >>> dist.init_process_group("gloo")  # doctest: +SKIP
     >>> loader = PrivateDataLoader(x, y, batch_size=256)  # global batch  # doctest: +SKIP
@@ -34,6 +35,7 @@ Example (run with `torchrun --nproc_per_node=2 train.py`):
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 import torch
 
@@ -87,7 +89,7 @@ def check_same(value: int, name: str) -> None:
         )
 
 
-def all_reduce_sum_(tensors: list[torch.Tensor], scalars: list[float] = ()) -> list[float]:
+def all_reduce_sum_(tensors: list[torch.Tensor], scalars: Sequence[float] = ()) -> list[float]:
     """Sums `tensors` (in place) and `scalars` over the ranks in one all-reduce.
 
     The tensors are packed into one flat buffer (one collective, not one per

@@ -61,6 +61,7 @@ def num_groups(
 
 def _positions(layer, axis: int) -> int | None:
     """Positions per channel of a built layer's input (None if a size is unknown)."""
+    shape: tuple | None
     try:
         shape = tuple(layer.input.shape)
     except (AttributeError, ValueError):

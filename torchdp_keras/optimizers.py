@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+from typing import Any
 
 import keras
 
@@ -77,6 +78,8 @@ def private_apply():
 
 class DPOptimizerMixin:
     """The DP settings of a DP optimizer class made by `make_keras_optimizer_class`."""
+
+    _dp_settings: dict[str, Any]  # set by the class's __init__ (_check_dp_settings)
 
     @staticmethod
     def _check_dp_settings(

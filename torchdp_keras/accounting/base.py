@@ -52,7 +52,7 @@ def check_event(noise_multiplier, sampling_probability, steps) -> tuple[float, f
     if (
         not isinstance(sampling_probability, numbers.Real)
         or isinstance(sampling_probability, bool)
-        or not 0 <= sampling_probability <= 1
+        or not 0 <= to_float(sampling_probability) <= 1
     ):
         raise DPConfigError(
             "Expected 0 <= sampling_probability <= 1. "
@@ -70,6 +70,7 @@ class Accountant(abc.ABC):
     history (at least one event with steps > 0, q > 0 and sigma > 0).
 
     Example:
+        >>> from torchdp_keras.accounting import RDPAccountant
         >>> acc = RDPAccountant()
         >>> acc.compose(noise_multiplier=1.1, sampling_probability=0.01, steps=1000)
         >>> acc.steps

@@ -256,9 +256,9 @@ def _blocks(dist: _Lattice, dt: float, block: int) -> tuple[np.ndarray, np.ndarr
     mass[:n] = dist.pmf
     rel = np.zeros(nb * block)
     rel[:n] = np.arange(n, dtype=np.float64) - dist.centre
-    mass = mass.reshape(nb, block)
-    first = (mass * rel.reshape(nb, block)).sum(axis=1)
-    mass = mass.sum(axis=1)
+    grid = mass.reshape(nb, block)
+    first = (grid * rel.reshape(nb, block)).sum(axis=1)
+    mass = grid.sum(axis=1)
     keep = mass > 0
     values = dist.offset + dt * first[keep] / mass[keep]
     return values, np.log(mass[keep]), (block - 1) * dt
@@ -306,9 +306,14 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
     m = int(sp_fft.next_fast_len(max(m_min, 16), real=True))
     log2m = math.log2(m)
 
-    keep = log_mag = phase = rel_err = None
+    n_freq = m // 2 + 1  # the length of rfft's output
+    keep = np.arange(n_freq)
+    log_mag = np.zeros(n_freq)
+    phase = np.zeros(n_freq)
+    rel_err = np.zeros(n_freq)
     for dist, n_steps in zip(dists, counts):
         size = len(dist.pmf)
+        arr: np.ndarray
         if size <= m:  # index `centre` goes to position 0
             arr = np.zeros(m)
             arr[: size - dist.centre] = dist.pmf[dist.centre :]
@@ -319,11 +324,6 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
         coef_err = _EPS64 * (2 * log2m + 8) * float(np.sqrt(dist.pmf @ dist.pmf))
         spec = sp_fft.rfft(arr, workers=-1)
         del arr
-        if keep is None:
-            keep = np.arange(len(spec))
-            log_mag = np.zeros(len(spec))
-            phase = np.zeros(len(spec))
-            rel_err = np.zeros(len(spec))
         values = spec[keep] / spec[0].real  # exact unit mass: G[0] = 1
         del spec
         with np.errstate(divide="ignore", over="ignore"):
@@ -335,7 +335,7 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
         keep, log_mag, phase, rel_err = keep[alive], log_mag[alive], phase[alive], rel_err[alive]
 
     magnitude = np.exp(log_mag)
-    spectrum = np.zeros(m // 2 + 1, dtype=np.complex128)
+    spectrum = np.zeros(n_freq, dtype=np.complex128)
     spectrum[keep] = magnitude * (np.cos(phase) + 1j * np.sin(phase))
     pmf = sp_fft.irfft(spectrum, n=m, workers=-1)
     pmf = np.roll(pmf, -(k_lo % m))
@@ -362,7 +362,7 @@ class _Delta:
     def __init__(self, pmf: np.ndarray, t0: float, dt: float, complete: bool = True):
         self.pmf, self.t0, self.dt, self.complete = pmf, t0, dt, complete
         self.tail = np.cumsum(pmf[::-1])[::-1]  # mass at indices >= i
-        self._start = None
+        self._start: int | None = None
 
     def _prepare(self, start: int) -> None:
         # delta(t_i) = tail[i] - exp(t_i - t_start) * weighted[i]; beyond 700 the weights of
@@ -382,10 +382,12 @@ class _Delta:
         above = np.flatnonzero(self.tail >= 2.0 * target)
         start = int(above[-1]) if len(above) else 0
         start = max(0, start - math.ceil(math.log(2.0) / self.dt) - 2)
-        if self._start is None or start < self._start:
+        prepared = self._start
+        if prepared is None or start < prepared:
             # One preparation serves the nearby targets of the bounds that follow.
-            self._prepare(max(0, start - math.ceil(0.5 / self.dt)))
-        start = self._start
+            prepared = max(0, start - math.ceil(0.5 / self.dt))
+            self._prepare(prepared)
+        start = prepared
         grid = self._grid
         over = np.flatnonzero(grid > target)
         if len(over) == 0:
@@ -409,7 +411,7 @@ class _Delta:
             e = lo_cell if side < 0 else hi_cell
         else:
             e = hi_cell if side > 0 else 0.5 * (lo_cell + hi_cell)
-        return self.t0 + self._start * self.dt + e
+        return self.t0 + start * self.dt + e
 
 
 # Chernoff bound for delta itself: (1 - exp(e - s))_+ <= c(l) exp(l (s - e)) for l > 0.
@@ -657,7 +659,7 @@ class PRVAccountant(Accountant):
         if key in self._cache:
             return self._cache[key]
         failures = []
-        result = None
+        result: tuple[float, float, float] | None = None
         for attempt in (0, 1):
             try:
                 bounds = _compute_bounds(events, delta, self.eps_error, delta_error, attempt)
@@ -665,7 +667,8 @@ class PRVAccountant(Accountant):
                 failures.append(f"{type(err).__name__}: {err}")
                 continue
             if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
-                result = tuple(float(v) for v in bounds)
+                lower, estimate, upper = bounds
+                result = (float(lower), float(estimate), float(upper))
                 break
             failures.append(f"inconsistent bounds {bounds!r}")
         if result is None:  # not cached: every such query warns

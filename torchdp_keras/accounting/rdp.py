@@ -136,15 +136,15 @@ def subsampled_gaussian_rdp(
         1.0
     """
     q, sigma = float(sampling_probability), float(noise_multiplier)
-    orders = np.asarray(orders, dtype=np.float64)
+    alphas = np.asarray(orders, dtype=np.float64)
     if q == 0:
-        return np.zeros_like(orders)
+        return np.zeros_like(alphas)
     if sigma * sigma == 0:  # sigma == 0, or so small that sigma^2 underflows: no noise
-        return np.full_like(orders, np.inf)
+        return np.full_like(alphas, np.inf)
     if q == 1.0 or math.isinf(sigma * sigma):  # the full-batch value (0.0 if sigma^2 overflows)
-        return orders / (2.0 * sigma * sigma)
-    out = np.empty_like(orders)
-    for idx, alpha in enumerate(orders):
+        return alphas / (2.0 * sigma * sigma)
+    out = np.empty_like(alphas)
+    for idx, alpha in enumerate(alphas):
         if float(alpha).is_integer():
             log_a = _log_a_integer(q, sigma, int(alpha))
         else:
@@ -172,20 +172,20 @@ def rdp_to_epsilon(
         raise DPConfigError(
             f"Expected conversion in {CONVERSIONS}. Received: conversion={conversion!r}"
         )
-    orders = np.asarray(orders, dtype=np.float64)
+    alphas = np.asarray(orders, dtype=np.float64)
     rdp = np.asarray(rdp, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         if conversion == "classic":
-            eps = rdp + math.log(1.0 / delta) / (orders - 1.0)
+            eps = rdp + math.log(1.0 / delta) / (alphas - 1.0)
         else:
             eps = (
                 rdp
-                + np.log((orders - 1.0) / orders)
-                - (math.log(delta) + np.log(orders)) / (orders - 1.0)
+                + np.log((alphas - 1.0) / alphas)
+                - (math.log(delta) + np.log(alphas)) / (alphas - 1.0)
             )
     eps = np.where(np.isnan(eps), np.inf, eps)
     best = int(np.argmin(eps))
-    return max(0.0, float(eps[best])), float(orders[best])
+    return max(0.0, float(eps[best])), float(alphas[best])
 
 
 def rdp_to_delta(
@@ -213,18 +213,18 @@ def rdp_to_delta(
     eps = to_float(epsilon)
     if not eps >= 0:
         raise DPConfigError(f"Expected epsilon >= 0. Received: epsilon={epsilon!r}")
-    orders = np.asarray(orders, dtype=np.float64)
+    alphas = np.asarray(orders, dtype=np.float64)
     rdp = np.asarray(rdp, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if conversion == "classic":
-            log_delta = (orders - 1.0) * (rdp - eps)
+            log_delta = (alphas - 1.0) * (rdp - eps)
         else:
-            log_delta = (orders - 1.0) * (rdp + np.log((orders - 1.0) / orders) - eps) - np.log(
-                orders
+            log_delta = (alphas - 1.0) * (rdp + np.log((alphas - 1.0) / alphas) - eps) - np.log(
+                alphas
             )
     log_delta = np.where(np.isnan(log_delta), np.inf, log_delta)
     best = int(np.argmin(log_delta))
-    return min(1.0, math.exp(min(0.0, float(log_delta[best])))), float(orders[best])
+    return min(1.0, math.exp(min(0.0, float(log_delta[best])))), float(alphas[best])
 
 
 def _check_orders(orders) -> tuple[float, ...]:

@@ -373,15 +373,18 @@ def audit_dp_training(
             model.
 
     Example:
-        >>> def build():  # doctest: +SKIP
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=(1000, 20)).astype("float32")
+        >>> y = (x[:, 0] > 0).astype("int64")
+        >>> def build():
         ...     model = torchdp_keras.DPSequential(
         ...         [keras.Input((20,)), keras.layers.Dense(10)],
         ...         l2_norm_clip=1.0, noise_multiplier=1.0, seed=0)
         ...     model.compile(keras.optimizers.SGD(0.5),
         ...                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         ...     return model
-        >>> report = audit_dp_training(build, x, y, num_canaries=500, seed=0)  # doctest: +SKIP
-        >>> report.flagged  # doctest: +SKIP
+        >>> report = audit_dp_training(build, x, y, num_canaries=500, epochs=2, seed=0)
+        >>> report.flagged
         False
     """
     from torchdp_keras.data import PrivateDataLoader

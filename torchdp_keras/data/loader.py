@@ -112,8 +112,17 @@ class PrivateDataLoader(keras.utils.PyDataset):
     `sampling_probability` is the global q.
 
     Example:
-        >>> loader = PrivateDataLoader(feature_df=x, label_df=y, batch_size=64)  # doctest: +SKIP
-        >>> dp_model.fit(loader, epochs=5, target_delta=1e-5)  # doctest: +SKIP
+        >>> x = np.random.default_rng(0).random((640, 4), dtype="float32")
+        >>> y = x.sum(axis=1, keepdims=True)
+        >>> loader = PrivateDataLoader(feature_df=x, label_df=y, batch_size=64, seed=0)
+        >>> loader.sampling_probability, len(loader)
+        (0.1, 10)
+        >>> dp_model = tdk.DPSequential([keras.Input((4,)), keras.layers.Dense(1)],
+        ...                             l2_norm_clip=1.0, noise_multiplier=1.1)
+        >>> dp_model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        >>> history = dp_model.fit(loader, epochs=5, target_delta=1e-5, verbose=0)
+        >>> dp_model.dp_steps
+        50
     """
 
     def __init__(
@@ -168,7 +177,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
         self.updates_per_epoch = check_int(steps_per_epoch, "steps_per_epoch")
         self.epoch = 0
         self._first_update = 0
-        self._last_draw = (None, None)
+        self._last_draw: tuple[int, np.ndarray] | None = None  # (key, this rank's draw)
 
     # -- what the accountant needs -----------------------------------------------
     @property
@@ -190,7 +199,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
         """Numbers the next epoch's first update `update` (fit calls it with `dp_steps`)."""
         self._first_update = check_int(update, "update", 0)
         self.epoch = 0
-        self._last_draw = (None, None)
+        self._last_draw = None
 
     # -- PyDataset -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -202,7 +211,7 @@ class PrivateDataLoader(keras.utils.PyDataset):
     def _draw(self, update: int) -> np.ndarray:
         """This rank's examples of update `update` of the epoch (all of them on one process)."""
         key = self._first_update + self.epoch * self.updates_per_epoch + update
-        if self._last_draw[0] != key:
+        if self._last_draw is None or self._last_draw[0] != key:
             drawn = self._sampler.sample(0, key)
             if self._world > 1:
                 if self.secure_mode:  # rank 0's draw: a CSPRNG cannot be shared by a seed

@@ -28,6 +28,7 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -183,8 +184,8 @@ def _per_example_bounds(model) -> dict[str, float]:
     part). Backward order of the layers.
     """
     loss_bound = model._loss_lipschitz_constant()
-    input_bounds = []
-    bound = None
+    input_bounds: list[float | None] = []
+    bound: float | None = None
     layers = _dp_layers(model)
     for layer in layers:
         input_bounds.append(bound)
@@ -409,17 +410,27 @@ def get_eps_delta(model, epochs: float, accountant: str = "rdp") -> tuple[float,
             "pure-DP releases are composed by the RDP accountant only. Received: "
             "accountant='prv'"
         )
-    counter = PRVAccountant() if accountant == "prv" else RDPAccountant()
     rate = meta.batch_size / meta.nb_samples_train
-    counter.compose(accounting_noise_multiplier(model), rate, steps)
-    if dynamic is not None:
-        counter.compose_pure_dp(dynamic.epsilon, math.ceil(epochs / dynamic.patience - 1e-9))
-    return counter.get_epsilon(delta), delta
+    sigma = accounting_noise_multiplier(model)
+    if dynamic is None:
+        counter = PRVAccountant() if accountant == "prv" else RDPAccountant()
+        counter.compose(sigma, rate, steps)
+        return counter.get_epsilon(delta), delta
+    rdp = RDPAccountant()  # accountant == "rdp" (refused above otherwise)
+    rdp.compose(sigma, rate, steps)
+    rdp.compose_pure_dp(dynamic.epsilon, math.ceil(epochs / dynamic.patience - 1e-9))
+    return rdp.get_epsilon(delta), delta
 
 
 # -- the model mixin --------------------------------------------------------------------
 class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     """Clipless DP `train_step` for Lipschitz networks (see the module docstring)."""
+
+    if TYPE_CHECKING:
+        # Provided by the keras.Model every Lipschitz DP model also derives from.
+        name: str
+
+        def get_weights(self) -> list[np.ndarray]: ...
 
     def _init_lipschitz(self, dp_parameters, dataset_metadata, debug) -> None:
         if not isinstance(dp_parameters, DPParameters):
@@ -444,7 +455,7 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         self.dp_parameters = dp_parameters
         self.dataset_metadata = dataset_metadata
         self.debug = bool(debug)
-        self._noise_generator = None
+        self._noise_generator: torch.Generator | None = None
         self._noise_seed = secrets.randbits(63)  # OS entropy; the global torch RNG is untouched
         self._dp_loss = None
 
@@ -510,10 +521,12 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         return float(self.dp_parameters.noise_multiplier)
 
     def _noise_generator_for(self, device) -> torch.Generator:
-        if self._noise_generator is None or self._noise_generator.device != torch.device(device):
-            self._noise_generator = torch.Generator(device=device)
-            self._noise_generator.manual_seed(self._noise_seed)
-        return self._noise_generator
+        generator = self._noise_generator
+        if generator is None or generator.device != torch.device(device):
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._noise_seed)
+            self._noise_generator = generator
+        return generator
 
     def _loss_lipschitz_constant(self) -> float:
         if self._dp_loss is None:

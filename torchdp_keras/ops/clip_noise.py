@@ -49,10 +49,9 @@ def per_unit_squared_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         raise ValueError("Expected at least one gradient tensor. Received: grads=[]")
-    total = None
-    for g in grads:
-        sq = squared_row_norms(g)
-        total = sq if total is None else total + sq
+    total = squared_row_norms(grads[0])
+    for g in grads[1:]:
+        total = total + squared_row_norms(g)
     return total
 
 

@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ _STATE: dict = {}
 def _load() -> dict:
     if _STATE:
         return _STATE
-    state = {
+    state: dict[str, Any] = {
         "loaded": False,
         "cpu": False,
         "cuda": False,
@@ -116,8 +117,11 @@ def extension_info() -> dict:
     examples per barrier), None if unknown. Both None without the extension.
 
     Example:
-        >>> torchdp_keras.ops.extension_info()["reason"]  # doctest: +SKIP
-        'loaded (CPU only)'
+        >>> info = torchdp_keras.ops.extension_info()
+        >>> sorted(info)
+        ['cpu', 'cpu_l2_bytes', 'cpu_one_read_bytes', 'cuda', 'loaded', 'reason']
+        >>> info["reason"]  # e.g. 'loaded (CPU only)', or why the kernels did not load
+        '...'
     """
     return dict(_load())
 

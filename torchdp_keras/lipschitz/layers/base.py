@@ -22,6 +22,8 @@ is post-processing of the noisy update, so it costs no privacy.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from torchdp_keras._validation import check_positive
 
 
@@ -52,6 +54,14 @@ class DPLayer:
     Gaussian mechanism of noise multiplier `noise_multiplier * nm_coef` per
     layer.
     """
+
+    if TYPE_CHECKING:
+        # Provided by the keras.layers.Layer every DP layer also derives from.
+        name: str
+        trainable_weights: list[Any]
+        built: bool
+
+        def build(self, input_shape: Any) -> None: ...
 
     def propagate_inputs(self, input_bound: float) -> float:
         """Bound on the L2 norm of one example's output, given one on its input."""

@@ -123,6 +123,12 @@ class DP_WrappedResidual(keras.layers.Layer, DPLayer):
         """The block's noise multiplier coefficient."""
         return self.block.nm_coef
 
+    @nm_coef.setter
+    def nm_coef(self, value: float) -> None:
+        raise AttributeError(
+            "DP_WrappedResidual.nm_coef is its block's; set it on the block instead."
+        )
+
     def build(self, input_shape) -> None:
         if not self.block.built:
             self.block.build(tuple(input_shape[1]))

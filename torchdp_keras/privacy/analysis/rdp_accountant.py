@@ -81,8 +81,9 @@ def get_privacy_spent(
             f"Expected one rdp value per order ({len(values)}). Received: rdp of shape "
             f"{curve.shape}"
         )
-    if target_delta is not None:
-        eps, order = rdp_to_epsilon(curve, values, check_delta(target_delta))
-        return eps, float(target_delta), order
+    if target_eps is None:  # so target_delta is given (exactly one is, checked above)
+        delta = check_delta(target_delta)
+        eps, order = rdp_to_epsilon(curve, values, delta)
+        return eps, delta, order
     delta, order = rdp_to_delta(curve, values, target_eps)
     return float(target_eps), delta, order
