@@ -286,7 +286,7 @@ class DPSettings:
     @property
     def noise_std(self) -> float:
         """The std `noise_multiplier * l2_norm_clip` of the noise on the clipped sum."""
-        if not self.complete:
+        if self.l2_norm_clip is None or self.noise_multiplier is None:
             raise DPConfigError(
                 "The noise is not known yet: compile the model with a DP optimizer, or give "
                 "l2_norm_clip and noise_multiplier."

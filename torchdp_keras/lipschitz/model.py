@@ -28,7 +28,6 @@ import logging
 import math
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -425,12 +424,6 @@ def get_eps_delta(model, epochs: float, accountant: str = "rdp") -> tuple[float,
 # -- the model mixin --------------------------------------------------------------------
 class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
     """Clipless DP `train_step` for Lipschitz networks (see the module docstring)."""
-
-    if TYPE_CHECKING:
-        # Provided by the keras.Model every Lipschitz DP model also derives from.
-        name: str
-
-        def get_weights(self) -> list[np.ndarray]: ...
 
     def _init_lipschitz(self, dp_parameters, dataset_metadata, debug) -> None:
         if not isinstance(dp_parameters, DPParameters):

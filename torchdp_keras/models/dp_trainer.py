@@ -150,12 +150,12 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
     # -- read-only DP settings (in effect) -------------------------------------------
     @property
-    def l2_norm_clip(self) -> float:
+    def l2_norm_clip(self) -> float | None:
         """The clipping norm C: every unit's gradient is clipped to this L2 norm."""
         return self._dp_step.settings.l2_norm_clip
 
     @property
-    def noise_multiplier(self) -> float:
+    def noise_multiplier(self) -> float | None:
         """sigma: the noise added to the clipped sum has std sigma * C."""
         return self._dp_step.settings.noise_multiplier
 
@@ -351,7 +351,9 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             >>> print(model.clipping_plan())  # doctest: +SKIP
         """
         self._get_dp_engine()
-        return self._dp_step.engine.plan()
+        engine = self._dp_step.engine
+        assert engine is not None  # built by _get_dp_engine
+        return engine.plan()
 
     def _log_once(self, key: str, message: str) -> None:
         if key not in self._warned_once:
@@ -552,6 +554,8 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         the kernel's Philox one, the same on CPU and CUDA.
         """
         grads = self._dp_step.accum_grads
+        if grads is None:
+            raise RuntimeError("torchdp_keras: no clipped sum to noise (no batch accumulated).")
         if self.dp_settings.secure_mode:
             return add_secure_noise_and_scale_(grads, noise_std, scale)
         return add_noise_and_scale_(grads, noise_std, scale, seed=self._noise_key())

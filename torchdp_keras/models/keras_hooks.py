@@ -11,14 +11,23 @@ and drop the padding.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import keras
 from keras import tree
 
 from torchdp_keras import _keras_compat as keras_compat
 from torchdp_keras.data import unpack_poisson_batch
 
+if TYPE_CHECKING:
+    # The mixins are only ever combined with a keras.Model, whose attributes
+    # (name, optimizer, weights, ...) they use; the type checker sees them.
+    from keras import Model as KerasModelBase
+else:
+    KerasModelBase = object
 
-class DPKerasHooksMixin:
+
+class DPKerasHooksMixin(KerasModelBase):
     """`make_train_function`, `compile_from_config`; loader batches in the other hooks."""
 
     def compile_from_config(self, config):

@@ -28,13 +28,14 @@ from torchdp_keras.accounting.analysis import TINY_TRAIN_SIZE
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.accounting.ledger import PrivacyLedger, decode_state, encode_state
 from torchdp_keras.data.sampling_plan import SamplingPlan
+from torchdp_keras.models.keras_hooks import KerasModelBase
 
 PRIVACY_STATE_KEY = "privacy_state"
 
 __all__ = ["PRIVACY_STATE_KEY", "PrivacyTrackingMixin"]
 
 
-class PrivacyTrackingMixin:
+class PrivacyTrackingMixin(KerasModelBase):
     """Ledger, epsilon reporting, sampling plan and persistence of a DP model.
 
     State (declared in `_init_privacy_tracking`): `privacy_ledger`, the
@@ -150,7 +151,7 @@ class PrivacyTrackingMixin:
             callbacks.insert(0, DPAccountant(log_fn=None))
         # Last, so that it runs after keras.callbacks.BackupAndRestore.
         callbacks.append(_ResumeSync(self.privacy_ledger, plan.loader))
-        return super().fit(  # type: ignore[misc]
+        return super().fit(
             plan.x,
             plan.y,
             batch_size=plan.batch_size,
@@ -201,7 +202,7 @@ class PrivacyTrackingMixin:
 
     def save_own_variables(self, store):
         """Saves the model's own variables and its privacy state (see Keras)."""
-        super().save_own_variables(store)  # type: ignore[misc]
+        super().save_own_variables(store)
         store[PRIVACY_STATE_KEY] = encode_state(self._privacy_state())
 
     def load_own_variables(self, store):
@@ -214,14 +215,12 @@ class PrivacyTrackingMixin:
         """
         keys = list(store.keys())
         if PRIVACY_STATE_KEY not in keys:
-            super().load_own_variables(store)  # type: ignore[misc]
+            super().load_own_variables(store)
             return
         state = decode_state(store[PRIVACY_STATE_KEY])
         fingerprint = self._weights_fingerprint() if self.built else None
         self.privacy_ledger.check_state(state, fingerprint, self.name)
-        super().load_own_variables(  # type: ignore[misc]
-            {k: store[k] for k in keys if k != PRIVACY_STATE_KEY}
-        )
+        super().load_own_variables({k: store[k] for k in keys if k != PRIVACY_STATE_KEY})
         self.privacy_ledger.load_state_dict(state)
 
 

@@ -188,7 +188,7 @@ class FastEngine:
         self.slow_layers: list[str] = []
         self.plan: list[tuple[str, str, str]] = []  # (path, layer class, how it is clipped)
         problems = []
-        covered = set()
+        covered: set[int] = set()
         # Composite layer (walked) -> every tapped layer inside it, at any depth.
         self._leaves: dict[int, list] = {}
         self._paths: dict[int, str] = {}
@@ -272,7 +272,7 @@ class FastEngine:
                     )
                 )
                 return
-        how = f"{type(rule).__name__}" if rule is not None else None
+        how = type(rule).__name__ if rule is not None else ""
         if rule is None:
             if fallback is None:
                 problems.append((path, f"{type(layer).__name__}: {declined}"))
@@ -526,8 +526,16 @@ class FastEngine:
                     num_nonfinite=int(first_pass.num_nonfinite),
                 )
             with per_example_call_context(device, rng_seed):
+                masked_x, masked_y, masked_weight = masked
                 result = self._clipped_batch(
-                    *masked, batch_size, num_units, keep, l2_norm_clip, loss_scale
+                    masked_x,
+                    masked_y,
+                    masked_weight,
+                    batch_size,
+                    num_units,
+                    keep,
+                    l2_norm_clip,
+                    loss_scale,
                 )
             bad = ~torch.isfinite(result.unit_norms)
             if not bool(bad.any()):
@@ -660,7 +668,8 @@ class FastEngine:
                 f"examples (num_microbatches={units} with batches of {batch_size}).",
                 layer_paths=[path],
             )
-        return UnitTap(layer, rule, *view, rule.fold_saved(layer, tap.saved, units))
+        args, kwargs, grad = view
+        return UnitTap(layer, rule, args, kwargs, grad, rule.fold_saved(layer, tap.saved, units))
 
     def _verify(self, entries, full, loss_scale, keep, like) -> None:
         """The taps' unclipped sums must be autograd's full gradient of every weight.

@@ -102,21 +102,22 @@ class LayerRegistry:
         overriding = None
         for cls in type(layer).__mro__:
             rule = self._registered(cls)
-            if rule is not None and overriding is None:
+            if rule is None:
+                if "call" in vars(cls) and overriding is None:
+                    overriding = cls  # computes differently from its bases
+                continue
+            if overriding is None:
                 reason = rule.unsupported_reason(layer)
                 if reason is None and not rule.supports(layer):
                     reason = "declined by the rule's supports()"
                 if reason is None:
                     return rule, None
                 return None, f"{type(rule).__name__} declines it: {reason}"
-            if rule is not None:
-                return None, (
-                    f"{overriding.__name__} overrides the call of {cls.__name__}, whose "
-                    f"{type(rule).__name__} cannot vouch for it (register a rule for "
-                    f"{overriding.__name__})"
-                )
-            if "call" in vars(cls) and overriding is None:
-                overriding = cls  # computes differently from its bases
+            return None, (
+                f"{overriding.__name__} overrides the call of {cls.__name__}, whose "
+                f"{type(rule).__name__} cannot vouch for it (register a rule for "
+                f"{overriding.__name__})"
+            )
         return None, "no rule in the registry"
 
     def is_elem(self, layer: keras.layers.Layer) -> bool:

@@ -309,6 +309,8 @@ class VmapEngine:
             lambda *parts: _from_units(torch.cat(parts, dim=0)), *predictions
         )
         unit_losses = torch.cat(losses)
+        if summed is None:  # not reachable: a batch has at least one chunk
+            summed = [torch.zeros_like(v.value) for v in self._trainable]
         return ClippedBatch(
             summed=summed,
             unit_losses=unit_losses,

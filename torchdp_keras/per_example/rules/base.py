@@ -190,15 +190,13 @@ class LayerRule(abc.ABC):
 
     def use_squared_norms(self, layer, uses: list, cache: dict) -> torch.Tensor:
         """Per-unit squared norms over all the calls `uses` ([(args, kwargs, grad)])."""
-        if len(uses) == 1:
-            return self.squared_norms(layer, *uses[0], cache)
-        return self.squared_norms(layer, *self._merged(layer, uses, cache), cache)
+        args, kwargs, grad = uses[0] if len(uses) == 1 else self._merged(layer, uses, cache)
+        return self.squared_norms(layer, args, kwargs, grad, cache)
 
     def use_clipped_sums(self, layer, uses: list, factors, cache: dict) -> list[torch.Tensor]:
         """Clipped sums over all the calls `uses` ([(args, kwargs, grad)])."""
-        if len(uses) == 1:
-            return self.clipped_sums(layer, *uses[0], factors, cache)
-        return self.clipped_sums(layer, *self._merged(layer, uses, cache), factors, cache)
+        args, kwargs, grad = uses[0] if len(uses) == 1 else self._merged(layer, uses, cache)
+        return self.clipped_sums(layer, args, kwargs, grad, factors, cache)
 
     def _merged(self, layer, uses, cache):
         if "merged_uses" not in cache:

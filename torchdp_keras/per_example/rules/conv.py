@@ -281,9 +281,11 @@ class DepthwiseConvRule(LayerRule):
                 )
             ]
             if multiplier == 1:  # elementwise, then a sum over the positions
-                torch.sum(window * grad, dim=positions, out=out[(slice(None), *offset, ..., 0)])
+                index = (slice(None), *offset, Ellipsis, 0)
+                torch.sum(window * grad, dim=positions, out=out[index])
             else:
-                out[(slice(None), *offset)] = torch.einsum(equation, window, g)
+                index = (slice(None), *offset)
+                out[index] = torch.einsum(equation, window, g)
         cache["per_example"] = out
         return out
 

@@ -129,7 +129,7 @@ class RecurrentRule(LayerRule):
     def unsupported_reason(self, layer) -> str | None:
         cell = getattr(layer, "cell", None)
         kind = _cell_kind(cell)
-        if kind is None:
+        if cell is None or kind is None:
             return (
                 f"cell {type(cell).__name__} is not a SimpleRNNCell, GRUCell or LSTMCell "
                 "(StackedRNNCells and custom cells need their own rule)"
