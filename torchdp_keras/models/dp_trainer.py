@@ -348,7 +348,12 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
         `ClippingPlan.checked` says whether a step has confirmed the plan.
 
         Example:
-            >>> print(model.clipping_plan())  # doctest: +SKIP
+            >>> model = tdk.DPSequential(
+            ...     [keras.Input((4,)), keras.layers.Dense(2, name="dense")],
+            ...     l2_norm_clip=1.0, noise_multiplier=1.0, name="classifier")
+            >>> model.compile(optimizer="sgd", loss="mse")
+            >>> model.clipping_plan().engine, model.clipping_plan().layers
+            ('fast', (('classifier/dense', 'Dense', 'DenseRule'),))
         """
         self._get_dp_engine()
         engine = self._dp_step.engine

@@ -25,10 +25,15 @@ class ClippingPlan:
             to the whole-model engine.
 
     Example:
-        >>> print(model.clipping_plan())  # doctest: +SKIP
-        engine: fast (checked on a training step)
-          classifier/conv2d     Conv2D  ConvRule
-          classifier/dense      Dense   DenseRule
+        >>> model = tdk.DPSequential(
+        ...     [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv2d"),
+        ...      keras.layers.Flatten(name="flatten"), keras.layers.Dense(2, name="dense")],
+        ...     l2_norm_clip=1.0, noise_multiplier=1.0, name="classifier")
+        >>> model.compile(optimizer="sgd", loss="mse")
+        >>> print(model.clipping_plan())
+        engine: fast (not yet checked on a step)
+          classifier/dense   Dense   DenseRule
+          classifier/conv2d  Conv2D  ConvRule
     """
 
     engine: str

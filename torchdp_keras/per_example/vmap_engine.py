@@ -75,9 +75,14 @@ class VmapEngine:
             `jit_compile=True`).
 
     Example:
-        >>> engine = VmapEngine(model)  # doctest: +SKIP
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> model.compile(loss="mse")
+        >>> engine = VmapEngine(model)
+        >>> x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
         >>> out = engine.clipped_batch(x, y, None, num_units=len(x),
-        ...                            l2_norm_clip=1.0, rng_seed=0)  # doctest: +SKIP
+        ...                            l2_norm_clip=1.0, rng_seed=0)
+        >>> [tuple(s.shape) for s in out.summed], tuple(out.unit_norms.shape)
+        ([(3, 2), (2,)], (4,))
     """
 
     def __init__(
