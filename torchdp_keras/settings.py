@@ -131,7 +131,7 @@ class DPSettings:
         >>> DPSettings.create(l2_norm_clip=-1, noise_multiplier=1.1)
         Traceback (most recent call last):
         ...
-        torchdp_keras.errors.DPConfigError: Expected l2_norm_clip > 0. Received: l2_norm_clip=-1
+        torchdp_keras.errors.DPConfigError: Expected l2_norm_clip > 0 and finite. Received: ...
     """
 
     l2_norm_clip: float | None

@@ -144,6 +144,7 @@ class PrivacyTrackingMixin(KerasModelBase):
             fit_kwargs=kwargs,
         )
         self._use_sampling_plan(plan, target_delta=target_delta)
+        self._give_notices(plan)
         callbacks = list(callbacks or [])
         if self.privacy_delta is not None and not any(
             isinstance(cb, DPAccountant) for cb in callbacks
@@ -163,7 +164,7 @@ class PrivacyTrackingMixin(KerasModelBase):
         )
 
     def _use_sampling_plan(self, plan: SamplingPlan, *, target_delta=None) -> None:
-        """Adopts a plan: q and n for the ledger, and the notices it calls for."""
+        """Adopts a plan: q and n (and a chosen delta) for the ledger."""
         ledger = self.privacy_ledger
         self.sampling_plan = plan
         if plan.loader is not None or ledger.config is None:
@@ -172,6 +173,10 @@ class PrivacyTrackingMixin(KerasModelBase):
             ledger.train_size = plan.train_size
         if target_delta is not None:
             ledger.target_delta = check_delta(target_delta)
+
+    def _give_notices(self, plan: SamplingPlan) -> None:
+        """Warns (once per model) about a delta that n makes meaningless, and the plan's notice."""
+        ledger = self.privacy_ledger
         delta, n = ledger.delta, plan.train_size
         if ledger.target_delta is None and n and n < TINY_TRAIN_SIZE:
             self._warn_once(
