@@ -11,7 +11,7 @@
 #   1. installs those wheels into /tmp/site (no network needed);
 #   2. builds torchdp_keras._C in place against that machine's torch and nvcc
 #      (CPU and CUDA kernels);
-#   3. runs tests/test_fused_ops.py, the CUDA cases included (CPU/GPU bit
+#   3. runs tests/ops/test_fused_ops.py, the CUDA cases included (CPU/GPU bit
 #      equality of the noise, the clipped sum against the one-example
 #      reference, grid-stride coverage, opcheck, torch.compile, a DP step on
 #      both devices);
@@ -62,7 +62,7 @@ python3 setup.py -q build_ext --inplace >"$out/build.txt" 2>&1
 tail -3 "$out/build.txt"
 python3 -c "from torchdp_keras import ops; print(ops.extension_info())" 2>&1 | tee -a "$out/env.txt"
 
-python3 -m pytest -q -p no:cacheprovider tests/test_fused_ops.py -rs 2>&1 | tee "$out/tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/ops/test_fused_ops.py -rs 2>&1 | tee "$out/tests.txt"
 status=${PIPESTATUS[0]}
 
 data=.gpu/mnist.npz

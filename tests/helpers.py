@@ -231,8 +231,10 @@ def zero_gradient_model(width: int = 100, **dp) -> keras.Model:
     return model
 
 
+# The repository root (tests/ is one level below it, whichever subfolder imports this).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MNIST = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ROOT,
     os.pardir,
     "shared",
     "data",

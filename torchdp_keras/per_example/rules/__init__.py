@@ -6,7 +6,7 @@ declarations make up `make_default_layer_registry()`: one instance of each,
 shared by the classes it declares, in this order (no two rules may declare
 the same class). A new built-in rule is a class decorated with `@handles`
 in its module and an entry here; the fast-clipping tests then require a
-test case for each class it declares (`tests/test_registry_cases.py`).
+test case for each class it declares (`tests/per_example/test_registry_cases.py`).
 
 Example:
     >>> from torchdp_keras.per_example.rules import RULES

@@ -9,12 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import philox4x32_10, philox_normals
+from helpers import ROOT, philox4x32_10, philox_normals
 
 from torchdp_keras import ops
 from torchdp_keras.ops import fused
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL = ops.extension_info()["cpu"]
 needs_kernel = pytest.mark.skipif(
     not KERNEL, reason=f"fused CPU kernel not built: {ops.extension_info()['reason']}"

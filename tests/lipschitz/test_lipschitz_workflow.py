@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 import torchdp_keras as tdk
 from torchdp_keras.lipschitz import DP_Sequential, DPParameters, get_eps_delta
@@ -163,7 +164,7 @@ def test_lipdp_tutorial_smoke(mnist_path, capsys):
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "lipdp_tutorial.py")
+    path = os.path.join(ROOT, "examples", "lipdp_tutorial.py")
     spec = importlib.util.spec_from_file_location("lipdp_tutorial", path)
     tutorial = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tutorial)
