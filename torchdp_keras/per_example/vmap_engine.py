@@ -265,29 +265,10 @@ class VmapEngine:
         loss_scale: float = 1.0,
         unit_mask=None,
     ) -> ClippedBatch:
-        """Clips every unit's gradient to `l2_norm_clip` and sums them.
+        """`ClippingEngine.clipped_batch` (see its arguments), one chunk of units at a time.
 
-        Args:
-            x: Inputs of one batch, as Keras hands them to `train_step`; the
-                leading axis of every tensor is the batch axis.
-            y: Targets of the batch (or None).
-            sample_weight: Sample weights of the batch (or None).
-            num_units: Number of clipping units; the batch splits into
-                `num_units` contiguous groups of equal size.
-            l2_norm_clip: The clipping norm `C`.
-            rng_seed: Seed of the random layers (dropout) for this batch.
-            loss_scale: Mixed-precision loss scale; the gradients are unscaled
-                before their norms are taken.
-            unit_mask: Optional `(num_units,)` 0/1 mask; units with 0 (padding
-                rows) contribute exactly nothing.
-
-        Returns:
-            A `ClippedBatch`. The seed generators of random layers have
-            advanced; no other model state has changed.
-
-        Raises:
-            UnsupportedLayerError: a layer updates a non-trainable variable
-                from the data in its training pass.
+        Each unit's gradient is taken with `torch.func.grad` of the model's
+        stateless call on that unit alone, vmapped over the units of a chunk.
         """
         summed = None
         num_nonfinite = 0
