@@ -660,6 +660,10 @@ class PRVAccountant(Accountant):
             `2 * eps_error`. Smaller is tighter and slower (cost ~ 1/eps_error).
         delta_error: The allowed error in delta; None (default) means
             `1e-3 * delta` at each query. Must be smaller than the queried delta.
+        neighboring: "add_or_remove" (default) or "replace_one"; see
+            `torchdp_keras.accounting.pairs` for the pair accounted and its references.
+        group_size: k >= 1 (at most 64, add_or_remove only): the guarantee for adding or
+            removing k examples at once (one user's), by the Binomial(k, q) mixture pair.
 
     Guarantee: `get_epsilon(delta)` is the upper bound, never below the true
     epsilon of the composed history at `delta`; it is at most about

@@ -296,6 +296,10 @@ class RDPAccountant(Accountant):
             11 ... 63, 80, 96, 128, 256, 512, 1024).
         conversion: "improved" (default, Balle et al. 2020) or "classic"
             (`eps = rdp + log(1/delta)/(alpha-1)`, as in older reports).
+        neighboring: "add_or_remove" (default) or "replace_one"; see
+            `torchdp_keras.accounting.pairs` for the pair accounted and its references.
+        group_size: k >= 1 (at most 64, add_or_remove only): the guarantee for adding or
+            removing k examples at once (one user's), by the Binomial(k, q) mixture pair.
 
     Guarantee: `get_epsilon(delta)` is an upper bound on the epsilon of the
     composed history; it is looser than the PRV accountant's.
