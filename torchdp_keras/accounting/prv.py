@@ -60,6 +60,7 @@ of the RDP accountant for the same history.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 
@@ -68,6 +69,7 @@ from scipy import fft as sp_fft
 from scipy import integrate, optimize, special
 
 from torchdp_keras._validation import check_positive
+from torchdp_keras.accounting import pairs as _pairs
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.errors import DPConfigError
 
@@ -218,6 +220,66 @@ def _discretise(
         )
     mean_c = integral / (1.0 - outside)
     mean_index = float(pmf @ np.arange(n, dtype=np.float64))  # mean is a + (that + 1/2) dt
+    shift = mean_c - (a + (mean_index + 0.5) * dt)
+    mean_error = abserr / (1.0 - outside) + 8 * _EPS64 * (abs(a) + abs(b) + 1.0)
+    if not (math.isfinite(shift) and abs(shift) <= dt):
+        raise _PRVFailure("the discrete mean differs from the continuous mean")
+    centre = int(np.clip(round(mean_index), 0, n - 1))
+    lattice = _Lattice(pmf=pmf, centre=centre, offset=a + (centre + 0.5) * dt + shift)
+    return lattice, outside, mean_error
+
+
+def _discretise_pair(pair, dt: float, tail_mass: float) -> tuple[_Lattice, float, float]:
+    """`_discretise` for the privacy loss of a `pairs.MixturePair` (other neighbouring
+    relations, groups): the same truncation, mean-preserving discretisation and guarantees,
+    with the pair's mixture CDFs and a bisection for the inverse of its increasing loss."""
+    sigma = pair.sigma
+    half = 0.5 * tail_mass
+    u0 = -float(special.ndtri(half))
+    log_half = math.log(half)
+    p_lo, p_hi = float(pair.p_mu.min()), float(pair.p_mu.max())
+    x_lo = _solve_bracketed(
+        lambda x: pair.log_cdf(x) - log_half, p_lo - sigma * u0 - 0.5, p_hi - sigma * u0 + 0.5
+    )
+    x_hi = _solve_bracketed(
+        lambda x: pair.log_sf(x) - log_half, p_lo + sigma * u0 - 0.5, p_hi + sigma * u0 + 0.5
+    )
+    a = float(pair.loss(x_lo))
+    b = float(pair.loss(x_hi))
+    n = max(1, math.ceil((b - a) / dt))
+    if n > _MAX_POINTS:
+        raise _PRVFailure(f"the discretised privacy loss needs {n} points")
+
+    edges = a + dt * np.arange(n + 1, dtype=np.float64)
+    x = pair.x_of_loss(edges, x_lo, x_hi)  # the last edge may be clipped to x_hi
+    x[0] = x_lo
+    x_med = _solve_bracketed(lambda v: pair.log_cdf(v) - pair.log_sf(v), p_lo - 1.0, p_hi + 1.0)
+    split = int(np.clip(np.searchsorted(x, x_med), 0, n))
+    pmf = np.empty(n, dtype=np.float64)
+    pmf[:split] = np.diff(pair.cdf(x[: split + 1]))
+    pmf[split:] = -np.diff(pair.sf(x[split:]))
+    np.maximum(pmf, 0.0, out=pmf)
+    outside = float(pair.cdf(x[:1])[0] + pair.sf(x[-1:])[0])
+    inside = float(pmf.sum())
+    if not (inside > 0.5 and abs(inside + outside - 1.0) < 1e-9):
+        raise _PRVFailure("the discretised privacy loss does not have unit mass")
+    pmf /= inside
+
+    lo_int = max(float(x[0]), p_lo - 40.0 * sigma - 1.0)
+    hi_int = min(float(x[-1]), p_hi + 40.0 * sigma + 1.0)
+
+    def integrand(v):
+        return float(pair.loss(v) * math.exp(float(pair.log_pdf(v))))
+
+    means = np.unique(np.concatenate([pair.p_mu, pair.q_mu, 0.5 * pair.p_mu, 0.5 * pair.q_mu]))
+    points = [float(p) for p in means if lo_int < p < hi_int]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", integrate.IntegrationWarning)
+        integral, abserr = integrate.quad(
+            integrand, lo_int, hi_int, points=points or None, epsabs=0.0, epsrel=1e-13, limit=500
+        )
+    mean_c = integral / (1.0 - outside)
+    mean_index = float(pmf @ np.arange(n, dtype=np.float64))
     shift = mean_c - (a + (mean_index + 0.5) * dt)
     mean_error = abserr / (1.0 - outside) + 8 * _EPS64 * (abs(a) + abs(b) + 1.0)
     if not (math.isfinite(shift) and abs(shift) <= dt):
@@ -498,11 +560,14 @@ def _compute_bounds(
     eps_error: float,
     delta_error: float,
     attempt: int = 0,
+    pair_of=None,
 ) -> tuple[float, float, float]:
     """(lower, estimate, upper) epsilon of a non-trivial grouped history, or `_PRVFailure`.
 
     `attempt > 0` gives every tail a 1000x smaller mass (a wider, more conservative
-    domain) and pads the composed window by a quarter on each side.
+    domain) and pads the composed window by a quarter on each side. `pair_of(sigma, q)`,
+    if given, returns the `pairs.MixturePair` whose privacy loss one step has (another
+    neighbouring relation); None is the add/remove pair of the module docstring.
     """
     if delta_error < 1e-250:
         raise _PRVFailure(f"delta_error={delta_error:.3g} is too close to float64 underflow")
@@ -516,7 +581,11 @@ def _compute_bounds(
     # 1. Truncate and discretise every event's PRV.
     dists, delta_trunc, h_mean = [], 0.0, 0.0
     for sigma, q, n_steps in events:
-        dist, dropped, mean_error = _discretise(sigma, q, dt, shrink * delta_error / (16 * n_total))
+        tail_mass = shrink * delta_error / (16 * n_total)
+        if pair_of is None:
+            dist, dropped, mean_error = _discretise(sigma, q, dt, tail_mass)
+        else:
+            dist, dropped, mean_error = _discretise_pair(pair_of(sigma, q), dt, tail_mass)
         dists.append(dist)
         delta_trunc += n_steps * dropped
         h_mean += n_steps * mean_error
@@ -570,6 +639,10 @@ def _compute_bounds(
     return lower, estimate, upper
 
 
+def _group_pair(sigma: float, q: float, k: int, direction: str):
+    return _pairs.group_pair(sigma, q, k, direction)
+
+
 # -- the accountant --------------------------------------------------------------------------
 class PRVAccountant(Accountant):
     """Tight DP-SGD accountant: numerical composition of privacy random variables.
@@ -587,6 +660,10 @@ class PRVAccountant(Accountant):
             `2 * eps_error`. Smaller is tighter and slower (cost ~ 1/eps_error).
         delta_error: The allowed error in delta; None (default) means
             `1e-3 * delta` at each query. Must be smaller than the queried delta.
+        neighboring: "add_or_remove" (default) or "replace_one"; see
+            `torchdp_keras.accounting.pairs` for the pair accounted and its references.
+        group_size: k >= 1 (at most 64, add_or_remove only): the guarantee for adding or
+            removing k examples at once (one user's), by the Binomial(k, q) mixture pair.
 
     Guarantee: `get_epsilon(delta)` is the upper bound, never below the true
     epsilon of the composed history at `delta`; it is at most about
@@ -614,8 +691,15 @@ class PRVAccountant(Accountant):
 
     name = "prv"
 
-    def __init__(self, eps_error: float = 0.01, delta_error: float | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        eps_error: float = 0.01,
+        delta_error: float | None = None,
+        *,
+        neighboring: str = "add_or_remove",
+        group_size: int = 1,
+    ) -> None:
+        super().__init__(neighboring=neighboring, group_size=group_size)
         self.eps_error = check_positive(eps_error, "eps_error")
         if delta_error is not None:
             delta_error = check_positive(delta_error, "delta_error")
@@ -658,31 +742,60 @@ class PRVAccountant(Accountant):
         key = (tuple(events), delta, self.eps_error, delta_error)
         if key in self._cache:
             return self._cache[key]
-        failures = []
+        failures: list[str] = []
         result: tuple[float, float, float] | None = None
-        for attempt in (0, 1):
-            try:
-                bounds = _compute_bounds(events, delta, self.eps_error, delta_error, attempt)
-            except Exception as err:  # any failure: retry, then the RDP bound (still valid)
-                failures.append(f"{type(err).__name__}: {err}")
-                continue
-            if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
-                lower, estimate, upper = bounds
-                result = (float(lower), float(estimate), float(upper))
+        for pair_of in self._pair_functions():
+            # Each direction of the relation: the true epsilon is the largest of theirs.
+            found = self._bounds_of(events, delta, delta_error, pair_of, failures)
+            if found is None:
+                result = None
                 break
-            failures.append(f"inconsistent bounds {bounds!r}")
+            result = found if result is None else tuple(max(a, b) for a, b in zip(result, found))
         if result is None:  # not cached: every such query warns
-            return self._rdp_fallback(events, delta, failures)
+            return self._rdp_fallback(
+                events, delta, failures, neighboring=self.neighboring, group_size=self.group_size
+            )
         if len(self._cache) >= 16:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = result
         return result
 
+    def _pair_functions(self) -> list:
+        """One `pair_of` per direction to compose: None is the add/remove pair of one example."""
+        if self.neighboring == "replace_one":  # symmetric: one direction
+            return [functools.partial(_pairs.replace_one_pair)]
+        if self.group_size == 1:  # the remove direction dominates (module docstring)
+            return [None]
+        return [
+            functools.partial(_group_pair, k=self.group_size, direction=direction)
+            for direction in ("remove", "add")
+        ]
+
+    def _bounds_of(self, events, delta, delta_error, pair_of, failures):
+        for attempt in (0, 1):
+            try:
+                if pair_of is None:
+                    bounds = _compute_bounds(events, delta, self.eps_error, delta_error, attempt)
+                else:
+                    bounds = _compute_bounds(
+                        events, delta, self.eps_error, delta_error, attempt, pair_of=pair_of
+                    )
+            except Exception as err:  # any failure: retry, then the RDP bound (still valid)
+                failures.append(f"{type(err).__name__}: {err}")
+                continue
+            if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
+                lower, estimate, upper = bounds
+                return (float(lower), float(estimate), float(upper))
+            failures.append(f"inconsistent bounds {bounds!r}")
+        return None
+
     @staticmethod
-    def _rdp_fallback(events, delta, failures) -> tuple[float, float, float]:
+    def _rdp_fallback(
+        events, delta, failures, neighboring="add_or_remove", group_size=1
+    ) -> tuple[float, float, float]:
         from torchdp_keras.accounting.rdp import RDPAccountant
 
-        rdp = RDPAccountant()
+        rdp = RDPAccountant(neighboring=neighboring, group_size=group_size)
         for sigma, q, n in events:
             rdp.compose(sigma, q, n)
         eps = float(rdp.get_epsilon(delta))
