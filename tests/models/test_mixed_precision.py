@@ -225,3 +225,49 @@ def test_float16_overflow_lowers_the_loss_scale(mode):
     assert float(model.optimizer.dynamic_scale) == 2.0**14
     for v in model.trainable_variables:
         assert np.all(np.isfinite(keras.ops.convert_to_numpy(v.value))), v.path
+
+
+def test_float16_fast_path_check_sees_finite_gradients(monkeypatch):
+    """The one-time tied-weight check of the fast path compares finite gradients.
+
+    The batch's whole gradient at the default loss scale (2**15) times the sum of a
+    batch of 64 per-example losses overflows float16; the check takes it at the scale
+    of a plain Keras step instead (before, it compared NaNs, which passed unnoticed).
+    """
+    from torchdp_keras.per_example.fast_engine import FastEngine
+
+    keras.config.set_dtype_policy("mixed_float16")
+    seen = []
+    verify = FastEngine._verify
+
+    def spy(self, entries, full, *args):
+        seen.append(all(g is None or bool(torch.isfinite(g).all()) for g in full))
+        return verify(self, entries, full, *args)
+
+    monkeypatch.setattr(FastEngine, "_verify", spy)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(size=(64, 28, 28, 1)).astype("float32")
+    y = rng.integers(0, 10, size=(64,)).astype("int32")
+    model = tdk.DPSequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(16, 8, strides=2, padding="same", activation="relu"),
+            layers.MaxPool2D(2, 1),
+            layers.Conv2D(32, 4, strides=2, padding="valid", activation="relu"),
+            layers.MaxPool2D(2, 1),
+            layers.Flatten(),
+            layers.Dense(32, activation="relu"),
+            layers.Dense(10),
+        ],
+        l2_norm_clip=1.5,
+        noise_multiplier=0.0,
+        clipping_mode="fast",
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.25),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.train_on_batch(x, y)
+    assert seen == [True]
+    assert model._get_dp_engine()._verified
+    assert model.privacy_ledger.nonfinite_examples == 0
