@@ -97,10 +97,17 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--jit", action="store_true", help="jit_compile=True for all")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--dtype-policy",
+        choices=("float32", "mixed_bfloat16", "mixed_float16"),
+        default="float32",
+        help="Keras dtype policy of every model (mixed_float16: loss scaling as compile sets it)",
+    )
     add_timing_arguments(parser, steps=60, warmup=5, max_ratio=1.3)
     args = parser.parse_args(argv)
     if args.tuned_malloc and argv is None:
         reexec_with_tuned_malloc()
+    keras.config.set_dtype_policy(args.dtype_policy)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = keras_contenders(args.batch_size, args.jit)
@@ -112,7 +119,7 @@ def main(argv=None) -> dict[str, tuple[float, float]]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print_table(
         f"Tutorial CNN, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
-        f"{args.steps} rounds, jit={args.jit}",
+        f"{args.steps} rounds, jit={args.jit}, {args.dtype_policy}",
         summary,
         PLAIN,
     )

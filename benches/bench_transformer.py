@@ -55,10 +55,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=20000)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--dtype-policy",
+        choices=("float32", "mixed_bfloat16", "mixed_float16"),
+        default="float32",
+        help="Keras dtype policy of every model (mixed_float16: loss scaling as compile sets it)",
+    )
     add_timing_arguments(parser, steps=30, warmup=3, max_ratio=1.4)
     args = parser.parse_args(argv)
     if args.tuned_malloc and argv is None:
         reexec_with_tuned_malloc()
+    keras.config.set_dtype_policy(args.dtype_policy)
     keras.utils.set_random_seed(0)
 
     def compiled(model):
@@ -94,7 +101,8 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print_table(
         f"Transformer classifier (vocab {args.vocab}, length {args.length}), batch "
-        f"{args.batch_size}, {device}, {torch.get_num_threads()} threads, {args.steps} rounds",
+        f"{args.batch_size}, {device}, {torch.get_num_threads()} threads, {args.steps} rounds, "
+        f"{args.dtype_policy}",
         summary,
         PLAIN,
     )

@@ -532,6 +532,9 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
             with torch.no_grad(), private_apply():
                 optimizer.apply(zeros, trainable_variables)
 
+        if result.num_nonfinite and loss_scale != 1.0:
+            _lower_loss_scale(optimizer)
+
         before = self._metric_state() if world > 1 else None
         loss = result.loss_sum / max(1, num_units if mask is None else real_units)
         if reg_loss is not None:
@@ -643,3 +646,16 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 f"Received: label_columns={label_columns!r}"
             )
         return pd.DataFrame(values, index=index, columns=columns)
+
+
+def _lower_loss_scale(optimizer: keras.optimizers.LossScaleOptimizer) -> None:
+    """Halves a dynamic loss scale after an overflow, as Keras's LossScaleOptimizer does.
+
+    Under DP the units whose (scaled) gradient overflowed are left out of the
+    clipped sum like any non-finite unit, so the noised update the optimizer
+    sees is finite and it would never lower the scale itself. This does it
+    here instead, after the update: the next batch is scaled by half.
+    """
+    with torch.no_grad():
+        optimizer.dynamic_scale.assign(optimizer.dynamic_scale * 0.5)
+        optimizer.step_counter.assign(0)
