@@ -71,7 +71,15 @@ from torchdp_keras._validation import check_positive
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.errors import DPConfigError
 
-__all__ = ["PRVAccountant"]
+__all__ = ["ABS_ERROR", "REL_ERROR", "PRVAccountant"]
+
+# The default accuracy: the reported upper bound is at most about max(ABS_ERROR,
+# REL_ERROR * epsilon) above the true epsilon (see `PRVAccountant`).
+REL_ERROR = 0.01
+ABS_ERROR = 0.001
+# Fraction of that accuracy aimed at when sizing the mesh (the bracket comes out a little
+# wider than 2 * eps_error).
+_SAFETY = 0.9
 
 # Largest FFT length (float64 points) attempted before giving up on the PRV path.
 _MAX_POINTS = 2**25
@@ -413,6 +421,17 @@ class _Delta:
             e = hi_cell if side > 0 else 0.5 * (lo_cell + hi_cell)
         return self.t0 + start * self.dt + e
 
+    def delta_at(self, e: float) -> tuple[float, float]:
+        """`(delta(e), tail)`: the curve at `e` and the mass right of `e` (its rounding scale)."""
+        i = max(0, math.floor((e - self.t0) / self.dt) + 1)
+        if i == 0 and not self.complete:
+            raise _PRVFailure("the delta query left the representable part of the window")
+        part = self.pmf[i:]
+        t = self.t0 + self.dt * np.arange(i, i + len(part), dtype=np.float64)
+        t = np.minimum(e - t, 0.0)
+        value = float(part @ -np.expm1(t))
+        return max(value, 0.0), float(np.abs(part).sum())
+
 
 # Chernoff bound for delta itself: (1 - exp(e - s))_+ <= c(l) exp(l (s - e)) for l > 0.
 _LOG_C = _LAMBDAS * np.log(_LAMBDAS) - (1 + _LAMBDAS) * np.log1p(_LAMBDAS)
@@ -424,6 +443,39 @@ def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, sh
     `fixed` is the delta slack that does not depend on the tilt (Hoeffding, truncation),
     `shift` the epsilon slack. `slack` is the total delta slack of the upper bound; the
     bounds are None when it exceeds delta / 2 (floating-point noise dominates).
+    """
+    curve, gamma, kappa = _tilted_curve(dists, counts, dt, theta, tau, support, pad)
+    # Rounding of the cumulative sums and of the exponentials (arguments below 700).
+    sum_err = (4 * len(curve.pmf) + 1400) * _EPS64 * delta
+
+    estimate = curve.solve(delta, 0)
+    ref = max(estimate, -shift) if math.isfinite(estimate) else -shift
+    slack_up = fixed + gamma(ref) * kappa + sum_err
+    if not slack_up <= 0.5 * delta:
+        return None, estimate, slack_up
+    # delta(e) <= delta - slack_up at e = e_up >= ref, so the true delta(e_up + shift) <= delta.
+    upper = max(curve.solve(delta - slack_up, +1), ref) + shift
+
+    lower = -math.inf
+    if math.isfinite(estimate):
+        step = max(shift, curve.dt)
+        ref = estimate - step
+        for _ in range(8):
+            slack_low = fixed + gamma(ref) * kappa + sum_err
+            found = curve.solve(delta + slack_low, -1)
+            if found > ref:
+                lower = found - shift
+                break
+            step *= 4
+            ref = found - step
+    return (lower, estimate, upper), estimate, slack_up
+
+
+def _tilted_curve(dists, counts, dt, theta, tau, support, pad):
+    """The delta curve of one tilted composition, back in the original scale.
+
+    Returns `(curve, gamma, kappa)`: at a point `e`, the mass outside the composed window
+    and the floating-point noise of the FFT cost at most `gamma(e) * kappa` in delta(e).
     """
     tilted, log_c = [], 0.0
     for dist, n_steps in zip(dists, counts):
@@ -457,31 +509,7 @@ def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, sh
         np.exp(scale, out=scale)
     scale *= pmf_t[cut:]
     del pmf_t
-    curve = _Delta(scale, t_cut, dt, complete=cut == 0)
-    # Rounding of the cumulative sums and of the exponentials (arguments below 700).
-    sum_err = (4 * len(scale) + 1400) * _EPS64 * delta
-
-    estimate = curve.solve(delta, 0)
-    ref = max(estimate, -shift) if math.isfinite(estimate) else -shift
-    slack_up = fixed + gamma(ref) * kappa + sum_err
-    if not slack_up <= 0.5 * delta:
-        return None, estimate, slack_up
-    # delta(e) <= delta - slack_up at e = e_up >= ref, so the true delta(e_up + shift) <= delta.
-    upper = max(curve.solve(delta - slack_up, +1), ref) + shift
-
-    lower = -math.inf
-    if math.isfinite(estimate):
-        step = max(shift, curve.dt)
-        ref = estimate - step
-        for _ in range(8):
-            slack_low = fixed + gamma(ref) * kappa + sum_err
-            found = curve.solve(delta + slack_low, -1)
-            if found > ref:
-                lower = found - shift
-                break
-            step *= 4
-            ref = found - step
-    return (lower, estimate, upper), estimate, slack_up
+    return _Delta(scale, t_cut, dt, complete=cut == 0), gamma, kappa
 
 
 def _block_size(dist: _Lattice, dt: float, n_total: int) -> int:
@@ -504,34 +532,15 @@ def _compute_bounds(
     `attempt > 0` gives every tail a 1000x smaller mass (a wider, more conservative
     domain) and pads the composed window by a quarter on each side.
     """
-    if delta_error < 1e-250:
-        raise _PRVFailure(f"delta_error={delta_error:.3g} is too close to float64 underflow")
-    counts = [n for _, _, n in events]
-    n_total = sum(counts)
-    dt = eps_error / math.sqrt(n_total / 2 * math.log(12 / delta_error))
-    h = eps_error
-    delta_h = math.exp(-2 * h**2 / (n_total * dt**2))  # one-sided Hoeffding: delta_error / 12
-    shrink = 1e-3**attempt
-
-    # 1. Truncate and discretise every event's PRV.
-    dists, delta_trunc, h_mean = [], 0.0, 0.0
-    for sigma, q, n_steps in events:
-        dist, dropped, mean_error = _discretise(sigma, q, dt, shrink * delta_error / (16 * n_total))
-        dists.append(dist)
-        delta_trunc += n_steps * dropped
-        h_mean += n_steps * mean_error
-    support = (
-        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
-        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
+    dists, counts, dt, support, fixed, shift, cgf = _prepare(
+        events, eps_error, delta_error, attempt
     )
-    fixed = delta_h + delta_trunc
 
     # 2. Tilt by the exponent of the Chernoff bound on delta(e) <= delta, so that the FFT
     # resolves the tail around epsilon with relative (not absolute) float64 precision. If
     # that tilt is too strong (epsilon far below its Chernoff estimate), retilt at the
     # estimate found.
-    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
-    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
+    shrink = 1e-3**attempt
     with np.errstate(invalid="ignore", over="ignore"):
         guess = (cgf + _LOG_C - math.log(delta)) / _LAMBDAS
     index = int(np.nanargmin(guess))
@@ -540,7 +549,7 @@ def _compute_bounds(
     for _ in range(2):
         tau = shrink * min(1e-6, delta_error / (1e5 * delta * math.exp(min(log_ratio, 700.0))))
         found, estimate, slack = _tilted_bounds(
-            dists, counts, dt, theta, tau, support, 0.25 * attempt, delta, fixed, h + h_mean
+            dists, counts, dt, theta, tau, support, 0.25 * attempt, delta, fixed, shift
         )
         if found is not None and (bounds is None or found[2] < bounds[2]):
             bounds = found
@@ -568,6 +577,94 @@ def _compute_bounds(
             f"inconsistent bounds lower={lower!r}, estimate={estimate!r}, upper={upper!r}"
         )
     return lower, estimate, upper
+
+
+def _prepare(events, eps_error: float, delta_error: float, attempt: int):
+    """Steps 1 of the module docstring: every event's PRV truncated and discretised.
+
+    Returns `(dists, counts, dt, support, fixed, shift, cgf)`: the lattice distributions,
+    their step counts, the mesh, the range of the composed loss, the delta slack that does
+    not depend on the tilt (Hoeffding and truncation), the epsilon slack (Hoeffding and
+    the discrete means) and an upper bound on the composed cumulant generating function
+    at `_LAMBDAS`.
+    """
+    if delta_error < 1e-250:
+        raise _PRVFailure(f"delta_error={delta_error:.3g} is too close to float64 underflow")
+    counts = [n for _, _, n in events]
+    n_total = sum(counts)
+    dt = eps_error / math.sqrt(n_total / 2 * math.log(12 / delta_error))
+    h = eps_error
+    delta_h = math.exp(-2 * h**2 / (n_total * dt**2))  # one-sided Hoeffding: delta_error / 12
+    shrink = 1e-3**attempt
+
+    # 1. Truncate and discretise every event's PRV.
+    dists, delta_trunc, h_mean = [], 0.0, 0.0
+    for sigma, q, n_steps in events:
+        dist, dropped, mean_error = _discretise(sigma, q, dt, shrink * delta_error / (16 * n_total))
+        dists.append(dist)
+        delta_trunc += n_steps * dropped
+        h_mean += n_steps * mean_error
+    support = (
+        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
+        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
+    )
+    fixed = delta_h + delta_trunc
+    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
+    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
+    return dists, counts, dt, support, fixed, h + h_mean, cgf
+
+
+def _compute_delta(
+    events: list[tuple[float, float, int]],
+    epsilon: float,
+    eps_error: float,
+    delta_error: float,
+    attempt: int = 0,
+) -> float:
+    """Certified upper bound on the delta of a non-trivial grouped history at `epsilon`.
+
+    The true delta(epsilon) is at most the composed curve at `epsilon - shift` plus the delta
+    slack (Hoeffding, truncation, window and floating-point noise): the same argument as the
+    upper bound on epsilon, read the other way. Raises `_PRVFailure`.
+    """
+    dists, counts, dt, support, fixed, shift, cgf = _prepare(
+        events, eps_error, delta_error, attempt
+    )
+    e = epsilon - shift
+    # Tilt by the exponent of the Chernoff bound on delta(e) (none when it is trivial).
+    with np.errstate(invalid="ignore", over="ignore"):
+        log_bound = cgf + _LOG_C - _LAMBDAS * e
+    index = int(np.nanargmin(log_bound))
+    theta, log_gamma = 0.0, 0.0
+    if log_bound[index] < 0:
+        theta, log_gamma = float(_LAMBDAS[index]), float(cgf[index] - _LAMBDAS[index] * e)
+    tau = 1e-3**attempt * min(1e-6, delta_error / (1e5 * math.exp(min(log_gamma, 700.0))))
+    curve, gamma, kappa = _tilted_curve(dists, counts, dt, theta, tau, support, 0.25 * attempt)
+    value, tail = curve.delta_at(e)
+    sum_err = (4 * len(curve.pmf) + 1400) * _EPS64 * max(tail, value)
+    bound = value + fixed + gamma(e) * kappa + sum_err
+    if not math.isfinite(bound):
+        raise _PRVFailure(f"non-finite delta bound {bound!r}")
+    return min(1.0, bound)
+
+
+def _relative_error(epsilon: float) -> float:
+    """The accuracy the default (relative) mode aims at: 1% of epsilon, at least 0.001."""
+    return max(ABS_ERROR, REL_ERROR * epsilon)
+
+
+# Integer orders only: the binomial expansion is fast, and the result only sizes the mesh.
+_SCALE_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 256, 512, 1024)
+
+
+def _rdp(events, orders=None):
+    """An RDP accountant holding `events` (an upper bound for sizing and for the fallback)."""
+    from torchdp_keras.accounting.rdp import RDPAccountant
+
+    rdp = RDPAccountant(orders=orders)
+    for sigma, q, n in events:
+        rdp.compose(sigma, q, n)
+    return rdp
 
 
 # -- the accountant --------------------------------------------------------------------------
@@ -614,9 +711,11 @@ class PRVAccountant(Accountant):
 
     name = "prv"
 
-    def __init__(self, eps_error: float = 0.01, delta_error: float | None = None) -> None:
+    def __init__(self, eps_error: float | None = None, delta_error: float | None = None) -> None:
         super().__init__()
-        self.eps_error = check_positive(eps_error, "eps_error")
+        if eps_error is not None:
+            eps_error = check_positive(eps_error, "eps_error")
+        self.eps_error = eps_error
         if delta_error is not None:
             delta_error = check_positive(delta_error, "delta_error")
             if delta_error >= 1:
@@ -658,19 +757,11 @@ class PRVAccountant(Accountant):
         key = (tuple(events), delta, self.eps_error, delta_error)
         if key in self._cache:
             return self._cache[key]
-        failures = []
-        result: tuple[float, float, float] | None = None
-        for attempt in (0, 1):
-            try:
-                bounds = _compute_bounds(events, delta, self.eps_error, delta_error, attempt)
-            except Exception as err:  # any failure: retry, then the RDP bound (still valid)
-                failures.append(f"{type(err).__name__}: {err}")
-                continue
-            if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
-                lower, estimate, upper = bounds
-                result = (float(lower), float(estimate), float(upper))
-                break
-            failures.append(f"inconsistent bounds {bounds!r}")
+        failures: list[str] = []
+        if self.eps_error is not None:
+            result = self._attempts(events, delta, self.eps_error, delta_error, failures)
+        else:
+            result = self._relative_bounds(events, delta, delta_error, failures)
         if result is None:  # not cached: every such query warns
             return self._rdp_fallback(events, delta, failures)
         if len(self._cache) >= 16:
@@ -679,13 +770,86 @@ class PRVAccountant(Accountant):
         return result
 
     @staticmethod
-    def _rdp_fallback(events, delta, failures) -> tuple[float, float, float]:
-        from torchdp_keras.accounting.rdp import RDPAccountant
+    def _attempts(events, delta, eps_error, delta_error, failures):
+        """The bounds at a fixed `eps_error` (retried once with a wider domain), or None."""
+        for attempt in (0, 1):
+            try:
+                bounds = _compute_bounds(events, delta, eps_error, delta_error, attempt)
+            except Exception as err:  # any failure: retry, then the RDP bound (still valid)
+                failures.append(f"{type(err).__name__}: {err}")
+                continue
+            if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
+                lower, estimate, upper = bounds
+                return float(lower), float(estimate), float(upper)
+            failures.append(f"inconsistent bounds {bounds!r}")
+        return None
 
-        rdp = RDPAccountant()
-        for sigma, q, n in events:
-            rdp.compose(sigma, q, n)
-        eps = float(rdp.get_epsilon(delta))
+    def _relative_bounds(self, events, delta, delta_error, failures):
+        """Bounds with `upper - lower <= max(ABS_ERROR, REL_ERROR * lower)` (certified).
+
+        A coarse first pass (its `eps_error` sized from a quick RDP bound, so that it costs
+        a few percent of the second) finds the estimate; the second pass uses the mesh that
+        accuracy needs, and a third refines if the slack came out larger than planned. Each
+        pass is a certified result, the tightest is kept; a refinement that fails keeps the
+        coarser (valid) bounds.
+        """
+        scale = _rdp(events, _SCALE_ORDERS).get_epsilon(delta)
+        eps_error = max(0.02, 0.05 * scale) if math.isfinite(scale) else 0.02
+        best = None
+        for _ in range(4):
+            found = self._attempts(events, delta, eps_error, delta_error, failures)
+            if found is None:
+                break
+            if best is None or found[2] < best[2]:
+                best = found
+            lower, estimate, upper = found
+            # Certified: the true epsilon is at least `lower`, so `upper` is within the
+            # accuracy of it when the whole bracket is.
+            if upper - lower <= _relative_error(lower):
+                break
+            eps_error *= _SAFETY * _relative_error(lower) / (upper - lower)
+        return best
+
+    # -- delta -------------------------------------------------------------------------------
+    def _delta(self, events, epsilon):
+        """Certified upper bound on delta at `epsilon`; in the default (relative) mode the
+        mesh is sized for an epsilon accuracy of `max(ABS_ERROR, REL_ERROR * epsilon)`."""
+        eps_error = self.eps_error
+        if eps_error is None:
+            eps_error = 0.5 * _SAFETY * _relative_error(epsilon)
+        rdp_delta = _rdp(events, _SCALE_ORDERS).get_delta(epsilon)
+        scale, best, failures = rdp_delta, math.inf, []
+        for _ in range(3):
+            delta_error = 1e-3 * scale if self.delta_error is None else self.delta_error
+            found = None
+            for attempt in (0, 1):
+                try:
+                    found = _compute_delta(events, epsilon, eps_error, delta_error, attempt)
+                    break
+                except Exception as err:  # any failure: retry, then the RDP bound
+                    failures.append(f"{type(err).__name__}: {err}")
+            if found is None:
+                break
+            best = min(best, found)
+            # delta_error only sets the accuracy: refine when it was sized for a larger delta.
+            if self.delta_error is not None or found >= 0.1 * scale or found == 0:
+                break
+            scale = found
+        if math.isfinite(best):
+            return best
+        warnings.warn(
+            "The PRV computation failed ("
+            + "; ".join(failures)
+            + f"); reporting the RDP upper bound delta={rdp_delta:.6g} instead (looser, "
+            "still valid).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return rdp_delta
+
+    @staticmethod
+    def _rdp_fallback(events, delta, failures) -> tuple[float, float, float]:
+        eps = float(_rdp(events).get_epsilon(delta))
         warnings.warn(
             "The PRV computation failed ("
             + "; ".join(failures)
