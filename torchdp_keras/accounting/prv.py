@@ -679,9 +679,11 @@ class PRVAccountant(Accountant):
     error analysis.
 
     Args:
-        eps_error: The allowed error in epsilon: `get_epsilon_bounds` returns
-            `lower <= true epsilon <= upper` with `upper - lower` about
-            `2 * eps_error`. Smaller is tighter and slower (cost ~ 1/eps_error).
+        eps_error: None (default): relative accuracy, the bounds satisfy
+            `upper - lower <= max(ABS_ERROR, REL_ERROR * lower)` (0.001 or 1%),
+            so the reported upper bound is within that of the true epsilon.
+            A number: a fixed absolute error, `upper - lower` about
+            `2 * eps_error` (cost ~ 1/eps_error).
         delta_error: The allowed error in delta; None (default) means
             `1e-3 * delta` at each query. Must be smaller than the queried delta.
 
