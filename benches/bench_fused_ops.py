@@ -32,6 +32,7 @@ operator calls (ATen ops), the CPU analogue of launches.
 
     python benches/bench_fused_ops.py
     python benches/bench_fused_ops.py --device cuda --json fused_cuda.json
+    python benches/bench_fused_ops.py --contention --skip-end-to-end   # CPU under load
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def count_launches(fn, device) -> int:
     return sum(1 for e in events if "::" in e.name and e.cpu_parent is None)
 
 
-def clip_sum_rows(batch, log2_p, device, rounds, warmup):
+def clip_sum_rows(batch, log2_p, device, rounds, warmup, naive_up_to=17, launches=True):
     total = 1 << log2_p
     grads = [torch.randn(batch, max(1, int(total * f)), device=device) * 0.01 for f in FRACTIONS]
 
@@ -111,7 +112,7 @@ def clip_sum_rows(batch, log2_p, device, rounds, warmup):
         return out
 
     steps = {"torch": pure}
-    if log2_p <= 17:  # the naive formulation takes seconds beyond
+    if log2_p <= naive_up_to:  # the naive formulation takes seconds beyond
         steps["naive"] = naive
     if ops.extension_info()[device.type]:
         steps["fused"] = kernel
@@ -126,9 +127,14 @@ def clip_sum_rows(batch, log2_p, device, rounds, warmup):
     written = sum(g.shape[1] for g in grads) * 4
     row = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     row["bandwidth_gbs"] = {name: read / (ms * 1e6) for name, ms in row.items()}
-    row["launches"] = {
-        name: count_launches(lambda f=fn: f(0), device) for name, fn in steps.items()
-    }
+    # The median over rounds of each round's torch/fused ratio: robust to load
+    # that comes and goes (another process) while the medians drift apart.
+    if "fused" in times:
+        row["ratio"] = statistics.median(t / f for t, f in zip(times["torch"], times["fused"]))
+    if launches:
+        row["launches"] = {
+            name: count_launches(lambda f=fn: f(0), device) for name, fn in steps.items()
+        }
     if device.type == "cuda":
         flat = torch.empty(batch * total, device=device)
         copy_ms = 1e3 * statistics.median(
@@ -144,6 +150,48 @@ def clip_sum_rows(batch, log2_p, device, rounds, warmup):
             if name in row
         }
     return row
+
+
+def contention_sweep(log2_ps, thread_counts, rounds, warmup) -> dict:
+    """fused/torch on CPU, quiet and with one competing busy process, per thread count.
+
+    Batches of B = min(256, 2^28 / P) examples (at most 1 GiB of gradients).
+    The ratio is the median over rounds of each round's torch/fused time: above
+    1 the fused op is faster.
+    """
+    import subprocess
+
+    device = torch.device("cpu")
+    before = torch.get_num_threads()
+    rows: dict = {}
+    try:
+        for load in ("quiet", "busy"):
+            competitor = None
+            if load == "busy":
+                # A competing process: one CPU's worth of pure Python work.
+                competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    for log2_p in log2_ps:
+                        batch = min(256, (1 << 28) >> log2_p)
+                        row = clip_sum_rows(
+                            batch, log2_p, device, rounds, warmup, naive_up_to=0, launches=False
+                        )
+                        key = f"{load}/threads={threads}/P=2^{log2_p}"
+                        rows[key] = {"batch": batch, **row}
+                        print(
+                            f"  {load:5s} threads={threads} 2^{log2_p:<3d} B={batch:<4d} "
+                            f"torch {row['torch']:8.3f} ms  fused {row['fused']:8.3f} ms  "
+                            f"fused/torch {row['ratio']:5.2f}x"
+                        )
+            finally:
+                if competitor is not None:
+                    competitor.kill()
+                    competitor.wait()
+    finally:
+        torch.set_num_threads(before)
+    return rows
 
 
 def noise_rows(log2_p, device, rounds, warmup):
@@ -226,6 +274,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--data", default=None, help="MNIST .npz (default ../shared/data)")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--contention",
+        action="store_true",
+        help="CPU only: fused/torch for P = 2^10 .. 2^23, quiet and with one competing busy "
+        "process, with 1, 2 and 2 x CPUs threads (the fused op must never lose)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     info = ops.extension_info()
@@ -293,6 +347,14 @@ def main(argv=None) -> dict:
             f"{unit} per DP step (tutorial CNN, batch 250): "
             + ", ".join(f"{mode} {n}" for mode, n in summary["step_launches"].items())
         )
+    if args.contention and device.type == "cpu" and info["cpu"]:
+        cpus = os.cpu_count() or 1
+        threads = sorted({1, min(2, cpus), 2 * cpus})
+        print("fused/torch under contention (B = min(256, 2^28 / P), cold caches)")
+        rows = contention_sweep(range(10, 24), threads, args.rounds, args.warmup)
+        summary["contention"] = rows
+        worst = min(rows.items(), key=lambda item: item[1]["ratio"])
+        print(f"  worst: {worst[0]} at {worst[1]['ratio']:.2f}x")
     if args.json:
         write_summary(args.json, summary)
     return summary

@@ -8,14 +8,12 @@
 //       float noise_std, int seed, int offset) -> Tensor[]
 //
 // grads[k] has shape (B, ...); example i's norm is taken over row i of every
-// tensor together. When an example's rows and the sum (as large) fit in the
-// last-level cache together (rows up to half of it), the CPU clipped sum reads
-// each example once from memory: the threads split the columns of the
-// concatenated rows, each accumulates its part of an example's squared norm,
-// the parts are combined at a barrier, and each thread adds factor * its
-// columns into its own columns of the one output sum while they are still in
-// cache. Larger examples take two reads, the floor for them: the norms, then
-// one gemv.
+// tensor together. When an example's rows and a sum (as large) fit in one
+// core's L2 cache together, the CPU clipped sum reads each example once from
+// memory: each thread takes a range of examples, their norms and their
+// clipped sum into a sum of its own (no barrier: see clipped_sum_one_read),
+// and the threads' sums are added in a fixed order. Larger examples take two
+// reads, the floor for them: the norms, then one gemv.
 // Noise number n of a call is philox_normal(seed, offset + n), n running over
 // the elements of the tensors in order (see clip_noise.h): the same on CPU
 // and CUDA.
@@ -36,7 +34,6 @@
 #endif
 
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <string>
 #include <thread>
@@ -203,28 +200,17 @@ double row_squared_norm(const std::vector<at::Tensor>& rows, int64_t i) {
   return total;
 }
 
-// One read of each example: the columns of the concatenated rows are split
-// into `workers` contiguous slices, worker w owning slice w of every example
-// and of the output sums (no per-thread copies of the sum, no final
-// reduction; each output column is accumulated over the examples in order by
-// one worker). For a group of examples at a time, each worker computes the
-// squared norm of its slices, the workers meet at a barrier, every worker sums
-// the parts in worker order (the same total everywhere), and adds
-// factor * slice into its slice of the sums while the slices are still in its
-// cache. Groups are as many examples as keep a worker's slices within half of
-// its L2 cache.
-//
-// The barrier spins on a counter of arrived *workers*, not threads: ATen's
-// OpenMP parallel_for hands every thread of the team one chunk of
-// [0, workers) and runs all chunks at once, and a chunk holding several
-// workers (smaller team, or an inline call inside another parallel region)
-// counts them all when it arrives. Only used with OpenMP (one_read_bytes()
-// is 0 otherwise), where the chunks are guaranteed to run concurrently.
-struct Slice {
-  size_t tensor;
-  int64_t begin, end;  // columns of that tensor's rows
-};
-
+// One read of each example, without a barrier: worker w owns a contiguous
+// range of examples and a sum of its own (worker 0 writes into the output
+// sums, the others into private buffers). For each of its examples it takes
+// the squared norm (the rows come into its cache) and adds factor * rows into
+// its sum while they are still there. The sums are then added in worker
+// order, a column range per thread: the result depends only on the number of
+// workers, never on timing. Nothing waits inside the loop, so a worker that
+// the OS deschedules (another busy process on the machine) delays only its
+// own range, as it would in any parallel torch op; the former design's
+// barrier per group of examples made every worker wait, spinning, for the
+// slowest at every group (0.25x of torch under load).
 // CPUs this process may run on: its affinity mask on Linux, else all.
 int64_t usable_cpus() {
 #if defined(__linux__)
@@ -236,83 +222,55 @@ int64_t usable_cpus() {
   return std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
 }
 
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(_M_X64)
-  _mm_pause();
-#endif
-}
-
 template <typename scalar_t>
 void clipped_sum_one_read(const std::vector<at::Tensor>& rows, double l2_norm_clip,
                           std::vector<at::Tensor>& sums, double* norms) {
   const int64_t batch = rows[0].size(0);
   std::vector<const scalar_t*> data;
-  std::vector<scalar_t*> out;
   std::vector<int64_t> widths;
   int64_t columns = 0;
   for (size_t k = 0; k < rows.size(); ++k) {
     data.push_back(rows[k].data_ptr<scalar_t>());
-    out.push_back(sums[k].data_ptr<scalar_t>());
     widths.push_back(rows[k].size(1));
     columns += rows[k].size(1);
   }
-  // At most one worker per thread and per CPU the process may run on (more
-  // threads than CPUs would wait at every barrier for a descheduled one), at
-  // least 2048 columns per worker; slice edges on 64-byte boundaries of the
-  // concatenated row.
-  constexpr int64_t kAlign = 64 / sizeof(scalar_t);
+  // At most one worker per thread, per CPU the process may run on and per
+  // 8 examples (a private sum costs a read and a write of P values).
   const int64_t workers = std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(at::get_num_threads()), usable_cpus(), columns / 2048}));
-  std::vector<std::vector<Slice>> owned(workers);
-  for (int64_t w = 0; w < workers; ++w) {
-    const int64_t lo = w == 0 ? 0 : columns * w / workers / kAlign * kAlign;
-    const int64_t hi = w + 1 == workers ? columns : columns * (w + 1) / workers / kAlign * kAlign;
-    int64_t base = 0;
-    for (size_t k = 0; k < rows.size(); ++k) {
-      const int64_t begin = std::max(lo, base), end = std::min(hi, base + widths[k]);
-      if (begin < end) owned[w].push_back({k, begin - base, end - base});
-      base += widths[k];
-    }
-  }
-  const int64_t slice_bytes =
-      std::max<int64_t>(1, columns * static_cast<int64_t>(sizeof(scalar_t)) / workers);
-  const int64_t l2_bytes = l2_cache_bytes() > 0 ? l2_cache_bytes() : int64_t{1} << 20;
-  const int64_t group = std::max<int64_t>(1, std::min<int64_t>(batch, l2_bytes / 2 / slice_bytes));
-  std::vector<double> parts(static_cast<size_t>(workers * batch));
-  std::atomic<int64_t> arrived{0};
+      1, std::min({static_cast<int64_t>(at::get_num_threads()), usable_cpus(), batch / 8}));
+  // sums[k] for worker 0; one zeroed buffer of all the columns per other worker.
+  std::vector<scalar_t> buffers(static_cast<size_t>((workers - 1) * columns), scalar_t(0));
+  auto target = [&](int64_t w, size_t k, int64_t offset) -> scalar_t* {
+    if (w == 0) return sums[k].data_ptr<scalar_t>();
+    return buffers.data() + (w - 1) * columns + offset;
+  };
+  std::vector<int64_t> offsets(rows.size(), 0);
+  for (size_t k = 1; k < rows.size(); ++k) offsets[k] = offsets[k - 1] + widths[k - 1];
   at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
-    int64_t rounds = 0;
-    for (int64_t start = 0; start < batch; start += group) {
-      const int64_t stop = std::min(batch, start + group);
-      for (int64_t i = start; i < stop; ++i) {
-        for (int64_t w = first; w < last; ++w) {
-          double part = 0.0;
-          for (const auto& s : owned[w]) {
-            part += squared_norm(data[s.tensor] + i * widths[s.tensor] + s.begin, s.end - s.begin);
-          }
-          parts[w * batch + i] = part;
-        }
-      }
-      ++rounds;
-      arrived.fetch_add(last - first, std::memory_order_acq_rel);
-      for (int spins = 0; arrived.load(std::memory_order_acquire) < workers * rounds; ++spins) {
-        if (spins < 1024) {
-          spin_pause();
-        } else {  // a worker is late (busy cores): let it run
-          std::this_thread::yield();
-        }
-      }
-      for (int64_t i = start; i < stop; ++i) {
+    for (int64_t w = first; w < last; ++w) {
+      const int64_t begin = batch * w / workers, end = batch * (w + 1) / workers;
+      for (int64_t i = begin; i < end; ++i) {
         double total = 0.0;
-        for (int64_t w = 0; w < workers; ++w) total += parts[w * batch + i];
-        if (first == 0) norms[i] = total;
-        const scalar_t factor = static_cast<scalar_t>(clip_factor(total, l2_norm_clip));
-        for (int64_t w = first; w < last; ++w) {
-          for (const auto& s : owned[w]) {
-            axpy(out[s.tensor] + s.begin, data[s.tensor] + i * widths[s.tensor] + s.begin, factor,
-                 s.end - s.begin);
-          }
+        for (size_t k = 0; k < rows.size(); ++k) {
+          total += squared_norm(data[k] + i * widths[k], widths[k]);
         }
+        norms[i] = total;
+        const scalar_t factor = static_cast<scalar_t>(clip_factor(total, l2_norm_clip));
+        for (size_t k = 0; k < rows.size(); ++k) {
+          axpy(target(w, k, offsets[k]), data[k] + i * widths[k], factor, widths[k]);
+        }
+      }
+    }
+  });
+  if (workers == 1) return;
+  // Sum the private buffers into the output, in worker order, by column ranges.
+  at::parallel_for(0, columns, 4096, [&](int64_t begin, int64_t end) {
+    for (size_t k = 0; k < rows.size(); ++k) {
+      const int64_t lo = std::max(begin, offsets[k]), hi = std::min(end, offsets[k] + widths[k]);
+      if (lo >= hi) continue;
+      scalar_t* out = sums[k].data_ptr<scalar_t>() + (lo - offsets[k]);
+      for (int64_t w = 1; w < workers; ++w) {
+        axpy(out, buffers.data() + (w - 1) * columns + lo, scalar_t(1), hi - lo);
       }
     }
   });
@@ -338,21 +296,18 @@ void clipped_sum_two_reads(const std::vector<at::Tensor>& rows, double l2_norm_c
   }
 }
 
-// Rows of at most this many bytes per example take the one-read kernel: the
-// example and the sum (as large) must both stay in the last-level cache until
-// the example has been added, so half of it, at most 64 MiB (512 KiB if the
-// cache sizes are unknown). 0 without OpenMP (see clipped_sum_one_read).
+// Rows of at most this many bytes per example take the one-read kernel: an
+// example's rows and the worker's sum (as large) must both stay in that
+// core's L2 cache while the example is added, so a quarter of it each (64 KiB
+// if the L2 size is unknown). Larger examples take two reads, as fast as the
+// best torch formulation and never slower: the one-read kernel would stream
+// its sum through memory for every example.
 int64_t one_read_bytes() {
-#if AT_PARALLEL_OPENMP
   static const int64_t limit = [] {
-    const int64_t last_level = cache_bytes(3, l2_cache_bytes());
-    return last_level > 0 ? std::min<int64_t>(last_level / 2, int64_t{64} << 20)
-                          : int64_t{512} << 10;
+    const int64_t l2 = l2_cache_bytes();
+    return l2 > 0 ? l2 / 4 : int64_t{64} << 10;
   }();
   return limit;
-#else
-  return 0;
-#endif
 }
 
 // Stream normals 2 * first .. 2 * (first + pairs) - 1 into normals[]: one

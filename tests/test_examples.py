@@ -150,6 +150,17 @@ def test_fused_ops_benchmark_runs(capsys):
     assert "noise of 2^9 values" in capsys.readouterr().out
 
 
+def test_fused_ops_contention_sweep_runs():
+    from torchdp_keras import ops
+
+    if not ops.extension_info()["cpu"]:
+        pytest.skip("the fused CPU kernel is not built")
+    bench = _load("benches/bench_fused_ops.py")
+    rows = bench.contention_sweep([10], [1], rounds=1, warmup=0)
+    assert set(rows) == {"quiet/threads=1/P=2^10", "busy/threads=1/P=2^10"}
+    assert all(row["ratio"] > 0 and row["batch"] == 256 for row in rows.values())
+
+
 def test_distributed_mnist_smoke_under_torchrun(mnist_path):
     import socket
     import subprocess

@@ -49,6 +49,7 @@ _LAZY = {
     "set_explicit_memory_budget": "torchdp_keras.per_example",
     "explicit_memory_budget": "torchdp_keras.per_example",
     "PrivateDataLoader": "torchdp_keras.data",
+    "UserDataLoader": "torchdp_keras.data",
     "ModelProblem": "torchdp_keras.model_checks",
     "validate": "torchdp_keras.model_checks",
     "fix": "torchdp_keras.model_fix",
@@ -113,7 +114,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     )
     from torchdp_keras.accounting.ledger import PrivacyLedger  # noqa: F401
     from torchdp_keras.config import DPKerasConfig  # noqa: F401
-    from torchdp_keras.data import PrivateDataLoader  # noqa: F401
+    from torchdp_keras.data import PrivateDataLoader, UserDataLoader  # noqa: F401
     from torchdp_keras.data.sampling_plan import SamplingPlan  # noqa: F401
     from torchdp_keras.model_checks import ModelProblem, validate  # noqa: F401
     from torchdp_keras.model_fix import fix  # noqa: F401

@@ -46,7 +46,9 @@ class DPAccountant(keras.callbacks.Callback):
 
     The deel-lipdp callback of the same name, for every DP model of
     torchdp_keras. At each epoch end it writes `epsilon` into the logs (so the
-    progress bar and `History` show it) and to `log_fn`. DP models add one
+    progress bar and `History` show it) and to `log_fn`; `user_epsilon`
+    instead for a model trained on a `UserDataLoader` (its epsilon protects
+    users, not examples). DP models add one
     automatically in `fit` when a delta is known; add your own to log
     elsewhere or to stop at a budget.
 
@@ -149,9 +151,17 @@ class DPAccountant(keras.callbacks.Callback):
         if delta is None:
             return
         epsilon = self.model.get_epsilon(delta)
+        unit = getattr(self.model, "privacy_unit", "example")
+        key = "epsilon" if unit == "example" else f"{unit}_epsilon"
         if logs is not None:
-            logs["epsilon"] = epsilon
-        record = {"epoch": epoch, "epsilon": epsilon, "delta": delta, "steps": self.model.dp_steps}
+            logs[key] = epsilon
+        record = {
+            "epoch": epoch,
+            key: epsilon,
+            "delta": delta,
+            "steps": self.model.dp_steps,
+            "privacy_unit": unit,
+        }
         if self.log_fn in ("logging", "all"):
             logger.info("DP guarantee after epoch %d: %s", epoch, record)
         if self.log_fn in ("wandb", "all"):

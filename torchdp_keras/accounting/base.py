@@ -6,6 +6,12 @@ Poisson-subsampled Gaussian mechanism -- and converts it to an
 (epsilon, delta) guarantee. Histories with several different events
 (sigma or q changing during training) are composed exactly.
 
+The neighbouring relation is a constructor option of every accountant:
+`neighboring="add_or_remove"` (default: one example added or removed) or
+`"replace_one"` (one example replaced by another), and `group_size=k` (add/remove
+only) accounts a group of k examples, e.g. one user's, added or removed at once
+(see `torchdp_keras.accounting.pairs` for the pairs and their references).
+
 Edge cases every accountant honours:
   * no steps, or only events with `sampling_probability == 0`: epsilon is 0;
   * any event with `noise_multiplier == 0` and `sampling_probability > 0`:
@@ -20,6 +26,7 @@ import numbers
 from typing import Any
 
 from torchdp_keras._validation import to_float
+from torchdp_keras.accounting.pairs import check_group_size, check_neighboring
 from torchdp_keras.errors import DPConfigError
 
 STATE_VERSION = 1
@@ -92,7 +99,9 @@ class Accountant(abc.ABC):
 
     name: str = ""
 
-    def __init__(self) -> None:
+    def __init__(self, *, neighboring: str = "add_or_remove", group_size: int = 1) -> None:
+        self.neighboring = check_neighboring(neighboring)
+        self.group_size = check_group_size(group_size, self.neighboring)
         self._history: list[tuple[float, float, int]] = []
 
     # -- history -------------------------------------------------------------
@@ -179,6 +188,8 @@ class Accountant(abc.ABC):
             "accountant": self.name,
             "version": STATE_VERSION,
             "history": [[sigma, q, n] for sigma, q, n in self._history],
+            "neighboring": self.neighboring,
+            "group_size": self.group_size,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -199,6 +210,14 @@ class Accountant(abc.ABC):
                 f"Expected accountant state version {STATE_VERSION}. "
                 f"Received: version={state.get('version')!r}"
             )
+        # States saved before these keys existed are add/remove states of one example.
+        for key, default in (("neighboring", "add_or_remove"), ("group_size", 1)):
+            if state.get(key, default) != getattr(self, key):
+                raise DPConfigError(
+                    f"Expected the state of an accountant with {key}={getattr(self, key)!r} "
+                    f"(construct the accountant with the state's). Received: {key}="
+                    f"{state.get(key, default)!r}"
+                )
         events = state["history"]
         if not isinstance(events, (list, tuple)) or not all(
             isinstance(event, (list, tuple)) and len(event) == 3 for event in events

@@ -44,6 +44,11 @@ class PrivacyLedger:
         train_size: n, the number of training examples, if known.
         target_delta: The delta of the reported epsilon, if chosen.
 
+    Attributes:
+        privacy_unit: What the epsilon protects: "example" (add or remove
+            one example) or "user" (one user with all of its examples, when
+            the updates sampled users).
+
     Example:
         >>> ledger = PrivacyLedger(sampling_probability=0.01, train_size=60_000)
         >>> ledger.record_update(noise_multiplier=1.1)
@@ -68,6 +73,7 @@ class PrivacyLedger:
         self.sampling_probability = sampling_probability
         self.train_size = train_size
         self.target_delta = target_delta
+        self.privacy_unit = "example"
         self.restored = False
 
     # -- what has been spent ---------------------------------------------------------
@@ -157,6 +163,7 @@ class PrivacyLedger:
             "target_delta": self.target_delta,
             "sampling_probability": self.sampling_probability,
             "nonfinite_examples": self.nonfinite_examples,
+            "privacy_unit": self.privacy_unit,
             "weights": weights,
         }
 
@@ -219,6 +226,7 @@ class PrivacyLedger:
         self.train_size = state.get("train_size")
         self.target_delta = state.get("target_delta")
         self.sampling_probability = state.get("sampling_probability")
+        self.privacy_unit = state.get("privacy_unit", "example")
         self.restored = True
 
 

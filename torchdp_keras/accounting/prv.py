@@ -60,6 +60,7 @@ of the RDP accountant for the same history.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 
@@ -68,6 +69,7 @@ from scipy import fft as sp_fft
 from scipy import integrate, optimize, special
 
 from torchdp_keras._validation import check_positive
+from torchdp_keras.accounting import pairs as _pairs
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.errors import DPConfigError
 
@@ -226,6 +228,66 @@ def _discretise(
         )
     mean_c = integral / (1.0 - outside)
     mean_index = float(pmf @ np.arange(n, dtype=np.float64))  # mean is a + (that + 1/2) dt
+    shift = mean_c - (a + (mean_index + 0.5) * dt)
+    mean_error = abserr / (1.0 - outside) + 8 * _EPS64 * (abs(a) + abs(b) + 1.0)
+    if not (math.isfinite(shift) and abs(shift) <= dt):
+        raise _PRVFailure("the discrete mean differs from the continuous mean")
+    centre = int(np.clip(round(mean_index), 0, n - 1))
+    lattice = _Lattice(pmf=pmf, centre=centre, offset=a + (centre + 0.5) * dt + shift)
+    return lattice, outside, mean_error
+
+
+def _discretise_pair(pair, dt: float, tail_mass: float) -> tuple[_Lattice, float, float]:
+    """`_discretise` for the privacy loss of a `pairs.MixturePair` (other neighbouring
+    relations, groups): the same truncation, mean-preserving discretisation and guarantees,
+    with the pair's mixture CDFs and a bisection for the inverse of its increasing loss."""
+    sigma = pair.sigma
+    half = 0.5 * tail_mass
+    u0 = -float(special.ndtri(half))
+    log_half = math.log(half)
+    p_lo, p_hi = float(pair.p_mu.min()), float(pair.p_mu.max())
+    x_lo = _solve_bracketed(
+        lambda x: pair.log_cdf(x) - log_half, p_lo - sigma * u0 - 0.5, p_hi - sigma * u0 + 0.5
+    )
+    x_hi = _solve_bracketed(
+        lambda x: pair.log_sf(x) - log_half, p_lo + sigma * u0 - 0.5, p_hi + sigma * u0 + 0.5
+    )
+    a = float(pair.loss(x_lo))
+    b = float(pair.loss(x_hi))
+    n = max(1, math.ceil((b - a) / dt))
+    if n > _MAX_POINTS:
+        raise _PRVFailure(f"the discretised privacy loss needs {n} points")
+
+    edges = a + dt * np.arange(n + 1, dtype=np.float64)
+    x = pair.x_of_loss(edges, x_lo, x_hi)  # the last edge may be clipped to x_hi
+    x[0] = x_lo
+    x_med = _solve_bracketed(lambda v: pair.log_cdf(v) - pair.log_sf(v), p_lo - 1.0, p_hi + 1.0)
+    split = int(np.clip(np.searchsorted(x, x_med), 0, n))
+    pmf = np.empty(n, dtype=np.float64)
+    pmf[:split] = np.diff(pair.cdf(x[: split + 1]))
+    pmf[split:] = -np.diff(pair.sf(x[split:]))
+    np.maximum(pmf, 0.0, out=pmf)
+    outside = float(pair.cdf(x[:1])[0] + pair.sf(x[-1:])[0])
+    inside = float(pmf.sum())
+    if not (inside > 0.5 and abs(inside + outside - 1.0) < 1e-9):
+        raise _PRVFailure("the discretised privacy loss does not have unit mass")
+    pmf /= inside
+
+    lo_int = max(float(x[0]), p_lo - 40.0 * sigma - 1.0)
+    hi_int = min(float(x[-1]), p_hi + 40.0 * sigma + 1.0)
+
+    def integrand(v):
+        return float(pair.loss(v) * math.exp(float(pair.log_pdf(v))))
+
+    means = np.unique(np.concatenate([pair.p_mu, pair.q_mu, 0.5 * pair.p_mu, 0.5 * pair.q_mu]))
+    points = [float(p) for p in means if lo_int < p < hi_int]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", integrate.IntegrationWarning)
+        integral, abserr = integrate.quad(
+            integrand, lo_int, hi_int, points=points or None, epsabs=0.0, epsrel=1e-13, limit=500
+        )
+    mean_c = integral / (1.0 - outside)
+    mean_index = float(pmf @ np.arange(n, dtype=np.float64))
     shift = mean_c - (a + (mean_index + 0.5) * dt)
     mean_error = abserr / (1.0 - outside) + 8 * _EPS64 * (abs(a) + abs(b) + 1.0)
     if not (math.isfinite(shift) and abs(shift) <= dt):
@@ -526,14 +588,17 @@ def _compute_bounds(
     eps_error: float,
     delta_error: float,
     attempt: int = 0,
+    pair_of=None,
 ) -> tuple[float, float, float]:
     """(lower, estimate, upper) epsilon of a non-trivial grouped history, or `_PRVFailure`.
 
     `attempt > 0` gives every tail a 1000x smaller mass (a wider, more conservative
-    domain) and pads the composed window by a quarter on each side.
+    domain) and pads the composed window by a quarter on each side. `pair_of(sigma, q)`,
+    if given, returns the `pairs.MixturePair` whose privacy loss one step has (another
+    neighbouring relation); None is the add/remove pair of the module docstring.
     """
     dists, counts, dt, support, fixed, shift, cgf = _prepare(
-        events, eps_error, delta_error, attempt
+        events, eps_error, delta_error, attempt, pair_of
     )
 
     # 2. Tilt by the exponent of the Chernoff bound on delta(e) <= delta, so that the FFT
@@ -579,14 +644,14 @@ def _compute_bounds(
     return lower, estimate, upper
 
 
-def _prepare(events, eps_error: float, delta_error: float, attempt: int):
+def _prepare(events, eps_error: float, delta_error: float, attempt: int, pair_of=None):
     """Steps 1 of the module docstring: every event's PRV truncated and discretised.
 
     Returns `(dists, counts, dt, support, fixed, shift, cgf)`: the lattice distributions,
     their step counts, the mesh, the range of the composed loss, the delta slack that does
     not depend on the tilt (Hoeffding and truncation), the epsilon slack (Hoeffding and
     the discrete means) and an upper bound on the composed cumulant generating function
-    at `_LAMBDAS`.
+    at `_LAMBDAS`. `pair_of` as in `_compute_bounds`.
     """
     if delta_error < 1e-250:
         raise _PRVFailure(f"delta_error={delta_error:.3g} is too close to float64 underflow")
@@ -600,7 +665,11 @@ def _prepare(events, eps_error: float, delta_error: float, attempt: int):
     # 1. Truncate and discretise every event's PRV.
     dists, delta_trunc, h_mean = [], 0.0, 0.0
     for sigma, q, n_steps in events:
-        dist, dropped, mean_error = _discretise(sigma, q, dt, shrink * delta_error / (16 * n_total))
+        tail_mass = shrink * delta_error / (16 * n_total)
+        if pair_of is None:
+            dist, dropped, mean_error = _discretise(sigma, q, dt, tail_mass)
+        else:
+            dist, dropped, mean_error = _discretise_pair(pair_of(sigma, q), dt, tail_mass)
         dists.append(dist)
         delta_trunc += n_steps * dropped
         h_mean += n_steps * mean_error
@@ -620,15 +689,17 @@ def _compute_delta(
     eps_error: float,
     delta_error: float,
     attempt: int = 0,
+    pair_of=None,
 ) -> float:
     """Certified upper bound on the delta of a non-trivial grouped history at `epsilon`.
 
     The true delta(epsilon) is at most the composed curve at `epsilon - shift` plus the delta
     slack (Hoeffding, truncation, window and floating-point noise): the same argument as the
-    upper bound on epsilon, read the other way. Raises `_PRVFailure`.
+    upper bound on epsilon, read the other way. `pair_of` as in `_compute_bounds`. Raises
+    `_PRVFailure`.
     """
     dists, counts, dt, support, fixed, shift, cgf = _prepare(
-        events, eps_error, delta_error, attempt
+        events, eps_error, delta_error, attempt, pair_of
     )
     e = epsilon - shift
     # Tilt by the exponent of the Chernoff bound on delta(e) (none when it is trivial).
@@ -655,16 +726,21 @@ def _relative_error(epsilon: float) -> float:
 
 # Integer orders only: the binomial expansion is fast, and the result only sizes the mesh.
 _SCALE_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 256, 512, 1024)
+_PAIR_SCALE_ORDERS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
 
-def _rdp(events, orders=None):
+def _rdp(events, orders=None, neighboring: str = "add_or_remove", group_size: int = 1):
     """An RDP accountant holding `events` (an upper bound for sizing and for the fallback)."""
     from torchdp_keras.accounting.rdp import RDPAccountant
 
-    rdp = RDPAccountant(orders=orders)
+    rdp = RDPAccountant(orders=orders, neighboring=neighboring, group_size=group_size)
     for sigma, q, n in events:
         rdp.compose(sigma, q, n)
     return rdp
+
+
+def _group_pair(sigma: float, q: float, k: int, direction: str):
+    return _pairs.group_pair(sigma, q, k, direction)
 
 
 # -- the accountant --------------------------------------------------------------------------
@@ -686,6 +762,10 @@ class PRVAccountant(Accountant):
             `2 * eps_error` (cost ~ 1/eps_error).
         delta_error: The allowed error in delta; None (default) means
             `1e-3 * delta` at each query. Must be smaller than the queried delta.
+        neighboring: "add_or_remove" (default) or "replace_one"; see
+            `torchdp_keras.accounting.pairs` for the pair accounted and its references.
+        group_size: k >= 1 (at most 64, add_or_remove only): the guarantee for adding or
+            removing k examples at once (one user's), by the Binomial(k, q) mixture pair.
 
     Guarantee: `get_epsilon(delta)` is the upper bound, never below the true
     epsilon of the composed history at `delta`; it is at most about
@@ -713,8 +793,15 @@ class PRVAccountant(Accountant):
 
     name = "prv"
 
-    def __init__(self, eps_error: float | None = None, delta_error: float | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        eps_error: float | None = None,
+        delta_error: float | None = None,
+        *,
+        neighboring: str = "add_or_remove",
+        group_size: int = 1,
+    ) -> None:
+        super().__init__(neighboring=neighboring, group_size=group_size)
         if eps_error is not None:
             eps_error = check_positive(eps_error, "eps_error")
         self.eps_error = eps_error
@@ -760,10 +847,27 @@ class PRVAccountant(Accountant):
         if key in self._cache:
             return self._cache[key]
         failures: list[str] = []
-        if self.eps_error is not None:
-            result = self._attempts(events, delta, self.eps_error, delta_error, failures)
-        else:
-            result = self._relative_bounds(events, delta, delta_error, failures)
+        result: tuple[float, float, float] | None = None
+        scale = None
+        if self.eps_error is None:
+            scale = self._rdp_of(events, self._sizing_orders()).get_epsilon(delta)
+        for pair_of in self._pair_functions():
+            # Each direction of the relation: the true epsilon is the largest of theirs.
+            if scale is None:
+                found = self._attempts(
+                    events, delta, self.eps_error, delta_error, failures, pair_of
+                )
+            else:
+                # Only the largest epsilon needs the accuracy: a direction whose upper bound
+                # is below the lower bound found so far is not refined.
+                floor = 0.0 if result is None else result[0]
+                found = self._relative_bounds(
+                    events, delta, delta_error, failures, pair_of, scale, floor
+                )
+            if found is None:
+                result = None
+                break
+            result = found if result is None else tuple(max(a, b) for a, b in zip(result, found))
         if result is None:  # not cached: every such query warns
             return self._rdp_fallback(events, delta, failures)
         if len(self._cache) >= 16:
@@ -771,12 +875,39 @@ class PRVAccountant(Accountant):
         self._cache[key] = result
         return result
 
+    def _pair_functions(self) -> list:
+        """One `pair_of` per direction to compose: None is the add/remove pair of one example."""
+        if self.neighboring == "replace_one":  # symmetric: one direction
+            return [functools.partial(_pairs.replace_one_pair)]
+        if self.group_size == 1:  # the remove direction dominates (module docstring)
+            return [None]
+        return [
+            functools.partial(_group_pair, k=self.group_size, direction=direction)
+            for direction in ("remove", "add")
+        ]
+
+    def _rdp_of(self, events, orders=None):
+        """An RDP accountant for the same relation holding `events`."""
+        return _rdp(events, orders, self.neighboring, self.group_size)
+
+    def _sizing_orders(self) -> tuple:
+        """RDP orders for the quick bound that sizes the first mesh (few for the pairs,
+        whose RDP is a quadrature per order)."""
+        if self.neighboring == "add_or_remove" and self.group_size == 1:
+            return _SCALE_ORDERS
+        return _PAIR_SCALE_ORDERS
+
     @staticmethod
-    def _attempts(events, delta, eps_error, delta_error, failures):
+    def _attempts(events, delta, eps_error, delta_error, failures, pair_of=None):
         """The bounds at a fixed `eps_error` (retried once with a wider domain), or None."""
         for attempt in (0, 1):
             try:
-                bounds = _compute_bounds(events, delta, eps_error, delta_error, attempt)
+                if pair_of is None:
+                    bounds = _compute_bounds(events, delta, eps_error, delta_error, attempt)
+                else:
+                    bounds = _compute_bounds(
+                        events, delta, eps_error, delta_error, attempt, pair_of=pair_of
+                    )
             except Exception as err:  # any failure: retry, then the RDP bound (still valid)
                 failures.append(f"{type(err).__name__}: {err}")
                 continue
@@ -786,20 +917,21 @@ class PRVAccountant(Accountant):
             failures.append(f"inconsistent bounds {bounds!r}")
         return None
 
-    def _relative_bounds(self, events, delta, delta_error, failures):
+    def _relative_bounds(self, events, delta, delta_error, failures, pair_of, scale, floor):
         """Bounds with `upper - lower <= max(ABS_ERROR, REL_ERROR * lower)` (certified).
 
-        A coarse first pass (its `eps_error` sized from a quick RDP bound, so that it costs
-        a few percent of the second) finds the estimate; the second pass uses the mesh that
-        accuracy needs, and a third refines if the slack came out larger than planned. Each
-        pass is a certified result, the tightest is kept; a refinement that fails keeps the
-        coarser (valid) bounds.
+        A coarse first pass (its `eps_error` sized from `scale`, a quick RDP bound, so that
+        it costs a few percent of the second) finds the estimate; the second pass uses the
+        mesh that accuracy needs, and a third refines if the slack came out larger than
+        planned. Each pass is a certified result, the tightest is kept; a refinement that
+        fails keeps the coarser (valid) bounds. A direction whose upper bound is at most
+        `floor` (the lower bound of another direction, which decides the maximum) stops
+        there; one above it aims at the accuracy of the larger of the two.
         """
-        scale = _rdp(events, _SCALE_ORDERS).get_epsilon(delta)
         eps_error = max(0.02, 0.05 * scale) if math.isfinite(scale) else 0.02
         best = None
         for _ in range(4):
-            found = self._attempts(events, delta, eps_error, delta_error, failures)
+            found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of)
             if found is None:
                 break
             if best is None or found[2] < best[2]:
@@ -807,38 +939,51 @@ class PRVAccountant(Accountant):
             lower, estimate, upper = found
             # Certified: the true epsilon is at least `lower`, so `upper` is within the
             # accuracy of it when the whole bracket is.
-            if upper - lower <= _relative_error(lower):
+            if upper <= floor or upper - lower <= _relative_error(max(lower, floor)):
                 break
-            eps_error *= _SAFETY * _relative_error(lower) / (upper - lower)
+            # Sized on the estimate (a coarse pass may leave lower at 0), at least 4x finer.
+            aim = _relative_error(max(estimate, floor))
+            eps_error *= min(0.25, _SAFETY * aim / (upper - lower))
         return best
 
     # -- delta -------------------------------------------------------------------------------
     def _delta(self, events, epsilon):
         """Certified upper bound on delta at `epsilon`; in the default (relative) mode the
-        mesh is sized for an epsilon accuracy of `max(ABS_ERROR, REL_ERROR * epsilon)`."""
+        mesh is sized for an epsilon accuracy of `max(ABS_ERROR, REL_ERROR * epsilon)`.
+        With several directions (groups) the largest of their deltas."""
         eps_error = self.eps_error
         if eps_error is None:
             eps_error = 0.5 * _SAFETY * _relative_error(epsilon)
-        rdp_delta = _rdp(events, _SCALE_ORDERS).get_delta(epsilon)
-        scale, best, failures = rdp_delta, math.inf, []
-        for _ in range(3):
-            delta_error = 1e-3 * scale if self.delta_error is None else self.delta_error
-            found = None
-            for attempt in (0, 1):
-                try:
-                    found = _compute_delta(events, epsilon, eps_error, delta_error, attempt)
+        rdp_delta = self._rdp_of(events, self._sizing_orders()).get_delta(epsilon)
+        failures: list[str] = []
+        worst = 0.0
+        for pair_of in self._pair_functions():
+            scale, best = rdp_delta, math.inf
+            for _ in range(3):
+                delta_error = 1e-3 * scale if self.delta_error is None else self.delta_error
+                found = None
+                for attempt in (0, 1):
+                    try:
+                        found = _compute_delta(
+                            events, epsilon, eps_error, delta_error, attempt, pair_of
+                        )
+                        break
+                    except Exception as err:  # any failure: retry, then the RDP bound
+                        failures.append(f"{type(err).__name__}: {err}")
+                if found is None:
                     break
-                except Exception as err:  # any failure: retry, then the RDP bound
-                    failures.append(f"{type(err).__name__}: {err}")
-            if found is None:
+                best = min(best, found)
+                # delta_error only sets the accuracy: refine when it was sized for a larger
+                # delta.
+                if self.delta_error is not None or found >= 0.1 * scale or found == 0:
+                    break
+                scale = found
+            if not math.isfinite(best):
+                worst = math.inf
                 break
-            best = min(best, found)
-            # delta_error only sets the accuracy: refine when it was sized for a larger delta.
-            if self.delta_error is not None or found >= 0.1 * scale or found == 0:
-                break
-            scale = found
-        if math.isfinite(best):
-            return best
+            worst = max(worst, best)
+        if math.isfinite(worst):
+            return worst
         warnings.warn(
             "The PRV computation failed ("
             + "; ".join(failures)
@@ -849,9 +994,8 @@ class PRVAccountant(Accountant):
         )
         return rdp_delta
 
-    @staticmethod
-    def _rdp_fallback(events, delta, failures) -> tuple[float, float, float]:
-        eps = float(_rdp(events).get_epsilon(delta))
+    def _rdp_fallback(self, events, delta, failures) -> tuple[float, float, float]:
+        eps = float(self._rdp_of(events).get_epsilon(delta))
         warnings.warn(
             "The PRV computation failed ("
             + "; ".join(failures)

@@ -153,6 +153,46 @@ def subsampled_gaussian_rdp(
     return out
 
 
+def step_rdp(
+    sampling_probability: float,
+    noise_multiplier: float,
+    orders: Sequence[float],
+    neighboring: str = "add_or_remove",
+    group_size: int = 1,
+) -> np.ndarray:
+    """RDP of one Poisson-subsampled Gaussian step under a neighbouring relation, per order.
+
+    * add_or_remove, one example: `subsampled_gaussian_rdp` (exact series);
+    * replace_one: `D_alpha(P || Q)` of the pair `((1-q) N(0) + q N(1), (1-q) N(0) + q N(-1))`
+      (symmetric), by quadrature;
+    * add_or_remove of a group of k examples: the larger of `D_alpha(P || Q)` and
+      `D_alpha(Q || P)` for `P = sum_j Binom(k, q)(j) N(j)`, `Q = N(0)`, by quadrature.
+
+    See `torchdp_keras.accounting.pairs` for the pairs and their references.
+
+    Example:
+        >>> rdp = step_rdp(1.0, 1.0, [2.0], neighboring="replace_one")  # sensitivity 2
+        >>> round(float(rdp[0]), 6)
+        4.0
+    """
+    from torchdp_keras.accounting.pairs import check_group_size, check_neighboring, pair_rdp
+
+    neighboring = check_neighboring(neighboring)
+    k = check_group_size(group_size, neighboring)
+    q, sigma = float(sampling_probability), float(noise_multiplier)
+    alphas = np.asarray(orders, dtype=np.float64)
+    if neighboring == "add_or_remove" and k == 1:
+        return subsampled_gaussian_rdp(q, sigma, orders)
+    if q == 0:
+        return np.zeros_like(alphas)
+    if sigma * sigma == 0:
+        return np.full_like(alphas, np.inf)
+    sensitivity = 2.0 if neighboring == "replace_one" else float(k)
+    if q == 1.0 or sigma > 1e100:  # the Gaussian mechanism (an upper bound when q < 1)
+        return alphas * sensitivity**2 / (2.0 * sigma * sigma)
+    return pair_rdp(sigma, q, alphas, neighboring, k)
+
+
 def rdp_to_epsilon(
     rdp: np.ndarray, orders: Sequence[float], delta: float, conversion: str = "improved"
 ) -> tuple[float, float]:
@@ -256,6 +296,10 @@ class RDPAccountant(Accountant):
             11 ... 63, 80, 96, 128, 256, 512, 1024).
         conversion: "improved" (default, Balle et al. 2020) or "classic"
             (`eps = rdp + log(1/delta)/(alpha-1)`, as in older reports).
+        neighboring: "add_or_remove" (default) or "replace_one"; see
+            `torchdp_keras.accounting.pairs` for the pair accounted and its references.
+        group_size: k >= 1 (at most 64, add_or_remove only): the guarantee for adding or
+            removing k examples at once (one user's), by the Binomial(k, q) mixture pair.
 
     Guarantee: `get_epsilon(delta)` is an upper bound on the epsilon of the
     composed history; it is looser than the PRV accountant's.
@@ -269,8 +313,15 @@ class RDPAccountant(Accountant):
 
     name = "rdp"
 
-    def __init__(self, orders: Sequence[float] | None = None, conversion: str = "improved"):
-        super().__init__()
+    def __init__(
+        self,
+        orders: Sequence[float] | None = None,
+        conversion: str = "improved",
+        *,
+        neighboring: str = "add_or_remove",
+        group_size: int = 1,
+    ):
+        super().__init__(neighboring=neighboring, group_size=group_size)
         if conversion not in CONVERSIONS:
             raise DPConfigError(
                 f"Expected conversion in {CONVERSIONS}. Received: conversion={conversion!r}"
@@ -278,6 +329,7 @@ class RDPAccountant(Accountant):
         self.orders = _check_orders(DEFAULT_ORDERS if orders is None else orders)
         self.conversion = conversion
         self._pure: dict[float, int] = {}
+        self._pair_cache: dict[tuple[float, float], np.ndarray] = {}
 
     def compose_pure_dp(self, epsilon: float, count: int = 1) -> None:
         """Adds `count` pure epsilon-DP mechanisms (a sparse-vector-technique release).
@@ -309,10 +361,21 @@ class RDPAccountant(Accountant):
         for epsilon, count in self._pure.items():
             total = total + count * np.minimum(epsilon, orders * epsilon**2 / 2)
         for sigma, q, n in self._grouped_history():
-            rdp = subsampled_gaussian_rdp(q, sigma, self.orders)
+            rdp = self._step_rdp(sigma, q)
             with np.errstate(invalid="ignore", over="ignore"):  # n may be beyond float range
                 total = total + np.where(rdp == 0, 0.0, to_float(n) * rdp)
         return total
+
+    def _step_rdp(self, sigma: float, q: float) -> np.ndarray:
+        """RDP of one step under the accountant's neighbouring relation, per order."""
+        if self.neighboring == "add_or_remove" and self.group_size == 1:
+            return subsampled_gaussian_rdp(q, sigma, self.orders)
+        key = (sigma, q)
+        if key not in self._pair_cache:
+            self._pair_cache[key] = step_rdp(
+                q, sigma, self.orders, self.neighboring, self.group_size
+            )
+        return self._pair_cache[key]
 
     def get_epsilon_and_order(self, delta: float) -> tuple[float, float]:
         """`(epsilon, optimal_order)` at `delta`; `(0.0, nan)` for an empty history."""

@@ -10,11 +10,13 @@ from torchdp_keras.data.loader import (  # noqa: E402
     unpack_poisson_batch,
 )
 from torchdp_keras.data.sampling import PoissonSampler, padded_size  # noqa: E402
+from torchdp_keras.data.users import UserDataLoader  # noqa: E402
 
 __all__ = [
     "POISSON_BATCH_KEY",
     "PoissonSampler",
     "PrivateDataLoader",
+    "UserDataLoader",
     "padded_size",
     "unpack_poisson_batch",
 ]

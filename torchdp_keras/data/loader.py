@@ -181,6 +181,21 @@ class PrivateDataLoader(keras.utils.PyDataset):
 
     # -- what the accountant needs -----------------------------------------------
     @property
+    def privacy_unit(self) -> str:
+        """What one clipping unit is, and what the epsilon protects: an example."""
+        return "example"
+
+    @property
+    def unit_size(self) -> int:
+        """Rows per clipping unit in a batch (1: every example is its own unit)."""
+        return 1
+
+    @property
+    def num_units(self) -> int:
+        """The n of q = expected units per update / n: here the number of examples."""
+        return self.num_examples
+
+    @property
     def expected_batch_size(self) -> int:
         """Expected examples per model update: batch_size * gradient_accumulation_steps."""
         return self.batch_size * self.gradient_accumulation_steps

@@ -63,6 +63,10 @@ class SamplingPlan:
         expected_batch_size: The normaliser of a Poisson update (None
             without a loader: the update is normalised by its clipping units).
         accumulation_steps: Physical batches per update.
+        privacy_unit: What a clipping unit is and the epsilon protects:
+            "example", or "user" (a `UserDataLoader`).
+        unit_size: Rows per clipping unit in a loader batch (1, or a
+            `UserDataLoader`'s `max_examples_per_user`).
         notice: `(key, message)` of the warning this input deserves, or None.
 
     Example:
@@ -81,6 +85,8 @@ class SamplingPlan:
     expected_batch_size: float | None
     accumulation_steps: int
     notice: tuple[str, str] | None
+    privacy_unit: str = "example"
+    unit_size: int = 1
 
     @classmethod
     def resolve(
@@ -235,12 +241,13 @@ class SamplingPlan:
                 f"batch_size={batch_size}"
             )
         if config is not None:
+            units = "num_users" if loader.privacy_unit == "user" else "num_examples"
             mismatched = {
                 name: (getattr(loader, name), expected)
                 for name, expected in (
                     ("batch_size", config.batch_size),
                     ("gradient_accumulation_steps", config.gradient_accumulation_steps),
-                    ("num_examples", config.train_size),
+                    (units, config.train_size),
                 )
                 if getattr(loader, name) != expected
             }
@@ -272,8 +279,10 @@ class SamplingPlan:
             fit_kwargs=dict(fit_kwargs or {}),
             loader=loader,
             sampling_probability=loader.sampling_probability,
-            train_size=loader.num_examples,
+            train_size=loader.num_units,
             expected_batch_size=loader.expected_batch_size,
             accumulation_steps=loader.gradient_accumulation_steps,
             notice=None,
+            privacy_unit=loader.privacy_unit,
+            unit_size=loader.unit_size,
         )

@@ -557,6 +557,12 @@ class LipschitzDPMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
 
         if not isinstance(x, PrivateDataLoader) and batch_size is None:
             batch_size = self.dataset_metadata.batch_size
+        if isinstance(x, PrivateDataLoader) and x.privacy_unit != "example":
+            raise DPConfigError(
+                "Expected a loader of examples for a Lipschitz DP model: its noise is "
+                "calibrated to one example's gradient bound, and a user's several examples "
+                f"would exceed it. Received: a {type(x).__name__} of {x.privacy_unit}s"
+            )
         if isinstance(x, PrivateDataLoader) and x.gradient_accumulation_steps != 1:
             raise DPConfigError(
                 "Expected PrivateDataLoader(gradient_accumulation_steps=1) for a Lipschitz DP "

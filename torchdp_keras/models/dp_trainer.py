@@ -457,16 +457,25 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                     f"example is its own clipping unit). Received: "
                     f"num_microbatches={settings.num_microbatches}"
                 )
+            unit_size = plan.unit_size if plan is not None else 1
+            if batch_size % unit_size:
+                raise DPConfigError(
+                    f"Expected a batch of whole clipping units of {unit_size} rows (one user "
+                    f"each). Received: a batch of {batch_size} rows"
+                )
+            num_units = batch_size // unit_size
+            unit_present = keras.ops.convert_to_tensor(mask).reshape(num_units, unit_size) > 0
+            real_units = int(unit_present.any(dim=1).sum().item())
             real_examples = int(mask.sum().item())
         else:
-            real_examples = batch_size
+            num_units = _validation.units_per_batch(batch_size, settings.num_microbatches)
+            real_units = real_examples = batch_size
         ledger.check_before_step(batch_size, poisson=mask is not None)
         rank, world = distributed.process_group()
         if world > 1 and not state.distributed_synced:
             self._sync_ranks()
         if state.rebuilt_from_config and settings.seed is not None:
             self._warn_if_noise_restarts()
-        num_units = _validation.units_per_batch(batch_size, settings.num_microbatches)
         optimizer = self.optimizer
         loss_scale = 1.0
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -524,10 +533,12 @@ class DPTrainerMixin(DPKerasHooksMixin, PrivacyTrackingMixin):
                 optimizer.apply(zeros, trainable_variables)
 
         before = self._metric_state() if world > 1 else None
-        loss = result.loss_sum / max(1, num_units if mask is None else real_examples)
+        loss = result.loss_sum / max(1, num_units if mask is None else real_units)
         if reg_loss is not None:
             loss = loss + reg_loss
-        keras_compat.loss_tracker(self).update_state(loss, sample_weight=real_examples)
+        keras_compat.loss_tracker(self).update_state(
+            loss, sample_weight=real_examples if mask is None else real_units
+        )
 
         y_pred = result.y_pred
         if mask is not None:

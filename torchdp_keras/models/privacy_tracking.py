@@ -28,6 +28,7 @@ from torchdp_keras.accounting.analysis import TINY_TRAIN_SIZE
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.accounting.ledger import PrivacyLedger, decode_state, encode_state
 from torchdp_keras.data.sampling_plan import SamplingPlan
+from torchdp_keras.errors import DPConfigError
 from torchdp_keras.models.keras_hooks import KerasModelBase
 
 PRIVACY_STATE_KEY = "privacy_state"
@@ -81,12 +82,20 @@ class PrivacyTrackingMixin(KerasModelBase):
         return self.privacy_ledger.config
 
     @property
+    def privacy_unit(self) -> str:
+        """What the epsilon protects: "example", or "user" (trained on a `UserDataLoader`)."""
+        return self.privacy_ledger.privacy_unit
+
+    @property
     def privacy_delta(self) -> float | None:
         """The delta `get_epsilon()` uses: given to `fit`, from the config, or 1/max(n, 2)^1.1."""
         return self.privacy_ledger.delta
 
     def get_epsilon(self, delta: float | None = None) -> float:
         """Epsilon (upper bound) of all DP updates so far, at `delta`.
+
+        The epsilon is about the model's `privacy_unit`: one example, or one
+        user with all of its examples (after training on a `UserDataLoader`).
 
         Args:
             delta: Defaults to `privacy_delta` (the delta given to `fit`, the
@@ -166,6 +175,14 @@ class PrivacyTrackingMixin(KerasModelBase):
     def _use_sampling_plan(self, plan: SamplingPlan, *, target_delta=None) -> None:
         """Adopts a plan: q and n (and a chosen delta) for the ledger."""
         ledger = self.privacy_ledger
+        if ledger.steps and plan.privacy_unit != ledger.privacy_unit:
+            raise DPConfigError(
+                f"Model '{self.name}' has taken {ledger.steps} updates with {ledger.privacy_unit}-"
+                f"level privacy; one epsilon cannot account for {plan.privacy_unit}-level "
+                "updates too. Train a fresh model for the other unit. Received: a "
+                f"{plan.privacy_unit}-level input"
+            )
+        ledger.privacy_unit = plan.privacy_unit
         self.sampling_plan = plan
         if plan.loader is not None or ledger.config is None:
             ledger.sampling_probability = plan.sampling_probability

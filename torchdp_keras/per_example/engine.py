@@ -83,8 +83,10 @@ class ClippingEngine(Protocol):
             rng_seed: Seed of the random layers (dropout) for this batch.
             loss_scale: Mixed-precision loss scale; the gradients are unscaled
                 before their norms are taken.
-            unit_mask: Optional `(num_units,)` 0/1 mask; units with 0 (padding
-                rows) contribute exactly nothing.
+            unit_mask: Optional 0/1 mask of the units `(num_units,)` or of the
+                rows `(batch,)`: a unit or row with 0 (padding) contributes
+                exactly nothing; a unit of several rows whose rows are all 0
+                is left out.
 
         Returns:
             A `ClippedBatch`. The seed generators of random layers have

@@ -198,9 +198,19 @@ class VmapEngine:
         if their loss is not finite. The seed generators of random layers are
         advanced once the last chunk has been produced.
         """
-        if unit_mask is not None:
-            unit_mask = keras.ops.convert_to_tensor(unit_mask) > 0
         to_tensor = keras.ops.convert_to_tensor
+        if unit_mask is not None:
+            unit_mask = to_tensor(unit_mask) > 0
+            rows = int(tree.flatten(x)[0].shape[0])
+            if unit_mask.shape[0] == rows and rows != num_units:
+                # A mask of the rows, with units of several rows (a user's
+                # examples): padding rows weigh 0, a unit with no row is out.
+                weight = unit_mask.to(torch.float32)
+                if sample_weight is not None:
+                    sample_weight = to_tensor(sample_weight)
+                    weight = sample_weight * weight.view(-1, *[1] * (sample_weight.ndim - 1))
+                sample_weight = weight
+                unit_mask = unit_mask.view(num_units, -1).any(dim=1)
         x, y, sample_weight = tree.map_structure(
             lambda t: None if t is None else _to_units(to_tensor(t), num_units),
             (x, y, sample_weight),
