@@ -367,6 +367,10 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
     any partial sum of `pmf` (propagated from the per-coefficient FFT rounding, amplified
     by the powers, with a safety factor of 8).
     """
+    if len(dists) == 1 and counts[0] == 1:
+        # One step: nothing to compose, and no FFT rounding (which, amplified by the tilt,
+        # would dominate a tiny delta's slack as the mesh gets finer).
+        return dists[0].pmf.copy(), dists[0].lowest(dt), 0.0
     base = sum(n * d.offset for d, n in zip(dists, counts))
     k_lo = math.floor((lo - base) / dt)
     k_hi = math.ceil((hi - base) / dt)
