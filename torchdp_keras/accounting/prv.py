@@ -106,6 +106,14 @@ class _PRVFailure(ArithmeticError):
     """The numerical composition could not certify its bounds."""
 
 
+class _TooManyPoints(_PRVFailure):
+    """The mesh needs `points` (> `_MAX_POINTS`) points: a coarser mesh would fit."""
+
+    def __init__(self, what: str, points: int) -> None:
+        super().__init__(f"the {what} privacy loss needs {points} points")
+        self.points = points
+
+
 # -- the PRV of one step ---------------------------------------------------------------------
 def _log_1mq(q: float) -> float:
     return math.log1p(-q) if q < 1 else -math.inf
@@ -201,7 +209,7 @@ def _discretise(
     b = float(_loss(x_hi, sigma, q))
     n = max(1, math.ceil((b - a) / dt))
     if n > _MAX_POINTS:
-        raise _PRVFailure(f"the discretised privacy loss needs {n} points")
+        raise _TooManyPoints("discretised", n)
 
     edges = a + dt * np.arange(n + 1, dtype=np.float64)
     x = _x_of_loss(edges, sigma, q)
@@ -266,7 +274,7 @@ def _discretise_pair(pair, dt: float, tail_mass: float) -> tuple[_Lattice, float
     b = float(pair.loss(x_hi))
     n = max(1, math.ceil((b - a) / dt))
     if n > _MAX_POINTS:
-        raise _PRVFailure(f"the discretised privacy loss needs {n} points")
+        raise _TooManyPoints("discretised", n)
 
     edges = a + dt * np.arange(n + 1, dtype=np.float64)
     x = pair.x_of_loss(edges, x_lo, x_hi)  # the last edge may be clipped to x_hi
@@ -386,7 +394,7 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
     k_hi = math.ceil((hi - base) / dt)
     m_min = k_hi - k_lo + 1
     if m_min > _MAX_POINTS:
-        raise _PRVFailure(f"the composed privacy loss needs {m_min} points")
+        raise _TooManyPoints("composed", m_min)
     m = int(sp_fft.next_fast_len(max(m_min, 16), real=True))
     log2m = math.log2(m)
 
@@ -918,8 +926,10 @@ class PRVAccountant(Accountant):
         return _PAIR_SCALE_ORDERS
 
     @staticmethod
-    def _attempts(events, delta, eps_error, delta_error, failures, pair_of=None):
-        """The bounds at a fixed `eps_error` (retried once with a wider domain), or None."""
+    def _attempts(events, delta, eps_error, delta_error, failures, pair_of=None, sizes=None):
+        """The bounds at a fixed `eps_error` (retried once with a wider domain), or None.
+
+        The point counts of meshes that were too large are appended to `sizes`."""
         for attempt in (0, 1):
             try:
                 if pair_of is None:
@@ -930,6 +940,8 @@ class PRVAccountant(Accountant):
                     )
             except Exception as err:  # any failure: retry, then the RDP bound (still valid)
                 failures.append(f"{type(err).__name__}: {err}")
+                if isinstance(err, _TooManyPoints) and sizes is not None and attempt == 0:
+                    sizes.append(err.points)
                 continue
             if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
                 lower, estimate, upper = bounds
@@ -951,7 +963,16 @@ class PRVAccountant(Accountant):
         eps_error = max(0.02, 0.05 * scale) if math.isfinite(scale) else 0.02
         best = None
         for _ in range(4):
-            found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of)
+            sizes: list[int] = []
+            found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of, sizes)
+            if found is None and best is not None and sizes:
+                # The mesh that accuracy needs is too large: the finest that fits (the number
+                # of points goes as 1 / eps_error) gives the tightest bracket within reach.
+                eps_error *= 1.25 * max(sizes) / _MAX_POINTS
+                found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of)
+                if found is not None and found[2] < best[2]:
+                    best = found
+                break
             if found is None:
                 break
             if best is None or found[2] < best[2]:
