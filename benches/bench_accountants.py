@@ -18,8 +18,9 @@ on epsilon and its wall time (construction included):
   sigma)], eps_error=0.5 * max(0.001, 1% of our estimate), delta_error=1e-3 *
   delta)`, `compute_epsilon` (upper bound).
 
-Each computation runs in a forked child with `--timeout` seconds; one that takes
-longer, fails or runs out of memory is shown as such.
+Each computation runs in a forked child of this process (the packages imported
+once, before) with `--timeout` seconds; one that takes longer, fails or runs out
+of memory is shown as such.
 
     python benches/bench_accountants.py [--timeout 60] [--quick] [--json out.json]
 """
@@ -109,6 +110,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the seed case and 4 corners")
     parser.add_argument("--json", default=None, help="write the table here")
     args = parser.parse_args(argv)
+
+    # Imported once here, so that the forked children time the computation only.
+    import dp_accounting.pld.privacy_loss_distribution  # noqa: F401
+    import prv_accountant  # noqa: F401
+
+    import torchdp_keras.accounting.prv  # noqa: F401
 
     points = [SEED] + (CORNERS[::4] if args.quick else CORNERS)
     header = (

@@ -4,12 +4,12 @@ Each step-time bench runs twice, with glibc's default allocator and with
 `--tuned-malloc` (see `_timing.py`); the memory bench runs once. Every bench
 runs in its own process. The script prints a Markdown table, writes it to
 `benches/results.md` (and every bench's raw summary to `benches/results.json`),
-then runs the fused-kernel, PRV-accountant and secure-mode benches and adds
-their rows;
-when matplotlib is installed, it draws
-`docs/benchmarks.png` (DP step / plain Keras step per bench, with targets).
+then runs the fused-kernel, PRV-accountant, accountants-grid (PRV vs PLD vs
+prv-accountant) and secure-mode benches and adds their rows; when matplotlib is
+installed, it draws `docs/benchmarks.png` (DP step / plain Keras step per bench,
+with targets).
 
-    python benches/run_all.py            # about six minutes on a 2-core CPU
+    python benches/run_all.py            # about fifteen minutes on a 2-core CPU
     python benches/run_all.py --quick    # fewer rounds
 """
 
