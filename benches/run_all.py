@@ -4,12 +4,12 @@ Each step-time bench runs twice, with glibc's default allocator and with
 `--tuned-malloc` (see `_timing.py`); the memory bench runs once. Every bench
 runs in its own process. The script prints a Markdown table, writes it to
 `benches/results.md` (and every bench's raw summary to `benches/results.json`),
-then runs the fused-kernel, PRV-accountant and secure-mode benches and adds
-their rows;
-when matplotlib is installed, it draws
-`docs/benchmarks.png` (DP step / plain Keras step per bench, with targets).
+then runs the fused-kernel, PRV-accountant, accountants-grid (PRV vs PLD vs
+prv-accountant) and secure-mode benches and adds their rows; when matplotlib is
+installed, it draws `docs/benchmarks.png` (DP step / plain Keras step per bench,
+with targets).
 
-    python benches/run_all.py            # about six minutes on a 2-core CPU
+    python benches/run_all.py            # about fifteen minutes on a 2-core CPU
     python benches/run_all.py --quick    # fewer rounds
 """
 
@@ -164,6 +164,31 @@ def prv_rows(quick):
     ]
 
 
+def accountants_rows(quick):
+    """The accountants side by side on the issue's grid corners (bench_accountants.py)."""
+    extra = ["--quick", "--timeout", "20"] if quick else []
+    summary = run("bench_accountants.py", extra, False, False)
+    if summary is None:
+        return None, [("PRV accountant vs PLD and prv-accountant", "default", None, "", "")]
+    rows = summary["rows"]
+    done = [r for r in rows if r["ours"][0] == "ok"]
+    within = sum(bool(r.get("within")) for r in done)
+    seed = rows[0]
+    ours, pld = seed["ours"], seed["pld_1e-5"]
+    detail = f"seed case: upper {ours[1][2]:.4f} in {ours[2]:.2f} s" if ours[0] == "ok" else ""
+    if pld[0] == "ok":
+        detail += f", PLD 1e-5 {pld[1]:.4f} in {pld[2]:.2f} s"
+    return summary, [
+        (
+            "PRV accountant: upper bound within max(0.001, 1%), grid corners",
+            "default",
+            f"{within}/{len(rows)}",
+            f"{len(rows)}/{len(rows)}",
+            detail,
+        )
+    ]
+
+
 def secure_rows(quick):
     extra = ["--steps", "6", "--params", str(1 << 20)] if quick else []
     summary = run("bench_secure_mode.py", extra, False, False)
@@ -284,6 +309,7 @@ def main(argv=None) -> int:
     for script, make_rows in (
         ("bench_fused_ops.py", fused_rows),
         ("bench_prv_accountant.py", prv_rows),
+        ("bench_accountants.py", accountants_rows),
         ("bench_secure_mode.py", secure_rows),
         ("bench_zoo.py", zoo_rows),
         ("bench_lipdp.py", lipdp_rows),

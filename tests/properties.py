@@ -24,7 +24,11 @@ from torchdp_keras.errors import DPError
 
 INT64_MAX = 2**63 - 1
 HUGE_INT = 10**400  # a Python int beyond float range: float(HUGE_INT) raises OverflowError
-PRV_EPS_ERROR = 0.01  # PRVAccountant's default eps_error
+
+
+def prv_error(epsilon: float) -> float:
+    """PRVAccountant's default accuracy at `epsilon`: max(0.001, 1% of epsilon)."""
+    return max(0.001, 0.01 * epsilon)
 
 
 def _settings(max_examples: int):

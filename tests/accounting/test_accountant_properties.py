@@ -13,7 +13,6 @@ from hypothesis import assume, event, example, given
 from hypothesis import strategies as st
 from properties import (  # noqa: F401
     HUGE_INT,
-    PRV_EPS_ERROR,
     _as_float,
     _assert_clean_error,
     _call,
@@ -28,6 +27,7 @@ from properties import (  # noqa: F401
     _settings,
     anything,
     maybe,
+    prv_error,
     special_floats,
 )
 
@@ -130,12 +130,12 @@ def test_accountant_epsilon_is_never_nan_and_errors_are_clean(kind, sigma, q, st
 def test_epsilon_is_monotone_in_steps_and_noise(kind, sigmas, q, steps, delta):
     low_sigma, high_sigma = sorted(sigmas)
     few, many = sorted(steps)
-    # PRV returns an upper bound at most ~2 * eps_error above the true epsilon (documented:
-    # "a little more" when float64 noise is accounted), so monotonicity holds up to that.
-    tol = 3 * PRV_EPS_ERROR if kind == "prv" else 1e-9
     eps = {
         (s, n): _epsilon(kind, s, q, n, delta) for s in (low_sigma, high_sigma) for n in (few, many)
     }
+    # PRV returns an upper bound at most about prv_error(epsilon) above the true epsilon, so
+    # monotonicity holds up to that.
+    tol = 1.1 * prv_error(max(eps.values())) if kind == "prv" else 1e-9
     for (s, n), value in eps.items():
         assert math.isfinite(value) and value >= 0, (s, n, value)
     for s in (low_sigma, high_sigma):
@@ -153,9 +153,11 @@ def test_prv_bounds_bracket_the_estimate_and_respect_rdp(sigma, q, steps):
         warnings.simplefilter("ignore", RuntimeWarning)
         lower, estimate, upper = acc.get_epsilon_bounds(1e-6)
     assert 0 <= lower <= estimate <= upper
-    assert upper - lower <= 4 * PRV_EPS_ERROR + 1e-9  # documented: about 2 * eps_error
+    # Documented: upper - lower <= prv_error(lower) (certified accuracy).
+    assert upper - lower <= prv_error(lower) + 1e-9
     # Both are upper bounds on the same epsilon, RDP the looser one (up to PRV's error).
-    assert upper <= _epsilon("rdp", sigma, q, steps, 1e-6) + 2 * PRV_EPS_ERROR
+    rdp = _epsilon("rdp", sigma, q, steps, 1e-6)
+    assert upper <= rdp + prv_error(rdp)
 
 
 @_settings(max_examples=40)

@@ -36,8 +36,8 @@ def test_get_privacy_budget_matches_accountants():
 )
 def test_calibration_round_trip(target, q, steps):
     sigma = calibrate_noise_multiplier(target, 1e-5, q, steps)
-    assert _prv(sigma, q, steps, 1e-5) <= target
-    assert _prv(sigma / 1.01, q, steps, 1e-5) > target
+    # The budget is spent to within 1% and never exceeded.
+    assert 0.99 * target <= _prv(sigma, q, steps, 1e-5) <= target
 
 
 def test_calibration_with_rdp_and_edge_cases():

@@ -233,10 +233,15 @@ def calibrate_noise_multiplier(
     *,
     tolerance: float = 0.01,
 ) -> float:
-    """The smallest noise multiplier (within `tolerance`, relative) meeting a budget.
+    """The noise multiplier that spends a budget to within `tolerance` (relative).
 
-    Guarantee: the returned sigma gives `epsilon <= target_epsilon` by the
-    chosen accountant (its upper bound), and sigma / (1 + tolerance) does not.
+    Guarantee: the returned sigma gives
+    `(1 - tolerance) * target_epsilon <= epsilon <= target_epsilon` by the
+    chosen accountant (its upper bound, so the budget is never exceeded and
+    at most 1% of it is left unspent by default). If the accountant's epsilon
+    cannot be resolved that finely (a plateau or a step in its numerical
+    bound), the search stops when sigma is pinned to 1e-6 (relative), still
+    meeting `epsilon <= target_epsilon`.
 
     Args:
         target_epsilon: The epsilon not to exceed (> 0).
@@ -244,7 +249,7 @@ def calibrate_noise_multiplier(
         sampling_probability: q of each step, in (0, 1].
         steps: Number of steps (optimizer updates).
         accountant: "prv" (default) or "rdp".
-        tolerance: Relative precision of the search (default 1%).
+        tolerance: Relative precision of the search in epsilon (default 1%).
 
     Returns:
         sigma; 0.0 when the budget is infinite or nothing is spent (q or
@@ -274,11 +279,15 @@ def calibrate_noise_multiplier(
     if math.isinf(to_float(target_epsilon)) or q == 0 or steps == 0:
         return 0.0
 
-    def fits(sigma):
-        return _epsilon_for(sigma, q, steps, delta, accountant) <= target_epsilon
+    target = to_float(target_epsilon)
+    floor = (1.0 - min(tolerance, 1.0)) * target
+
+    def epsilon(sigma):
+        return _epsilon_for(sigma, q, steps, delta, accountant)
 
     high = 1.0
-    while not fits(high):
+    eps_high = epsilon(high)
+    while not eps_high <= target:
         high *= 2.0
         if high > 1e6:
             raise DPConfigError(
@@ -286,16 +295,28 @@ def calibrate_noise_multiplier(
                 f"target_epsilon={target_epsilon}, target_delta={delta}, "
                 f"sampling_probability={q}, steps={steps}"
             )
-    low = high / 2.0
-    while low > 1e-6 and fits(low):
-        high, low = low, low / 2.0
-    # Invariant: fits(high) and not fits(low) (or low is negligible).
-    while high / low > 1.0 + tolerance:
+        eps_high = epsilon(high)
+    low, eps_low = high / 2.0, math.inf
+    while eps_high < floor and low > 1e-6:
+        eps_low = epsilon(low)
+        if eps_low > target:
+            break
+        high, eps_high, low = low, eps_low, low / 2.0
+    # Invariant: epsilon(high) <= target < epsilon(low) (or low is negligible). Regula falsi
+    # on log(epsilon) against log(sigma), guarded by bisection.
+    while eps_high < floor and high / low > 1.0 + 1e-6:
         mid = math.sqrt(high * low)
-        if fits(mid):
-            high = mid
+        if math.isfinite(eps_low) and eps_high > 0:
+            slope = math.log(eps_low / eps_high) / math.log(high / low)
+            aim = target - 0.25 * (target - floor)
+            guess = high * math.exp(-math.log(aim / eps_high) / slope)
+            if low * (high / low) ** 0.05 < guess < high / (high / low) ** 0.05:
+                mid = guess
+        eps_mid = epsilon(mid)
+        if eps_mid <= target:
+            high, eps_high = mid, eps_mid
         else:
-            low = mid
+            low, eps_low = mid, eps_mid
     return high
 
 

@@ -44,6 +44,18 @@ def check_delta(delta) -> float:
     return number
 
 
+def check_epsilon(epsilon) -> float:
+    """Returns `epsilon` as a float >= 0 (inf allowed) or raises `DPConfigError`."""
+    number = (
+        to_float(epsilon)
+        if isinstance(epsilon, numbers.Real) and not isinstance(epsilon, bool)
+        else math.nan
+    )
+    if not number >= 0:
+        raise DPConfigError(f"Expected epsilon >= 0. Received: epsilon={epsilon!r}")
+    return number
+
+
 def check_event(noise_multiplier, sampling_probability, steps) -> tuple[float, float, int]:
     """Validates one composition event and returns it normalised."""
     if (
@@ -73,8 +85,9 @@ def check_event(noise_multiplier, sampling_probability, steps) -> tuple[float, f
 class Accountant(abc.ABC):
     """Records composed DP-SGD steps and reports their (epsilon, delta) guarantee.
 
-    Subclasses set `name` and implement `_epsilon(delta)` for a non-trivial
-    history (at least one event with steps > 0, q > 0 and sigma > 0).
+    Subclasses set `name` and implement `_epsilon(events, delta)` and
+    `_delta(events, epsilon)` for a non-trivial history (at least one event
+    with steps > 0, q > 0 and sigma > 0).
 
     Example:
         >>> from torchdp_keras.accounting import RDPAccountant
@@ -144,6 +157,29 @@ class Accountant(abc.ABC):
     @abc.abstractmethod
     def _epsilon(self, events: list[tuple[float, float, int]], delta: float) -> float:
         """Epsilon of a non-trivial grouped history (sigma > 0, q > 0, steps > 0)."""
+
+    def get_delta(self, epsilon: float) -> float:
+        """The delta of everything composed so far, at `epsilon` (an upper bound).
+
+        Returns 0.0 for an empty history or an infinite epsilon, 1.0 when some
+        step had no noise.
+
+        Raises:
+            DPConfigError: `epsilon` is not a number >= 0.
+        """
+        epsilon = check_epsilon(epsilon)
+        events = self._grouped_history()
+        if not events:
+            return 0.0
+        if any(sigma == 0 for sigma, _, _ in events):
+            return 1.0
+        if math.isinf(epsilon):
+            return 0.0
+        return float(self._delta(events, epsilon))
+
+    def _delta(self, events: list[tuple[float, float, int]], epsilon: float) -> float:
+        """Delta of a non-trivial grouped history at a finite `epsilon`."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute delta")
 
     # -- state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -50,6 +50,16 @@ differential privacy"), with the same mesh and error guarantees as the
    slack must fit in `delta_error` (the package uses `delta - delta_error`
    for its upper bound), so the bounds are at least as tight as the package's.
 
+Accuracy. With a fixed `eps_error` the bracket `upper - lower` is about
+`2 * eps_error`. The default (`eps_error=None`) is relative: a coarse pass
+(`eps_error` 5% of a quick RDP bound) finds the estimate, then passes with the
+mesh that `max(ABS_ERROR, REL_ERROR * epsilon)` needs run until the certified
+bracket fits in it (at most four passes; each result is valid, the tightest is
+kept). A one-step history is not composed at all (no FFT, no rounding noise).
+For the other neighbouring relations (`pairs.MixturePair`) every direction is
+computed the same way and the largest epsilon reported; a direction whose upper
+bound is below another's lower bound is not refined.
+
 If the numerical composition fails (an exception, non-finite or inconsistent
 bounds, a domain too large for memory, or a delta so small that floating-point
 noise dominates), it is retried with a wider domain and then, as a last
@@ -73,7 +83,15 @@ from torchdp_keras.accounting import pairs as _pairs
 from torchdp_keras.accounting.base import Accountant, check_delta
 from torchdp_keras.errors import DPConfigError
 
-__all__ = ["PRVAccountant"]
+__all__ = ["ABS_ERROR", "REL_ERROR", "PRVAccountant"]
+
+# The default accuracy: the reported upper bound is at most about max(ABS_ERROR,
+# REL_ERROR * epsilon) above the true epsilon (see `PRVAccountant`).
+REL_ERROR = 0.01
+ABS_ERROR = 0.001
+# Fraction of that accuracy aimed at when sizing the mesh (the bracket comes out a little
+# wider than 2 * eps_error).
+_SAFETY = 0.9
 
 # Largest FFT length (float64 points) attempted before giving up on the PRV path.
 _MAX_POINTS = 2**25
@@ -86,6 +104,14 @@ _EPS64 = float(np.finfo(np.float64).eps)
 
 class _PRVFailure(ArithmeticError):
     """The numerical composition could not certify its bounds."""
+
+
+class _TooManyPoints(_PRVFailure):
+    """The mesh needs `points` (> `_MAX_POINTS`) points: a coarser mesh would fit."""
+
+    def __init__(self, what: str, points: int) -> None:
+        super().__init__(f"the {what} privacy loss needs {points} points")
+        self.points = points
 
 
 # -- the PRV of one step ---------------------------------------------------------------------
@@ -183,7 +209,7 @@ def _discretise(
     b = float(_loss(x_hi, sigma, q))
     n = max(1, math.ceil((b - a) / dt))
     if n > _MAX_POINTS:
-        raise _PRVFailure(f"the discretised privacy loss needs {n} points")
+        raise _TooManyPoints("discretised", n)
 
     edges = a + dt * np.arange(n + 1, dtype=np.float64)
     x = _x_of_loss(edges, sigma, q)
@@ -248,7 +274,7 @@ def _discretise_pair(pair, dt: float, tail_mass: float) -> tuple[_Lattice, float
     b = float(pair.loss(x_hi))
     n = max(1, math.ceil((b - a) / dt))
     if n > _MAX_POINTS:
-        raise _PRVFailure(f"the discretised privacy loss needs {n} points")
+        raise _TooManyPoints("discretised", n)
 
     edges = a + dt * np.arange(n + 1, dtype=np.float64)
     x = pair.x_of_loss(edges, x_lo, x_hi)  # the last edge may be clipped to x_hi
@@ -359,12 +385,16 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
     any partial sum of `pmf` (propagated from the per-coefficient FFT rounding, amplified
     by the powers, with a safety factor of 8).
     """
+    if len(dists) == 1 and counts[0] == 1:
+        # One step: nothing to compose, and no FFT rounding (which, amplified by the tilt,
+        # would dominate a tiny delta's slack as the mesh gets finer).
+        return dists[0].pmf.copy(), dists[0].lowest(dt), 0.0
     base = sum(n * d.offset for d, n in zip(dists, counts))
     k_lo = math.floor((lo - base) / dt)
     k_hi = math.ceil((hi - base) / dt)
     m_min = k_hi - k_lo + 1
     if m_min > _MAX_POINTS:
-        raise _PRVFailure(f"the composed privacy loss needs {m_min} points")
+        raise _TooManyPoints("composed", m_min)
     m = int(sp_fft.next_fast_len(max(m_min, 16), real=True))
     log2m = math.log2(m)
 
@@ -475,6 +505,17 @@ class _Delta:
             e = hi_cell if side > 0 else 0.5 * (lo_cell + hi_cell)
         return self.t0 + start * self.dt + e
 
+    def delta_at(self, e: float) -> tuple[float, float]:
+        """`(delta(e), tail)`: the curve at `e` and the mass right of `e` (its rounding scale)."""
+        i = max(0, math.floor((e - self.t0) / self.dt) + 1)
+        if i == 0 and not self.complete:
+            raise _PRVFailure("the delta query left the representable part of the window")
+        part = self.pmf[i:]
+        t = self.t0 + self.dt * np.arange(i, i + len(part), dtype=np.float64)
+        t = np.minimum(e - t, 0.0)
+        value = float(part @ -np.expm1(t))
+        return max(value, 0.0), float(np.abs(part).sum())
+
 
 # Chernoff bound for delta itself: (1 - exp(e - s))_+ <= c(l) exp(l (s - e)) for l > 0.
 _LOG_C = _LAMBDAS * np.log(_LAMBDAS) - (1 + _LAMBDAS) * np.log1p(_LAMBDAS)
@@ -486,6 +527,39 @@ def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, sh
     `fixed` is the delta slack that does not depend on the tilt (Hoeffding, truncation),
     `shift` the epsilon slack. `slack` is the total delta slack of the upper bound; the
     bounds are None when it exceeds delta / 2 (floating-point noise dominates).
+    """
+    curve, gamma, kappa = _tilted_curve(dists, counts, dt, theta, tau, support, pad)
+    # Rounding of the cumulative sums and of the exponentials (arguments below 700).
+    sum_err = (4 * len(curve.pmf) + 1400) * _EPS64 * delta
+
+    estimate = curve.solve(delta, 0)
+    ref = max(estimate, -shift) if math.isfinite(estimate) else -shift
+    slack_up = fixed + gamma(ref) * kappa + sum_err
+    if not slack_up <= 0.5 * delta:
+        return None, estimate, slack_up
+    # delta(e) <= delta - slack_up at e = e_up >= ref, so the true delta(e_up + shift) <= delta.
+    upper = max(curve.solve(delta - slack_up, +1), ref) + shift
+
+    lower = -math.inf
+    if math.isfinite(estimate):
+        step = max(shift, curve.dt)
+        ref = estimate - step
+        for _ in range(8):
+            slack_low = fixed + gamma(ref) * kappa + sum_err
+            found = curve.solve(delta + slack_low, -1)
+            if found > ref:
+                lower = found - shift
+                break
+            step *= 4
+            ref = found - step
+    return (lower, estimate, upper), estimate, slack_up
+
+
+def _tilted_curve(dists, counts, dt, theta, tau, support, pad):
+    """The delta curve of one tilted composition, back in the original scale.
+
+    Returns `(curve, gamma, kappa)`: at a point `e`, the mass outside the composed window
+    and the floating-point noise of the FFT cost at most `gamma(e) * kappa` in delta(e).
     """
     tilted, log_c = [], 0.0
     for dist, n_steps in zip(dists, counts):
@@ -519,31 +593,7 @@ def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, sh
         np.exp(scale, out=scale)
     scale *= pmf_t[cut:]
     del pmf_t
-    curve = _Delta(scale, t_cut, dt, complete=cut == 0)
-    # Rounding of the cumulative sums and of the exponentials (arguments below 700).
-    sum_err = (4 * len(scale) + 1400) * _EPS64 * delta
-
-    estimate = curve.solve(delta, 0)
-    ref = max(estimate, -shift) if math.isfinite(estimate) else -shift
-    slack_up = fixed + gamma(ref) * kappa + sum_err
-    if not slack_up <= 0.5 * delta:
-        return None, estimate, slack_up
-    # delta(e) <= delta - slack_up at e = e_up >= ref, so the true delta(e_up + shift) <= delta.
-    upper = max(curve.solve(delta - slack_up, +1), ref) + shift
-
-    lower = -math.inf
-    if math.isfinite(estimate):
-        step = max(shift, curve.dt)
-        ref = estimate - step
-        for _ in range(8):
-            slack_low = fixed + gamma(ref) * kappa + sum_err
-            found = curve.solve(delta + slack_low, -1)
-            if found > ref:
-                lower = found - shift
-                break
-            step *= 4
-            ref = found - step
-    return (lower, estimate, upper), estimate, slack_up
+    return _Delta(scale, t_cut, dt, complete=cut == 0), gamma, kappa
 
 
 def _block_size(dist: _Lattice, dt: float, n_total: int) -> int:
@@ -569,38 +619,15 @@ def _compute_bounds(
     if given, returns the `pairs.MixturePair` whose privacy loss one step has (another
     neighbouring relation); None is the add/remove pair of the module docstring.
     """
-    if delta_error < 1e-250:
-        raise _PRVFailure(f"delta_error={delta_error:.3g} is too close to float64 underflow")
-    counts = [n for _, _, n in events]
-    n_total = sum(counts)
-    dt = eps_error / math.sqrt(n_total / 2 * math.log(12 / delta_error))
-    h = eps_error
-    delta_h = math.exp(-2 * h**2 / (n_total * dt**2))  # one-sided Hoeffding: delta_error / 12
-    shrink = 1e-3**attempt
-
-    # 1. Truncate and discretise every event's PRV.
-    dists, delta_trunc, h_mean = [], 0.0, 0.0
-    for sigma, q, n_steps in events:
-        tail_mass = shrink * delta_error / (16 * n_total)
-        if pair_of is None:
-            dist, dropped, mean_error = _discretise(sigma, q, dt, tail_mass)
-        else:
-            dist, dropped, mean_error = _discretise_pair(pair_of(sigma, q), dt, tail_mass)
-        dists.append(dist)
-        delta_trunc += n_steps * dropped
-        h_mean += n_steps * mean_error
-    support = (
-        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
-        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
+    dists, counts, dt, support, fixed, shift, cgf = _prepare(
+        events, eps_error, delta_error, attempt, pair_of
     )
-    fixed = delta_h + delta_trunc
 
     # 2. Tilt by the exponent of the Chernoff bound on delta(e) <= delta, so that the FFT
     # resolves the tail around epsilon with relative (not absolute) float64 precision. If
     # that tilt is too strong (epsilon far below its Chernoff estimate), retilt at the
     # estimate found.
-    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
-    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
+    shrink = 1e-3**attempt
     with np.errstate(invalid="ignore", over="ignore"):
         guess = (cgf + _LOG_C - math.log(delta)) / _LAMBDAS
     index = int(np.nanargmin(guess))
@@ -609,7 +636,7 @@ def _compute_bounds(
     for _ in range(2):
         tau = shrink * min(1e-6, delta_error / (1e5 * delta * math.exp(min(log_ratio, 700.0))))
         found, estimate, slack = _tilted_bounds(
-            dists, counts, dt, theta, tau, support, 0.25 * attempt, delta, fixed, h + h_mean
+            dists, counts, dt, theta, tau, support, 0.25 * attempt, delta, fixed, shift
         )
         if found is not None and (bounds is None or found[2] < bounds[2]):
             bounds = found
@@ -639,6 +666,101 @@ def _compute_bounds(
     return lower, estimate, upper
 
 
+def _prepare(events, eps_error: float, delta_error: float, attempt: int, pair_of=None):
+    """Steps 1 of the module docstring: every event's PRV truncated and discretised.
+
+    Returns `(dists, counts, dt, support, fixed, shift, cgf)`: the lattice distributions,
+    their step counts, the mesh, the range of the composed loss, the delta slack that does
+    not depend on the tilt (Hoeffding and truncation), the epsilon slack (Hoeffding and
+    the discrete means) and an upper bound on the composed cumulant generating function
+    at `_LAMBDAS`. `pair_of` as in `_compute_bounds`.
+    """
+    if delta_error < 1e-250:
+        raise _PRVFailure(f"delta_error={delta_error:.3g} is too close to float64 underflow")
+    counts = [n for _, _, n in events]
+    n_total = sum(counts)
+    dt = eps_error / math.sqrt(n_total / 2 * math.log(12 / delta_error))
+    h = eps_error
+    delta_h = math.exp(-2 * h**2 / (n_total * dt**2))  # one-sided Hoeffding: delta_error / 12
+    shrink = 1e-3**attempt
+
+    # 1. Truncate and discretise every event's PRV.
+    dists, delta_trunc, h_mean = [], 0.0, 0.0
+    for sigma, q, n_steps in events:
+        tail_mass = shrink * delta_error / (16 * n_total)
+        if pair_of is None:
+            dist, dropped, mean_error = _discretise(sigma, q, dt, tail_mass)
+        else:
+            dist, dropped, mean_error = _discretise_pair(pair_of(sigma, q), dt, tail_mass)
+        dists.append(dist)
+        delta_trunc += n_steps * dropped
+        h_mean += n_steps * mean_error
+    support = (
+        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
+        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
+    )
+    fixed = delta_h + delta_trunc
+    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
+    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
+    return dists, counts, dt, support, fixed, h + h_mean, cgf
+
+
+def _compute_delta(
+    events: list[tuple[float, float, int]],
+    epsilon: float,
+    eps_error: float,
+    delta_error: float,
+    attempt: int = 0,
+    pair_of=None,
+) -> float:
+    """Certified upper bound on the delta of a non-trivial grouped history at `epsilon`.
+
+    The true delta(epsilon) is at most the composed curve at `epsilon - shift` plus the delta
+    slack (Hoeffding, truncation, window and floating-point noise): the same argument as the
+    upper bound on epsilon, read the other way. `pair_of` as in `_compute_bounds`. Raises
+    `_PRVFailure`.
+    """
+    dists, counts, dt, support, fixed, shift, cgf = _prepare(
+        events, eps_error, delta_error, attempt, pair_of
+    )
+    e = epsilon - shift
+    # Tilt by the exponent of the Chernoff bound on delta(e) (none when it is trivial).
+    with np.errstate(invalid="ignore", over="ignore"):
+        log_bound = cgf + _LOG_C - _LAMBDAS * e
+    index = int(np.nanargmin(log_bound))
+    theta, log_gamma = 0.0, 0.0
+    if log_bound[index] < 0:
+        theta, log_gamma = float(_LAMBDAS[index]), float(cgf[index] - _LAMBDAS[index] * e)
+    tau = 1e-3**attempt * min(1e-6, delta_error / (1e5 * math.exp(min(log_gamma, 700.0))))
+    curve, gamma, kappa = _tilted_curve(dists, counts, dt, theta, tau, support, 0.25 * attempt)
+    value, tail = curve.delta_at(e)
+    sum_err = (4 * len(curve.pmf) + 1400) * _EPS64 * max(tail, value)
+    bound = value + fixed + gamma(e) * kappa + sum_err
+    if not math.isfinite(bound):
+        raise _PRVFailure(f"non-finite delta bound {bound!r}")
+    return min(1.0, bound)
+
+
+def _relative_error(epsilon: float) -> float:
+    """The accuracy the default (relative) mode aims at: 1% of epsilon, at least 0.001."""
+    return max(ABS_ERROR, REL_ERROR * epsilon)
+
+
+# Integer orders only: the binomial expansion is fast, and the result only sizes the mesh.
+_SCALE_ORDERS = tuple(range(2, 65)) + (80, 96, 128, 256, 512, 1024)
+_PAIR_SCALE_ORDERS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+def _rdp(events, orders=None, neighboring: str = "add_or_remove", group_size: int = 1):
+    """An RDP accountant holding `events` (an upper bound for sizing and for the fallback)."""
+    from torchdp_keras.accounting.rdp import RDPAccountant
+
+    rdp = RDPAccountant(orders=orders, neighboring=neighboring, group_size=group_size)
+    for sigma, q, n in events:
+        rdp.compose(sigma, q, n)
+    return rdp
+
+
 def _group_pair(sigma: float, q: float, k: int, direction: str):
     return _pairs.group_pair(sigma, q, k, direction)
 
@@ -647,17 +769,20 @@ def _group_pair(sigma: float, q: float, k: int, direction: str):
 class PRVAccountant(Accountant):
     """Tight DP-SGD accountant: numerical composition of privacy random variables.
 
-    Accounts the Poisson-subsampled Gaussian mechanism (add/remove adjacency)
-    with the algorithm of Gopi, Lee and Wutschitz 2021: the PRVs of the steps
-    are discretised on a mesh fine enough for an `eps_error` guarantee and
-    composed with FFTs; histories with several different `(sigma, q)` events
-    are composed exactly (not approximated). See the module docstring for the
-    error analysis.
+    Accounts the Poisson-subsampled Gaussian mechanism (add/remove adjacency
+    by default) with the algorithm of Gopi, Lee and Wutschitz 2021: the PRVs of
+    the steps are discretised on a mesh fine enough for an `eps_error` guarantee
+    and composed with FFTs; histories with several different `(sigma, q)` events
+    are composed exactly (not approximated). By default the accuracy is relative
+    (a coarse pass, then the mesh that 1% of its estimate needs). See the module
+    docstring for the error analysis.
 
     Args:
-        eps_error: The allowed error in epsilon: `get_epsilon_bounds` returns
-            `lower <= true epsilon <= upper` with `upper - lower` about
-            `2 * eps_error`. Smaller is tighter and slower (cost ~ 1/eps_error).
+        eps_error: None (default): relative accuracy, the bounds satisfy
+            `upper - lower <= max(ABS_ERROR, REL_ERROR * lower)` (0.001 or 1%),
+            so the reported upper bound is within that of the true epsilon.
+            A number: a fixed absolute error, `upper - lower` about
+            `2 * eps_error` (cost ~ 1/eps_error).
         delta_error: The allowed error in delta; None (default) means
             `1e-3 * delta` at each query. Must be smaller than the queried delta.
         neighboring: "add_or_remove" (default) or "replace_one"; see
@@ -666,18 +791,23 @@ class PRVAccountant(Accountant):
             removing k examples at once (one user's), by the Binomial(k, q) mixture pair.
 
     Guarantee: `get_epsilon(delta)` is the upper bound, never below the true
-    epsilon of the composed history at `delta`; it is at most about
-    `2 * eps_error` above it (a little more when float64 noise has to be
-    accounted, e.g. with a tiny `delta_error`). Edge cases: 0.0 for an empty
+    epsilon of the composed history at `delta`. By default it is at most
+    `max(0.001, 1%)` above it (certified by the lower bound, after at most four
+    passes; if float64 noise keeps the bracket wider, e.g. a few steps at tiny q
+    and delta, the tightest bracket found is reported, still valid); with a fixed
+    `eps_error` at most about `2 * eps_error` above it. `get_delta(epsilon)` is a
+    certified upper bound on delta, with the same accuracy in epsilon. Edge cases: 0.0 for an empty
     history or `q = 0`, inf if some step had `noise_multiplier = 0`. If the
     numerical composition fails (an epsilon so large, typically hundreds, that
     the mesh needs more than 2**25 points, or float64 noise dominating delta),
     a warning is issued and the RDP accountant's upper bound (looser, still
     valid) is reported instead.
 
-    Cost: about `width / dt` points, `width` the spread of the composed loss
-    (e.g. 0.5 s for 100,000 steps at q=0.005, sigma=0.8, delta=1e-6, where
-    `prv_accountant` takes ~30 s).
+    Cost: about `width / dt` points, `width` the spread of the composed loss and
+    `dt` proportional to the accuracy over `sqrt(steps)` (e.g. 0.5 s for 100,000
+    steps at q=0.005, sigma=0.8, delta=1e-6 with `eps_error=0.01`, where
+    `prv_accountant` takes ~30 s; about 0.7 s for TF Privacy's 500,000 steps at
+    q=4e-5, epsilon 0.086, to 1%; `benches/bench_accountants.py` has the grid).
 
     Example:
         >>> acc = PRVAccountant()
@@ -693,14 +823,16 @@ class PRVAccountant(Accountant):
 
     def __init__(
         self,
-        eps_error: float = 0.01,
+        eps_error: float | None = None,
         delta_error: float | None = None,
         *,
         neighboring: str = "add_or_remove",
         group_size: int = 1,
     ) -> None:
         super().__init__(neighboring=neighboring, group_size=group_size)
-        self.eps_error = check_positive(eps_error, "eps_error")
+        if eps_error is not None:
+            eps_error = check_positive(eps_error, "eps_error")
+        self.eps_error = eps_error
         if delta_error is not None:
             delta_error = check_positive(delta_error, "delta_error")
             if delta_error >= 1:
@@ -744,17 +876,28 @@ class PRVAccountant(Accountant):
             return self._cache[key]
         failures: list[str] = []
         result: tuple[float, float, float] | None = None
+        scale = None
+        if self.eps_error is None:
+            scale = self._rdp_of(events, self._sizing_orders()).get_epsilon(delta)
         for pair_of in self._pair_functions():
             # Each direction of the relation: the true epsilon is the largest of theirs.
-            found = self._bounds_of(events, delta, delta_error, pair_of, failures)
+            if scale is None:
+                found = self._attempts(
+                    events, delta, self.eps_error, delta_error, failures, pair_of
+                )
+            else:
+                # Only the largest epsilon needs the accuracy: a direction whose upper bound
+                # is below the lower bound found so far is not refined.
+                floor = 0.0 if result is None else result[0]
+                found = self._relative_bounds(
+                    events, delta, delta_error, failures, pair_of, scale, floor
+                )
             if found is None:
                 result = None
                 break
             result = found if result is None else tuple(max(a, b) for a, b in zip(result, found))
         if result is None:  # not cached: every such query warns
-            return self._rdp_fallback(
-                events, delta, failures, neighboring=self.neighboring, group_size=self.group_size
-            )
+            return self._rdp_fallback(events, delta, failures)
         if len(self._cache) >= 16:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = result
@@ -771,34 +914,129 @@ class PRVAccountant(Accountant):
             for direction in ("remove", "add")
         ]
 
-    def _bounds_of(self, events, delta, delta_error, pair_of, failures):
+    def _rdp_of(self, events, orders=None):
+        """An RDP accountant for the same relation holding `events`."""
+        return _rdp(events, orders, self.neighboring, self.group_size)
+
+    def _sizing_orders(self) -> tuple:
+        """RDP orders for the quick bound that sizes the first mesh (few for the pairs,
+        whose RDP is a quadrature per order)."""
+        if self.neighboring == "add_or_remove" and self.group_size == 1:
+            return _SCALE_ORDERS
+        return _PAIR_SCALE_ORDERS
+
+    @staticmethod
+    def _attempts(events, delta, eps_error, delta_error, failures, pair_of=None, sizes=None):
+        """The bounds at a fixed `eps_error` (retried once with a wider domain), or None.
+
+        The point counts of meshes that were too large are appended to `sizes`."""
         for attempt in (0, 1):
             try:
                 if pair_of is None:
-                    bounds = _compute_bounds(events, delta, self.eps_error, delta_error, attempt)
+                    bounds = _compute_bounds(events, delta, eps_error, delta_error, attempt)
                 else:
                     bounds = _compute_bounds(
-                        events, delta, self.eps_error, delta_error, attempt, pair_of=pair_of
+                        events, delta, eps_error, delta_error, attempt, pair_of=pair_of
                     )
             except Exception as err:  # any failure: retry, then the RDP bound (still valid)
                 failures.append(f"{type(err).__name__}: {err}")
+                if isinstance(err, _TooManyPoints) and sizes is not None and attempt == 0:
+                    sizes.append(err.points)
                 continue
             if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
                 lower, estimate, upper = bounds
-                return (float(lower), float(estimate), float(upper))
+                return float(lower), float(estimate), float(upper)
             failures.append(f"inconsistent bounds {bounds!r}")
         return None
 
-    @staticmethod
-    def _rdp_fallback(
-        events, delta, failures, neighboring="add_or_remove", group_size=1
-    ) -> tuple[float, float, float]:
-        from torchdp_keras.accounting.rdp import RDPAccountant
+    def _relative_bounds(self, events, delta, delta_error, failures, pair_of, scale, floor):
+        """Bounds with `upper - lower <= max(ABS_ERROR, REL_ERROR * lower)` (certified).
 
-        rdp = RDPAccountant(neighboring=neighboring, group_size=group_size)
-        for sigma, q, n in events:
-            rdp.compose(sigma, q, n)
-        eps = float(rdp.get_epsilon(delta))
+        A coarse first pass (its `eps_error` sized from `scale`, a quick RDP bound, so that
+        it costs a few percent of the second) finds the estimate; the second pass uses the
+        mesh that accuracy needs, and a third refines if the slack came out larger than
+        planned. Each pass is a certified result, the tightest is kept; a refinement that
+        fails keeps the coarser (valid) bounds. A direction whose upper bound is at most
+        `floor` (the lower bound of another direction, which decides the maximum) stops
+        there; one above it aims at the accuracy of the larger of the two.
+        """
+        eps_error = max(0.02, 0.05 * scale) if math.isfinite(scale) else 0.02
+        best = None
+        for _ in range(4):
+            sizes: list[int] = []
+            found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of, sizes)
+            if found is None and best is not None and sizes:
+                # The mesh that accuracy needs is too large: the finest that fits (the number
+                # of points goes as 1 / eps_error) gives the tightest bracket within reach.
+                eps_error *= 1.25 * max(sizes) / _MAX_POINTS
+                found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of)
+                if found is not None and found[2] < best[2]:
+                    best = found
+                break
+            if found is None:
+                break
+            if best is None or found[2] < best[2]:
+                best = found
+            lower, estimate, upper = found
+            # Certified: the true epsilon is at least `lower`, so `upper` is within the
+            # accuracy of it when the whole bracket is.
+            if upper <= floor or upper - lower <= _relative_error(max(lower, floor)):
+                break
+            # Sized on the estimate (a coarse pass may leave lower at 0), at least 4x finer.
+            aim = _relative_error(max(estimate, floor))
+            eps_error *= min(0.25, _SAFETY * aim / (upper - lower))
+        return best
+
+    # -- delta -------------------------------------------------------------------------------
+    def _delta(self, events, epsilon):
+        """Certified upper bound on delta at `epsilon`; in the default (relative) mode the
+        mesh is sized for an epsilon accuracy of `max(ABS_ERROR, REL_ERROR * epsilon)`.
+        With several directions (groups) the largest of their deltas."""
+        eps_error = self.eps_error
+        if eps_error is None:
+            eps_error = 0.5 * _SAFETY * _relative_error(epsilon)
+        rdp_delta = self._rdp_of(events, self._sizing_orders()).get_delta(epsilon)
+        failures: list[str] = []
+        worst = 0.0
+        for pair_of in self._pair_functions():
+            scale, best = rdp_delta, math.inf
+            for _ in range(3):
+                delta_error = 1e-3 * scale if self.delta_error is None else self.delta_error
+                found = None
+                for attempt in (0, 1):
+                    try:
+                        found = _compute_delta(
+                            events, epsilon, eps_error, delta_error, attempt, pair_of
+                        )
+                        break
+                    except Exception as err:  # any failure: retry, then the RDP bound
+                        failures.append(f"{type(err).__name__}: {err}")
+                if found is None:
+                    break
+                best = min(best, found)
+                # delta_error only sets the accuracy: refine when it was sized for a larger
+                # delta.
+                if self.delta_error is not None or found >= 0.1 * scale or found == 0:
+                    break
+                scale = found
+            if not math.isfinite(best):
+                worst = math.inf
+                break
+            worst = max(worst, best)
+        if math.isfinite(worst):
+            return worst
+        warnings.warn(
+            "The PRV computation failed ("
+            + "; ".join(failures)
+            + f"); reporting the RDP upper bound delta={rdp_delta:.6g} instead (looser, "
+            "still valid).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return rdp_delta
+
+    def _rdp_fallback(self, events, delta, failures) -> tuple[float, float, float]:
+        eps = float(self._rdp_of(events).get_epsilon(delta))
         warnings.warn(
             "The PRV computation failed ("
             + "; ".join(failures)

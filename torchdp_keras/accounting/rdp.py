@@ -32,7 +32,7 @@ import numpy as np
 from scipy import special
 
 from torchdp_keras._validation import to_float
-from torchdp_keras.accounting.base import Accountant, check_delta
+from torchdp_keras.accounting.base import Accountant, check_delta, check_epsilon
 from torchdp_keras.errors import DPConfigError
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(
@@ -394,6 +394,16 @@ class RDPAccountant(Accountant):
             return math.inf
         return float(self.get_epsilon_and_order(delta)[0])
 
+    def get_delta(self, epsilon: float) -> float:
+        """The delta at `epsilon` of everything composed so far (pure-DP mechanisms
+        included), by the same conversion as `get_epsilon` (`rdp_to_delta`)."""
+        if not self._pure:
+            return super().get_delta(epsilon)
+        epsilon = check_epsilon(epsilon)
+        if any(sigma == 0 for sigma, _, _ in self._grouped_history()):
+            return 1.0
+        return rdp_to_delta(self.get_rdp(), self.orders, epsilon, self.conversion)[0]
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self._pure:
@@ -417,3 +427,6 @@ class RDPAccountant(Accountant):
 
     def _epsilon(self, events, delta):
         return self.get_epsilon_and_order(delta)[0]
+
+    def _delta(self, events, epsilon):
+        return rdp_to_delta(self.get_rdp(), self.orders, epsilon, self.conversion)[0]

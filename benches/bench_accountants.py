@@ -1,0 +1,178 @@
+"""Accountants side by side: our PRVAccountant, dp_accounting's PLD, the prv-accountant package.
+
+On the corners of the issue's grid (q in {1e-5, 0.5}, sigma in {0.5, 20}, steps in
+{1, 10^6}, delta in {1e-10, 1e-3}) plus TF Privacy's seed case (q = 4e-5,
+sigma = 1.2, 500,000 steps, delta = 1e-5), each contender gets a fresh
+accountant for one Poisson-subsampled Gaussian event and reports its upper bound
+on epsilon and its wall time (construction included):
+
+* ours: `torchdp_keras.accounting.PRVAccountant()` (default: relative accuracy),
+  `get_epsilon_bounds(delta)`; its certified lower bound shows how far the upper
+  bound can be from the exact epsilon: `err/tol` = (upper - lower) /
+  max(0.001, 1% of lower) <= 1 means the target is met (a PRV failure that falls
+  back to the RDP bound is shown as `rdp`);
+* PLD 1e-4 / 1e-5: `privacy_loss_distribution.from_gaussian_mechanism(sigma,
+  sampling_prob=q, value_discretization_interval=...)` (pessimistic, connect
+  the dots), `self_compose(steps)`, `get_epsilon_for_delta(delta)`;
+* prv_accountant: `PRVAccountant(prvs=[PoissonSubsampledGaussianMechanism(q,
+  sigma)], eps_error=0.5 * max(0.001, 1% of our estimate), delta_error=1e-3 *
+  delta)`, `compute_epsilon` (upper bound).
+
+Each computation runs in a forked child of this process (the packages imported
+once, before) with `--timeout` seconds; one that takes longer, fails or runs out
+of memory is shown as such.
+
+    python benches/bench_accountants.py [--timeout 60] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _timing import write_summary  # noqa: E402
+
+SEED = (4e-5, 1.2, 500_000, 1e-5)
+CORNERS = list(itertools.product((1e-5, 0.5), (0.5, 20.0), (1, 1_000_000), (1e-10, 1e-3)))
+
+
+def ours(q, sigma, steps, delta):
+    from torchdp_keras.accounting.prv import PRVAccountant
+
+    accountant = PRVAccountant()
+    accountant.compose(sigma, q, steps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bounds = accountant.get_epsilon_bounds(delta)
+    fallback = any("RDP upper bound" in str(w.message) for w in caught)
+    return (*bounds, fallback)
+
+
+def pld(q, sigma, steps, delta, interval):
+    from dp_accounting.pld import privacy_loss_distribution
+
+    logging.disable(logging.WARNING)
+    loss = privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, sampling_prob=q, value_discretization_interval=interval
+    )
+    return float(loss.self_compose(steps).get_epsilon_for_delta(delta))
+
+
+def package(q, sigma, steps, delta, eps_error):
+    from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
+
+    accountant = PRVAccountant(
+        prvs=[PoissonSubsampledGaussianMechanism(q, sigma)],
+        max_self_compositions=[steps],
+        eps_error=eps_error,
+        delta_error=1e-3 * delta,
+    )
+    return float(accountant.compute_epsilon(delta=delta, num_self_compositions=[steps])[2])
+
+
+def _child(conn, fun, args):
+    try:
+        start = time.perf_counter()
+        value = fun(*args)
+        conn.send(("ok", value, time.perf_counter() - start))
+    except BaseException as err:  # reported, not raised: the table goes on
+        conn.send(("failed", f"{type(err).__name__}: {str(err)[:80]}", None))
+
+
+def timed(fun, args, timeout):
+    """`(status, value, seconds)` of `fun(*args)` in a forked child."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fun, args))
+    proc.start()
+    if parent.poll(timeout):
+        result = parent.recv()
+        proc.join()
+        return result
+    proc.kill()
+    proc.join()
+    return "timeout", None, None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per computation")
+    parser.add_argument("--quick", action="store_true", help="the seed case and 4 corners")
+    parser.add_argument("--json", default=None, help="write the table here")
+    args = parser.parse_args(argv)
+
+    # Imported once here, so that the forked children time the computation only.
+    import dp_accounting.pld.privacy_loss_distribution  # noqa: F401
+    import prv_accountant  # noqa: F401
+
+    import torchdp_keras.accounting.prv  # noqa: F401
+
+    points = [SEED] + (CORNERS[::4] if args.quick else CORNERS)
+    header = (
+        f"{'q':>7} {'sigma':>5} {'steps':>7} {'delta':>6} | {'ours upper':>10} {'err/tol':>7} "
+        f"{'s':>6} | {'PLD 1e-4':>9} {'s':>6} | {'PLD 1e-5':>9} {'s':>6} | "
+        f"{'prv_acc':>9} {'s':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for q, sigma, steps, delta in points:
+        row: dict = {"q": q, "sigma": sigma, "steps": steps, "delta": delta}
+        status, value, seconds = timed(ours, (q, sigma, steps, delta), args.timeout)
+        row["ours"] = [status, value, seconds]
+        eps_error = 0.005
+        if status == "ok" and value[3]:
+            row["ours"][0] = status = "rdp"
+        if status == "ok":
+            lower, estimate, upper, _ = value
+            eps_error = 0.5 * max(0.001, 0.01 * estimate)
+            row["within"] = upper - lower <= max(0.001, 0.01 * lower) * (1 + 1e-9)
+        for name, fun, extra in (
+            ("pld_1e-4", pld, (1e-4,)),
+            ("pld_1e-5", pld, (1e-5,)),
+            ("prv_accountant", package, (eps_error,)),
+        ):
+            row[name] = list(timed(fun, (q, sigma, steps, delta, *extra), args.timeout))
+        rows.append(row)
+
+        def show(entry, width=9):
+            status, value, seconds = entry
+            if status not in ("ok", "rdp"):
+                return f"{status:>{width}} {'':>6}"
+            value = value[2] if isinstance(value, tuple) else value
+            return f"{value:>{width}.5g} {seconds:>6.2f}"
+
+        over = ""
+        if row["ours"][0] == "ok":
+            lower, _, upper, _ = row["ours"][1]
+            over = f"{(upper - lower) / max(0.001, 0.01 * lower):7.2f}"
+        elif row["ours"][0] == "rdp":
+            over = "rdp"
+        print(
+            f"{q:>7.2g} {sigma:>5.3g} {steps:>7} {delta:>6.0e} | {show(row['ours'], 10)[:10]} "
+            f"{over:>7} {show(row['ours'])[-6:]} | {show(row['pld_1e-4'])} | "
+            f"{show(row['pld_1e-5'])} | {show(row['prv_accountant'])}",
+            flush=True,
+        )
+    print(
+        "err/tol: (upper - lower) / max(0.001, 1% of lower) of ours, a certified bound on how "
+        "far its upper bound is above the exact epsilon, in units of the target (<= 1 meets it)"
+    )
+    summary = {"rows": rows, "timeout": args.timeout}
+    if args.json:
+        write_summary(args.json, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
