@@ -213,19 +213,10 @@ def _discretise(
 
     edges = a + dt * np.arange(n + 1, dtype=np.float64)
     x = _x_of_loss(edges, sigma, q)
-    # Cell masses from the CDF below the median and the survival function above it: no
-    # catastrophic cancellation in either tail.
     x_med = _solve_bracketed(lambda v: _log_cdf_x(v, sigma, q) - _log_sf_x(v, sigma, q), 0.0, 1.0)
-    split = int(np.clip(np.searchsorted(x, x_med), 0, n))
-    pmf = np.empty(n, dtype=np.float64)
-    pmf[:split] = np.diff(_cdf_x(x[: split + 1], sigma, q))
-    pmf[split:] = -np.diff(_sf_x(x[split:], sigma, q))
-    np.maximum(pmf, 0.0, out=pmf)
-    outside = float(_cdf_x(x[:1], sigma, q)[0] + _sf_x(x[-1:], sigma, q)[0])
-    inside = float(pmf.sum())
-    if not (inside > 0.5 and abs(inside + outside - 1.0) < 1e-9):
-        raise _PRVFailure("the discretised privacy loss does not have unit mass")
-    pmf /= inside
+    pmf, outside = _cell_masses(
+        x, x_med, lambda v: _cdf_x(v, sigma, q), lambda v: _sf_x(v, sigma, q)
+    )
 
     # Continuous mean of the truncated PRV (integral over the noise value) and the shift that
     # makes the discrete mean equal to it.
@@ -239,6 +230,46 @@ def _discretise(
         return float(_loss(v, sigma, q)) * density
 
     points = [p for p in (0.0, 0.5, 1.0) if lo_int < p < hi_int]
+    return _mean_preserving(pmf, outside, a, b, dt, integrand, lo_int, hi_int, points)
+
+
+def _cell_masses(x: np.ndarray, x_med: float, cdf, sf) -> tuple[np.ndarray, float]:
+    """Masses of the cells between the edges `x` (renormalised) and the mass outside them.
+
+    From the CDF below the median `x_med` and the survival function above it: no
+    catastrophic cancellation in either tail.
+    """
+    n = len(x) - 1
+    split = int(np.clip(np.searchsorted(x, x_med), 0, n))
+    pmf = np.empty(n, dtype=np.float64)
+    pmf[:split] = np.diff(cdf(x[: split + 1]))
+    pmf[split:] = -np.diff(sf(x[split:]))
+    np.maximum(pmf, 0.0, out=pmf)
+    outside = float(cdf(x[:1])[0] + sf(x[-1:])[0])
+    inside = float(pmf.sum())
+    if not (inside > 0.5 and abs(inside + outside - 1.0) < 1e-9):
+        raise _PRVFailure("the discretised privacy loss does not have unit mass")
+    pmf /= inside
+    return pmf, outside
+
+
+def _mean_preserving(
+    pmf: np.ndarray,
+    outside: float,
+    a: float,
+    b: float,
+    dt: float,
+    integrand,
+    lo_int,
+    hi_int,
+    points,
+) -> tuple[_Lattice, float, float]:
+    """The lattice of `pmf` on cells `a + k dt`, shifted so that its mean is the continuous one.
+
+    The continuous mean of the truncated loss is `integrand`'s integral over the noise
+    value; returns the lattice, the mass outside, and a bound on the mean's error.
+    """
+    n = len(pmf)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", integrate.IntegrationWarning)
         integral, abserr = integrate.quad(
@@ -280,16 +311,7 @@ def _discretise_pair(pair, dt: float, tail_mass: float) -> tuple[_Lattice, float
     x = pair.x_of_loss(edges, x_lo, x_hi)  # the last edge may be clipped to x_hi
     x[0] = x_lo
     x_med = _solve_bracketed(lambda v: pair.log_cdf(v) - pair.log_sf(v), p_lo - 1.0, p_hi + 1.0)
-    split = int(np.clip(np.searchsorted(x, x_med), 0, n))
-    pmf = np.empty(n, dtype=np.float64)
-    pmf[:split] = np.diff(pair.cdf(x[: split + 1]))
-    pmf[split:] = -np.diff(pair.sf(x[split:]))
-    np.maximum(pmf, 0.0, out=pmf)
-    outside = float(pair.cdf(x[:1])[0] + pair.sf(x[-1:])[0])
-    inside = float(pmf.sum())
-    if not (inside > 0.5 and abs(inside + outside - 1.0) < 1e-9):
-        raise _PRVFailure("the discretised privacy loss does not have unit mass")
-    pmf /= inside
+    pmf, outside = _cell_masses(x, x_med, pair.cdf, pair.sf)
 
     lo_int = max(float(x[0]), p_lo - 40.0 * sigma - 1.0)
     hi_int = min(float(x[-1]), p_hi + 40.0 * sigma + 1.0)
@@ -299,20 +321,7 @@ def _discretise_pair(pair, dt: float, tail_mass: float) -> tuple[_Lattice, float
 
     means = np.unique(np.concatenate([pair.p_mu, pair.q_mu, 0.5 * pair.p_mu, 0.5 * pair.q_mu]))
     points = [float(p) for p in means if lo_int < p < hi_int]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", integrate.IntegrationWarning)
-        integral, abserr = integrate.quad(
-            integrand, lo_int, hi_int, points=points or None, epsabs=0.0, epsrel=1e-13, limit=500
-        )
-    mean_c = integral / (1.0 - outside)
-    mean_index = float(pmf @ np.arange(n, dtype=np.float64))
-    shift = mean_c - (a + (mean_index + 0.5) * dt)
-    mean_error = abserr / (1.0 - outside) + 8 * _EPS64 * (abs(a) + abs(b) + 1.0)
-    if not (math.isfinite(shift) and abs(shift) <= dt):
-        raise _PRVFailure("the discrete mean differs from the continuous mean")
-    centre = int(np.clip(round(mean_index), 0, n - 1))
-    lattice = _Lattice(pmf=pmf, centre=centre, offset=a + (centre + 0.5) * dt + shift)
-    return lattice, outside, mean_error
+    return _mean_preserving(pmf, outside, a, b, dt, integrand, lo_int, hi_int, points)
 
 
 def _tilt(dist: _Lattice, theta: float, dt: float) -> tuple[_Lattice, float]:
