@@ -55,7 +55,10 @@ from torchdp_keras.ops import clip_factors
 from torchdp_keras.per_example.engine import ClippedBatch
 from torchdp_keras.per_example.keras_patches import per_example_call_context
 from torchdp_keras.per_example.layout import layout_preserving_forward, layout_preserving_ops
-from torchdp_keras.per_example.loss_weights import broadcast_example_weights
+from torchdp_keras.per_example.loss_weights import (
+    broadcast_example_weights,
+    masked_example_weights,
+)
 from torchdp_keras.per_example.memory import BUDGET_KEY, StepBudget
 from torchdp_keras.per_example.registry import LayerRegistry
 from torchdp_keras.per_example.rules.base import (
@@ -797,7 +800,6 @@ def _exclude_rows(x, y, sample_weight, keep: torch.Tensor):
     (padding, or a non-finite example) reaches the forward pass; their zero
     weight and masked gradients then remove them exactly.
     """
-    to_tensor = keras.ops.convert_to_tensor
     real = torch.nonzero(keep).flatten()
     if real.numel():
         x, y = tree.map_structure(
@@ -808,11 +810,7 @@ def _exclude_rows(x, y, sample_weight, keep: torch.Tensor):
             ),
             (x, y),
         )
-    weights = keep.to(torch.float32)
-    if sample_weight is not None:
-        sample_weight = to_tensor(sample_weight)
-        weights = sample_weight * weights.view(-1, *[1] * (sample_weight.ndim - 1))
-    return x, y, weights
+    return x, y, masked_example_weights(sample_weight, keep)
 
 
 def describe_slow_layers(engine: FastEngine) -> str | None:

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+import keras
 import torch
 from keras import tree
+
+
+def masked_example_weights(sample_weight, keep: torch.Tensor) -> torch.Tensor:
+    """The sample weights with the rows where `keep` is False at weight 0.
+
+    Args:
+        sample_weight: The batch's sample weights (any shape with the batch
+            axis first), or None (every row weight 1).
+        keep: A `(B,)` boolean mask of the rows that count.
+    """
+    weights = keep.to(torch.float32)
+    if sample_weight is None:
+        return weights
+    sample_weight = keras.ops.convert_to_tensor(sample_weight)
+    return sample_weight * weights.view(-1, *[1] * (sample_weight.ndim - 1))
 
 
 def broadcast_example_weights(sample_weight, y_pred):

@@ -30,7 +30,10 @@ from torchdp_keras.model_walk import data_updated_state_error, seed_state_ids
 from torchdp_keras.ops import clipped_sum_and_norms
 from torchdp_keras.per_example.engine import ClippedBatch
 from torchdp_keras.per_example.keras_patches import per_example_call_context
-from torchdp_keras.per_example.loss_weights import broadcast_example_weights
+from torchdp_keras.per_example.loss_weights import (
+    broadcast_example_weights,
+    masked_example_weights,
+)
 
 # Per-unit gradients held at once, in elements (256 MiB of float32).
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 26
@@ -205,11 +208,7 @@ class VmapEngine:
             if unit_mask.shape[0] == rows and rows != num_units:
                 # A mask of the rows, with units of several rows (a user's
                 # examples): padding rows weigh 0, a unit with no row is out.
-                weight = unit_mask.to(torch.float32)
-                if sample_weight is not None:
-                    sample_weight = to_tensor(sample_weight)
-                    weight = sample_weight * weight.view(-1, *[1] * (sample_weight.ndim - 1))
-                sample_weight = weight
+                sample_weight = masked_example_weights(sample_weight, unit_mask)
                 unit_mask = unit_mask.view(num_units, -1).any(dim=1)
         x, y, sample_weight = tree.map_structure(
             lambda t: None if t is None else _to_units(to_tensor(t), num_units),
