@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize, special
 
+from torchdp_keras.accounting import discretise
 from torchdp_keras.accounting import prv as prv_module
 from torchdp_keras.accounting.prv import PRVAccountant
 from torchdp_keras.accounting.rdp import RDPAccountant
@@ -272,10 +273,26 @@ def test_fallback_on_inconsistent_bounds(monkeypatch, bad):
         assert acc.get_epsilon(1e-5) == rdp_epsilon([(1.0, 0.01, 500)], 1e-5)
 
 
-def test_fallback_when_the_domain_does_not_fit(monkeypatch):
-    # The real detection path: the discretised PRV needs more points than allowed.
-    monkeypatch.setattr(prv_module, "_MAX_POINTS", 1000)
+def test_a_lattice_too_large_for_memory_starts_coarser(monkeypatch):
+    # The relative mode sizes its lattice for the accuracy; when that lattice needs more
+    # points than allowed it composes a coarser one: a looser bound, still valid.
+    exact = PRVAccountant()
+    exact.compose(1.0, 0.01, 500)
+    reference = exact.get_epsilon(1e-5)
+    monkeypatch.setattr(discretise, "MAX_POINTS", 1000)
     acc = PRVAccountant()
+    acc.compose(1.0, 0.01, 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eps = acc.get_epsilon(1e-5)
+    assert reference <= eps < rdp_epsilon([(1.0, 0.01, 500)], 1e-5)
+
+
+@pytest.mark.parametrize("eps_error", [None, 0.01])
+def test_fallback_when_the_domain_does_not_fit(monkeypatch, eps_error):
+    # The real detection path: even the coarsest lattice needs more points than allowed.
+    monkeypatch.setattr(discretise, "MAX_POINTS", 4)
+    acc = PRVAccountant(eps_error=eps_error)
     acc.compose(1.0, 0.01, 500)
     with pytest.warns(RuntimeWarning, match="PRV computation failed.*points"):
         eps = acc.get_epsilon(1e-5)
@@ -286,11 +303,11 @@ def test_retry_with_a_wider_domain(monkeypatch):
     calls = []
     original = prv_module._compute_bounds
 
-    def first_fails(events, delta, eps_error, delta_error, attempt=0):
+    def first_fails(events, delta, eps_error, delta_error, attempt=0, **kwargs):
         calls.append(attempt)
         if attempt == 0:
             raise prv_module._PRVFailure("simulated")
-        return original(events, delta, eps_error, delta_error, attempt)
+        return original(events, delta, eps_error, delta_error, attempt, **kwargs)
 
     monkeypatch.setattr(prv_module, "_compute_bounds", first_fails)
     with warnings.catch_warnings():

@@ -134,7 +134,7 @@ class MixturePair:
         )
 
     def log_pdf(self, x, which: str = "p") -> np.ndarray:
-        logw, mu = (self.p_logw, self.p_mu) if which == "p" else (self.q_logw, self.q_mu)
+        logw, mu = self._mixture(which)
         x = np.asarray(x, dtype=np.float64)[..., None]
         z = (x - mu) / self.sigma
         return _lse(logw - 0.5 * z * z) - math.log(self.sigma * math.sqrt(2 * math.pi))
@@ -153,15 +153,31 @@ class MixturePair:
                 break
         return 0.5 * (a + b)
 
-    def cdf(self, x) -> np.ndarray:
-        """P(X <= x) for X ~ P (accurate in the lower tail)."""
-        x = np.asarray(x, dtype=np.float64)[..., None]
-        return np.sum(np.exp(self.p_logw) * special.ndtr((x - self.p_mu) / self.sigma), axis=-1)
+    def _mixture(self, which: str) -> tuple[np.ndarray, np.ndarray]:
+        return (self.p_logw, self.p_mu) if which == "p" else (self.q_logw, self.q_mu)
 
-    def sf(self, x) -> np.ndarray:
-        """P(X > x) for X ~ P (accurate in the upper tail)."""
+    def cdf(self, x, which: str = "p") -> np.ndarray:
+        """P(X <= x) for X ~ P (or Q: `which="q"`), accurate in the lower tail."""
+        logw, mu = self._mixture(which)
         x = np.asarray(x, dtype=np.float64)[..., None]
-        return np.sum(np.exp(self.p_logw) * special.ndtr((self.p_mu - x) / self.sigma), axis=-1)
+        return np.sum(np.exp(logw) * special.ndtr((x - mu) / self.sigma), axis=-1)
+
+    def sf(self, x, which: str = "p") -> np.ndarray:
+        """P(X > x) for X ~ P (or Q: `which="q"`), accurate in the upper tail."""
+        logw, mu = self._mixture(which)
+        x = np.asarray(x, dtype=np.float64)[..., None]
+        return np.sum(np.exp(logw) * special.ndtr((mu - x) / self.sigma), axis=-1)
+
+    def tails(self, x: float, which: str = "p") -> tuple[float, float]:
+        """`(cdf, sf)` at one point, each computed directly (pure Python: fast for scalars)."""
+        logw, mu = self._mixture(which)
+        scale = self.sigma * math.sqrt(2.0)
+        low = high = 0.0
+        for lw, m in zip(logw.tolist(), mu.tolist()):
+            w = math.exp(lw)
+            low += w * 0.5 * math.erfc((m - x) / scale)
+            high += w * 0.5 * math.erfc((x - m) / scale)
+        return low, high
 
     def log_cdf(self, x: float) -> float:
         return float(
@@ -209,6 +225,87 @@ class MixturePair:
         weights = np.exp(logs - top)
         integral = float(np.sum(weights) - 0.5 * (weights[0] + weights[-1])) * (fine[1] - fine[0])
         return (top + math.log(integral)) / (alpha - 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RemovePair:
+    """The add/remove pair of one example, `((1-q) N(0) + q N(1), N(0))`, noise std sigma.
+
+    The same pair as `group_pair(sigma, q, 1, "remove")`, with closed forms for the loss's
+    inverse and the mixture's tails (the accountants' default, so the fast one).
+    """
+
+    sigma: float
+    q: float
+
+    @property
+    def span(self) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    def _log_1mq(self) -> float:
+        return math.log1p(-self.q) if self.q < 1 else -math.inf
+
+    def loss(self, x) -> np.ndarray:
+        """`log(1 - q + q exp((2x - 1) / (2 sigma^2)))`."""
+        x = np.asarray(x, dtype=np.float64)
+        return np.logaddexp(
+            self._log_1mq(), math.log(self.q) + (2.0 * x - 1.0) / (2 * self.sigma**2)
+        )
+
+    def x_of_loss(self, t, lo: float, hi: float) -> np.ndarray:
+        """The noise value whose loss is `t`, clipped to `[lo, hi]` (no cancellation)."""
+        t = np.asarray(t, dtype=np.float64)
+        if self.q == 1:
+            z = t
+        else:
+            # exp(t) - (1 - q) = (1 - q) expm1(r) with r = t - log(1 - q) >= 0.
+            r = t - math.log1p(-self.q)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                log_expm1 = np.where(
+                    r > 1.0, r + np.log1p(-np.exp(-np.maximum(r, 1.0))), np.log(np.expm1(r))
+                )
+            log_expm1 = np.where(r > 0, log_expm1, -np.inf)
+            z = math.log1p(-self.q) - math.log(self.q) + log_expm1
+        return np.clip(self.sigma**2 * z + 0.5, lo, hi)
+
+    def log_pdf(self, x, which: str = "p") -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        base = -0.5 * (x / self.sigma) ** 2 - math.log(self.sigma * math.sqrt(2 * math.pi))
+        if which != "p":
+            return base
+        one = -0.5 * ((x - 1.0) / self.sigma) ** 2 - math.log(self.sigma * math.sqrt(2 * math.pi))
+        return np.logaddexp(self._log_1mq() + base, math.log(self.q) + one)
+
+    def cdf(self, x, which: str = "p") -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        zero = special.ndtr(x / self.sigma)
+        if which != "p":
+            return zero
+        return (1 - self.q) * zero + self.q * special.ndtr((x - 1) / self.sigma)
+
+    def sf(self, x, which: str = "p") -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        zero = special.ndtr(-x / self.sigma)
+        if which != "p":
+            return zero
+        return (1 - self.q) * zero + self.q * special.ndtr((1 - x) / self.sigma)
+
+    def tails(self, x: float, which: str = "p") -> tuple[float, float]:
+        """`(cdf, sf)` at one point, each computed directly (pure Python: fast for scalars)."""
+        scale = self.sigma * math.sqrt(2.0)
+        low, high = 0.5 * math.erfc(-x / scale), 0.5 * math.erfc(x / scale)
+        if which != "p":
+            return low, high
+        low1, high1 = 0.5 * math.erfc((1.0 - x) / scale), 0.5 * math.erfc((x - 1.0) / scale)
+        return (1 - self.q) * low + self.q * low1, (1 - self.q) * high + self.q * high1
+
+    def log_cdf(self, x: float) -> float:
+        low = self._log_1mq() + special.log_ndtr(x / self.sigma)
+        return float(np.logaddexp(low, math.log(self.q) + special.log_ndtr((x - 1) / self.sigma)))
+
+    def log_sf(self, x: float) -> float:
+        low = self._log_1mq() + special.log_ndtr(-x / self.sigma)
+        return float(np.logaddexp(low, math.log(self.q) + special.log_ndtr((1 - x) / self.sigma)))
 
 
 def subsampled_gaussian_pair(sigma: float, q: float, neighboring: str, direction: str = "remove"):

@@ -1,64 +1,71 @@
 """PRV accounting: numerical composition of privacy random variables (numpy/scipy only).
 
 The privacy random variable (PRV) of one DP-SGD step is the privacy loss
-`Y = log(mu(X) / mu_0(X))` with `X ~ mu`, where `mu_0 = N(0, sigma^2)` and
-`mu = (1 - q) N(0, sigma^2) + q N(1, sigma^2)` (Poisson sampling with rate `q`,
-Gaussian noise of std `sigma` relative to the clipping norm, add/remove
-adjacency; the same PRV as `prv_accountant.PoissonSubsampledGaussianMechanism`,
-the "remove" pair that dominates DP-SGD). For a history of `N_j` steps of
-events `(sigma_j, q_j)`, the composed loss is `S = sum of independent copies`
-and the mechanism is (epsilon, delta)-DP with
-`delta(epsilon) = E[(1 - exp(epsilon - S))_+]`.
+`Y = log(P(X) / Q(X))` with `X ~ P` for a dominating pair `(P, Q)` of the step:
+by default `P = (1 - q) N(0, sigma^2) + q N(1, sigma^2)`, `Q = N(0, sigma^2)`
+(Poisson sampling with rate `q`, Gaussian noise of std `sigma` relative to the
+clipping norm, add/remove adjacency; the "remove" pair, which dominates DP-SGD;
+`pairs` has the others). For a history of `N_j` steps of events `(sigma_j, q_j)`
+the composed loss is `S = sum of independent copies` and the mechanism is
+(epsilon, delta)-DP with `delta(epsilon) = E[(1 - exp(epsilon - S))_+]`.
 
-The algorithm follows Gopi, Lee and Wutschitz 2021 ("Numerical composition of
-differential privacy"), with the same mesh and error guarantees as the
-`prv_accountant` package, but a faster and more robust implementation:
+Two algorithms share the composition below.
 
-1. Truncation. Each `Y_j` is restricted to `[a_j, b_j]`, exact quantiles of its
+**Default (relative accuracy): dominating and dominated lattice pairs.**
+Each step's loss is put on the lattice `k * dt` by connect-the-dots
+(`discretise.connect_the_dots`, Doroshenko et al. 2022): a lattice pair that
+*dominates* the step, so its composition gives an upper bound on delta(epsilon)
+with no margin (only the truncated tails and the numerical slack below are
+added). Its error shrinks as `dt^2`, so `dt` does not have to shrink with the
+number of steps. The lattice starts from the `dt` that the requested accuracy
+needs by a variance estimate, and is halved (nested lattices: the upper bound
+can only decrease) until the last halving moved it by less than half the
+accuracy. `get_epsilon_bounds` also composes the *dominated* pair of merged
+cells (`discretise.merged_cells`) for a certified lower bound, on a lattice
+refined until its rounding loses less than a quarter of the accuracy.
+
+**Fixed `eps_error` (as the `prv_accountant` package and Opacus):** Gopi, Lee
+and Wutschitz 2021 ("Numerical composition of differential privacy"): the
+mean-preserving discretisation on the mesh
+`dt = eps_error / sqrt(N / 2 * log(12 / delta_error))`; by Hoeffding the
+discretised sum stays within `h = eps_error` of the continuous one except with
+probability `delta_error / 12` per side, so the bounds carry that margin
+(`upper - lower` about `2 * eps_error`).
+
+The composition, common to both:
+
+1. Truncation. Each loss is restricted to `[a_j, b_j]`, exact quantiles of its
    closed-form distribution, leaving a mass `tau_j` outside; by a coupling the
-   composition changes delta by at most `delta_trunc = sum_j N_j tau_j`.
-2. Mean-preserving discretisation on the mesh
-   `dt = eps_error / sqrt(N / 2 * log(12 / delta_error))` (cell masses from the
-   mixture CDF in float64 with no cancellation in the tails, and the grid
-   shifted so that the discrete and continuous means agree). By Hoeffding the
-   discretised sum stays within `h = eps_error` of the continuous one except
-   with probability `delta_h = exp(-2 h^2 / (N dt^2)) = delta_error / 12`
-   per side.
-3. Exponential tilting. The discrete PRVs are tilted by `exp(theta y)`, with
-   `theta` the exponent of the Chernoff bound on `delta(e)` at the requested
-   delta, so that the composed tail around epsilon carries most of the tilted
-   mass: float64 then resolves delta with relative (not absolute) precision,
-   which keeps small deltas (1e-10 ... 1e-50) accurate. The computed pmf is
-   tilted back exactly (`log E[exp(theta S)]` is known).
-4. Composition in the Fourier domain on an FFT-friendly length
+   composition changes delta by at most `delta_trunc = sum_j N_j tau_j` (the
+   merged cells truncate nothing).
+2. Exponential tilting. The lattice distributions are tilted by
+   `exp(theta y)`, with `theta` the exponent of the Chernoff bound on
+   `delta(e)` at the requested delta, so that the composed tail around epsilon
+   carries most of the tilted mass: float64 then resolves delta with relative
+   (not absolute) precision, which keeps small deltas (1e-10 ... 1e-50)
+   accurate. The computed pmf is tilted back exactly.
+3. Composition in the Fourier domain on an FFT-friendly length
    (`scipy.fft.next_fast_len`): one `rfft` per distinct event, the `N_j`
    self-compositions as the pointwise power `exp(N_j log F_j)` (only where it
    does not underflow), different events multiplied (exact heterogeneous
    composition), one `irfft`.
-5. The window of the circular convolution comes from Chernoff bounds computed
-   from the (tilted) discrete distributions themselves (block cumulant
+4. The window of the circular convolution comes from Chernoff bounds computed
+   from the (tilted) lattice distributions themselves (block cumulant
    generating functions plus Hoeffding's lemma inside each block), so the mass
    outside it, `tau` per side, is certified rather than guessed. At a point
    `e`, that mass and the floating-point noise of the FFT (propagated from the
    per-coefficient rounding through the powers, by Parseval, with a safety
    factor of 8) cost at most `gamma(e) * (2 tau + noise)` in delta, where
    `gamma(e) = E[exp(theta S)] exp(-theta e)`.
-6. Epsilon bounds: with `slack = delta_h + delta_trunc + gamma * (2 tau +
-   noise)`, the upper bound solves `delta_computed(e) = delta - slack` and adds
-   `h`; the lower bound solves `delta_computed(e) = delta + slack` and
-   subtracts `h`; the estimate solves `delta_computed(e) = delta`. The total
-   slack must fit in `delta_error` (the package uses `delta - delta_error`
-   for its upper bound), so the bounds are at least as tight as the package's.
+5. Epsilon bounds: with `slack = delta_trunc + gamma * (2 tau + noise)` (plus
+   the Hoeffding terms in the fixed mode), the upper bound solves
+   `delta_computed(e) = delta - slack` (and adds `h`); the lower bound solves
+   `delta_computed(e) = delta + slack` (and subtracts `h`); the estimate solves
+   `delta_computed(e) = delta`. The total slack must fit in `delta_error`.
 
-Accuracy. With a fixed `eps_error` the bracket `upper - lower` is about
-`2 * eps_error`. The default (`eps_error=None`) is relative: a coarse pass
-(`eps_error` 5% of a quick RDP bound) finds the estimate, then passes with the
-mesh that `max(ABS_ERROR, REL_ERROR * epsilon)` needs run until the certified
-bracket fits in it (at most four passes; each result is valid, the tightest is
-kept). A one-step history is not composed at all (no FFT, no rounding noise).
-For the other neighbouring relations (`pairs.MixturePair`) every direction is
-computed the same way and the largest epsilon reported; a direction whose upper
-bound is below another's lower bound is not refined.
+A one-step history is not composed at all (no FFT, no rounding noise). For the
+other neighbouring relations (`pairs.MixturePair`) every direction is computed
+the same way and the largest epsilon reported.
 
 If the numerical composition fails (an exception, non-finite or inconsistent
 bounds, a domain too large for memory, or a delta so small that floating-point
@@ -69,18 +76,21 @@ of the RDP accountant for the same history.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import warnings
 
 import numpy as np
 from scipy import fft as sp_fft
-from scipy import integrate, optimize, special
+from scipy import special
 
 from torchdp_keras._validation import check_positive
+from torchdp_keras.accounting import discretise as _discretise
 from torchdp_keras.accounting import pairs as _pairs
 from torchdp_keras.accounting.base import Accountant, check_delta
+from torchdp_keras.accounting.discretise import Lattice as _Lattice
+from torchdp_keras.accounting.discretise import PRVFailure as _PRVFailure
+from torchdp_keras.accounting.discretise import TooManyPoints as _TooManyPoints
 from torchdp_keras.errors import DPConfigError
 
 __all__ = ["ABS_ERROR", "REL_ERROR", "PRVAccountant"]
@@ -89,12 +99,9 @@ __all__ = ["ABS_ERROR", "REL_ERROR", "PRVAccountant"]
 # REL_ERROR * epsilon) above the true epsilon (see `PRVAccountant`).
 REL_ERROR = 0.01
 ABS_ERROR = 0.001
-# Fraction of that accuracy aimed at when sizing the mesh (the bracket comes out a little
-# wider than 2 * eps_error).
+# Fraction of that accuracy aimed at when sizing a mesh.
 _SAFETY = 0.9
 
-# Largest FFT length (float64 points) attempted before giving up on the PRV path.
-_MAX_POINTS = 2**25
 # exp() of anything below this is 0 in float64 (with a margin).
 _LOG_UNDERFLOW = -760.0
 # Chernoff exponents tried when sizing the composed window.
@@ -102,228 +109,7 @@ _LAMBDAS = np.geomspace(1e-4, 1e5, 97)
 _EPS64 = float(np.finfo(np.float64).eps)
 
 
-class _PRVFailure(ArithmeticError):
-    """The numerical composition could not certify its bounds."""
-
-
-class _TooManyPoints(_PRVFailure):
-    """The mesh needs `points` (> `_MAX_POINTS`) points: a coarser mesh would fit."""
-
-    def __init__(self, what: str, points: int) -> None:
-        super().__init__(f"the {what} privacy loss needs {points} points")
-        self.points = points
-
-
-# -- the PRV of one step ---------------------------------------------------------------------
-def _log_1mq(q: float) -> float:
-    return math.log1p(-q) if q < 1 else -math.inf
-
-
-def _loss(x, sigma: float, q: float):
-    """Privacy loss `log(1 - q + q exp((2x - 1) / (2 sigma^2)))` at the noise value x."""
-    return np.logaddexp(_log_1mq(q), math.log(q) + (2.0 * np.asarray(x) - 1.0) / (2 * sigma**2))
-
-
-def _x_of_loss(t: np.ndarray, sigma: float, q: float) -> np.ndarray:
-    """Inverse of `_loss`: the noise value whose privacy loss is `t` (-inf at the bottom)."""
-    if q == 1:
-        z = t
-    else:
-        # exp(t) - (1 - q) = (1 - q) expm1(r) with r = t - log(1 - q) >= 0; no cancellation.
-        r = t - math.log1p(-q)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            log_expm1 = np.where(
-                r > 1.0, r + np.log1p(-np.exp(-np.maximum(r, 1.0))), np.log(np.expm1(r))
-            )
-        log_expm1 = np.where(r > 0, log_expm1, -np.inf)
-        z = math.log1p(-q) - math.log(q) + log_expm1
-    return sigma**2 * z + 0.5
-
-
-def _cdf_x(x: np.ndarray, sigma: float, q: float) -> np.ndarray:
-    """P(X <= x) under the mixture (accurate in the lower tail)."""
-    return (1 - q) * special.ndtr(x / sigma) + q * special.ndtr((x - 1) / sigma)
-
-
-def _sf_x(x: np.ndarray, sigma: float, q: float) -> np.ndarray:
-    """P(X > x) under the mixture (accurate in the upper tail)."""
-    return (1 - q) * special.ndtr(-x / sigma) + q * special.ndtr((1 - x) / sigma)
-
-
-def _log_cdf_x(x: float, sigma: float, q: float) -> float:
-    low = _log_1mq(q) + special.log_ndtr(x / sigma)
-    return float(np.logaddexp(low, math.log(q) + special.log_ndtr((x - 1) / sigma)))
-
-
-def _log_sf_x(x: float, sigma: float, q: float) -> float:
-    low = _log_1mq(q) + special.log_ndtr(-x / sigma)
-    return float(np.logaddexp(low, math.log(q) + special.log_ndtr((1 - x) / sigma)))
-
-
-def _solve_bracketed(fun, lo: float, hi: float) -> float:
-    """Root of an increasing or decreasing `fun` known to lie in [lo, hi] (up to rounding)."""
-    pad = 1e-9 * (1.0 + abs(lo) + abs(hi))
-    lo, hi = lo - pad, hi + pad
-    flo, fhi = fun(lo), fun(hi)
-    if flo == 0:
-        return lo
-    if fhi == 0:
-        return hi
-    if not (math.isfinite(flo) and math.isfinite(fhi)) or (flo > 0) == (fhi > 0):
-        raise _PRVFailure("could not bracket a quantile of the privacy loss")
-    return float(optimize.brentq(fun, lo, hi, xtol=1e-13, rtol=4 * _EPS64, maxiter=200))
-
-
-@dataclasses.dataclass
-class _Lattice:
-    """A distribution on a lattice: `pmf[k]` sits at `offset + (k - centre) * dt`."""
-
-    pmf: np.ndarray
-    centre: int
-    offset: float
-
-    def lowest(self, dt: float) -> float:
-        return self.offset - self.centre * dt
-
-    def highest(self, dt: float) -> float:
-        return self.offset + (len(self.pmf) - 1 - self.centre) * dt
-
-
-def _discretise(
-    sigma: float, q: float, dt: float, tail_mass: float
-) -> tuple[_Lattice, float, float]:
-    """Mean-preserving cell-centred discretisation of one step's PRV.
-
-    Drops the mass `tail_mass` (half on each side) outside the discretised range and
-    renormalises. Returns the lattice distribution, the mass actually dropped, and a
-    bound on the difference between its mean and the continuous truncated mean.
-    """
-    half = 0.5 * tail_mass
-    u0 = -float(special.ndtri(half))  # standard-normal upper quantile of `half`
-    log_half = math.log(half)
-    x_lo = _solve_bracketed(
-        lambda x: _log_cdf_x(x, sigma, q) - log_half, -sigma * u0, -sigma * u0 + 1
-    )
-    x_hi = _solve_bracketed(lambda x: _log_sf_x(x, sigma, q) - log_half, sigma * u0, sigma * u0 + 1)
-    a = float(_loss(x_lo, sigma, q))
-    b = float(_loss(x_hi, sigma, q))
-    n = max(1, math.ceil((b - a) / dt))
-    if n > _MAX_POINTS:
-        raise _TooManyPoints("discretised", n)
-
-    edges = a + dt * np.arange(n + 1, dtype=np.float64)
-    x = _x_of_loss(edges, sigma, q)
-    x_med = _solve_bracketed(lambda v: _log_cdf_x(v, sigma, q) - _log_sf_x(v, sigma, q), 0.0, 1.0)
-    pmf, outside = _cell_masses(
-        x, x_med, lambda v: _cdf_x(v, sigma, q), lambda v: _sf_x(v, sigma, q)
-    )
-
-    # Continuous mean of the truncated PRV (integral over the noise value) and the shift that
-    # makes the discrete mean equal to it.
-    lo_int = max(float(x[0]), -40.0 * sigma - 1.0)
-    hi_int = min(float(x[-1]), 40.0 * sigma + 2.0)
-    norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
-
-    def integrand(v):
-        zero, one = v / sigma, (v - 1) / sigma
-        density = norm * ((1 - q) * math.exp(-0.5 * zero**2) + q * math.exp(-0.5 * one**2))
-        return float(_loss(v, sigma, q)) * density
-
-    points = [p for p in (0.0, 0.5, 1.0) if lo_int < p < hi_int]
-    return _mean_preserving(pmf, outside, a, b, dt, integrand, lo_int, hi_int, points)
-
-
-def _cell_masses(x: np.ndarray, x_med: float, cdf, sf) -> tuple[np.ndarray, float]:
-    """Masses of the cells between the edges `x` (renormalised) and the mass outside them.
-
-    From the CDF below the median `x_med` and the survival function above it: no
-    catastrophic cancellation in either tail.
-    """
-    n = len(x) - 1
-    split = int(np.clip(np.searchsorted(x, x_med), 0, n))
-    pmf = np.empty(n, dtype=np.float64)
-    pmf[:split] = np.diff(cdf(x[: split + 1]))
-    pmf[split:] = -np.diff(sf(x[split:]))
-    np.maximum(pmf, 0.0, out=pmf)
-    outside = float(cdf(x[:1])[0] + sf(x[-1:])[0])
-    inside = float(pmf.sum())
-    if not (inside > 0.5 and abs(inside + outside - 1.0) < 1e-9):
-        raise _PRVFailure("the discretised privacy loss does not have unit mass")
-    pmf /= inside
-    return pmf, outside
-
-
-def _mean_preserving(
-    pmf: np.ndarray,
-    outside: float,
-    a: float,
-    b: float,
-    dt: float,
-    integrand,
-    lo_int,
-    hi_int,
-    points,
-) -> tuple[_Lattice, float, float]:
-    """The lattice of `pmf` on cells `a + k dt`, shifted so that its mean is the continuous one.
-
-    The continuous mean of the truncated loss is `integrand`'s integral over the noise
-    value; returns the lattice, the mass outside, and a bound on the mean's error.
-    """
-    n = len(pmf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", integrate.IntegrationWarning)
-        integral, abserr = integrate.quad(
-            integrand, lo_int, hi_int, points=points or None, epsabs=0.0, epsrel=1e-13, limit=500
-        )
-    mean_c = integral / (1.0 - outside)
-    mean_index = float(pmf @ np.arange(n, dtype=np.float64))  # mean is a + (that + 1/2) dt
-    shift = mean_c - (a + (mean_index + 0.5) * dt)
-    mean_error = abserr / (1.0 - outside) + 8 * _EPS64 * (abs(a) + abs(b) + 1.0)
-    if not (math.isfinite(shift) and abs(shift) <= dt):
-        raise _PRVFailure("the discrete mean differs from the continuous mean")
-    centre = int(np.clip(round(mean_index), 0, n - 1))
-    lattice = _Lattice(pmf=pmf, centre=centre, offset=a + (centre + 0.5) * dt + shift)
-    return lattice, outside, mean_error
-
-
-def _discretise_pair(pair, dt: float, tail_mass: float) -> tuple[_Lattice, float, float]:
-    """`_discretise` for the privacy loss of a `pairs.MixturePair` (other neighbouring
-    relations, groups): the same truncation, mean-preserving discretisation and guarantees,
-    with the pair's mixture CDFs and a bisection for the inverse of its increasing loss."""
-    sigma = pair.sigma
-    half = 0.5 * tail_mass
-    u0 = -float(special.ndtri(half))
-    log_half = math.log(half)
-    p_lo, p_hi = float(pair.p_mu.min()), float(pair.p_mu.max())
-    x_lo = _solve_bracketed(
-        lambda x: pair.log_cdf(x) - log_half, p_lo - sigma * u0 - 0.5, p_hi - sigma * u0 + 0.5
-    )
-    x_hi = _solve_bracketed(
-        lambda x: pair.log_sf(x) - log_half, p_lo + sigma * u0 - 0.5, p_hi + sigma * u0 + 0.5
-    )
-    a = float(pair.loss(x_lo))
-    b = float(pair.loss(x_hi))
-    n = max(1, math.ceil((b - a) / dt))
-    if n > _MAX_POINTS:
-        raise _TooManyPoints("discretised", n)
-
-    edges = a + dt * np.arange(n + 1, dtype=np.float64)
-    x = pair.x_of_loss(edges, x_lo, x_hi)  # the last edge may be clipped to x_hi
-    x[0] = x_lo
-    x_med = _solve_bracketed(lambda v: pair.log_cdf(v) - pair.log_sf(v), p_lo - 1.0, p_hi + 1.0)
-    pmf, outside = _cell_masses(x, x_med, pair.cdf, pair.sf)
-
-    lo_int = max(float(x[0]), p_lo - 40.0 * sigma - 1.0)
-    hi_int = min(float(x[-1]), p_hi + 40.0 * sigma + 1.0)
-
-    def integrand(v):
-        return float(pair.loss(v) * math.exp(float(pair.log_pdf(v))))
-
-    means = np.unique(np.concatenate([pair.p_mu, pair.q_mu, 0.5 * pair.p_mu, 0.5 * pair.q_mu]))
-    points = [float(p) for p in means if lo_int < p < hi_int]
-    return _mean_preserving(pmf, outside, a, b, dt, integrand, lo_int, hi_int, points)
-
-
+# -- composition of lattice distributions ------------------------------------------------------
 def _tilt(dist: _Lattice, theta: float, dt: float) -> tuple[_Lattice, float]:
     """The exponentially tilted distribution `pmf * exp(theta * value) / Z` and `log Z`."""
     rel = np.arange(len(dist.pmf), dtype=np.float64) - dist.centre
@@ -402,7 +188,7 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
     k_lo = math.floor((lo - base) / dt)
     k_hi = math.ceil((hi - base) / dt)
     m_min = k_hi - k_lo + 1
-    if m_min > _MAX_POINTS:
+    if m_min > _discretise.MAX_POINTS:
         raise _TooManyPoints("composed", m_min)
     m = int(sp_fft.next_fast_len(max(m_min, 16), real=True))
     log2m = math.log2(m)
@@ -531,11 +317,12 @@ _LOG_C = _LAMBDAS * np.log(_LAMBDAS) - (1 + _LAMBDAS) * np.log1p(_LAMBDAS)
 
 
 def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, shift):
-    """Bounds from one tilted composition: `(bounds or None, estimate, slack)`.
+    """Bounds from one tilted composition: `(bounds or None, estimate, slack, window)`.
 
     `fixed` is the delta slack that does not depend on the tilt (Hoeffding, truncation),
-    `shift` the epsilon slack. `slack` is the total delta slack of the upper bound; the
-    bounds are None when it exceeds delta / 2 (floating-point noise dominates).
+    `shift` the epsilon slack. `slack` is the total delta slack of the upper bound, and
+    `window` the part of it that the mass outside the composed window costs; the bounds are
+    None when the slack exceeds delta / 2 (floating-point noise dominates).
     """
     curve, gamma, kappa = _tilted_curve(dists, counts, dt, theta, tau, support, pad)
     # Rounding of the cumulative sums and of the exponentials (arguments below 700).
@@ -544,8 +331,9 @@ def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, sh
     estimate = curve.solve(delta, 0)
     ref = max(estimate, -shift) if math.isfinite(estimate) else -shift
     slack_up = fixed + gamma(ref) * kappa + sum_err
+    window = gamma(ref) * 2 * tau
     if not slack_up <= 0.5 * delta:
-        return None, estimate, slack_up
+        return None, estimate, slack_up, window
     # delta(e) <= delta - slack_up at e = e_up >= ref, so the true delta(e_up + shift) <= delta.
     upper = max(curve.solve(delta - slack_up, +1), ref) + shift
 
@@ -561,7 +349,7 @@ def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, sh
                 break
             step *= 4
             ref = found - step
-    return (lower, estimate, upper), estimate, slack_up
+    return (lower, estimate, upper), estimate, slack_up, window
 
 
 def _tilted_curve(dists, counts, dt, theta, tau, support, pad):
@@ -613,26 +401,23 @@ def _block_size(dist: _Lattice, dt: float, n_total: int) -> int:
     return max(1, int(min(math.sqrt(0.08 / n_total), 0.05 * std) / dt))
 
 
-def _compute_bounds(
-    events: list[tuple[float, float, int]],
-    delta: float,
-    eps_error: float,
-    delta_error: float,
-    attempt: int = 0,
-    pair_of=None,
-) -> tuple[float, float, float]:
-    """(lower, estimate, upper) epsilon of a non-trivial grouped history, or `_PRVFailure`.
+# -- bounds from one set of lattice distributions ----------------------------------------------
+def _bounds_of(dists, counts, dt, delta, delta_error, fixed, shift, attempt):
+    """(lower, estimate, upper) epsilon of the composed lattice distributions at `delta`.
 
-    `attempt > 0` gives every tail a 1000x smaller mass (a wider, more conservative
-    domain) and pads the composed window by a quarter on each side. `pair_of(sigma, q)`,
-    if given, returns the `pairs.MixturePair` whose privacy loss one step has (another
-    neighbouring relation); None is the add/remove pair of the module docstring.
+    `fixed` is the delta slack that does not depend on the tilt (truncation, Hoeffding),
+    `shift` the epsilon slack; `attempt > 0` pads the composed window by a quarter on each
+    side and certifies 1000x smaller window tails.
     """
-    dists, counts, dt, support, fixed, shift, cgf = _prepare(
-        events, eps_error, delta_error, attempt, pair_of
+    n_total = sum(counts)
+    support = (
+        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
+        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
     )
+    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
+    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
 
-    # 2. Tilt by the exponent of the Chernoff bound on delta(e) <= delta, so that the FFT
+    # Tilt by the exponent of the Chernoff bound on delta(e) <= delta, so that the FFT
     # resolves the tail around epsilon with relative (not absolute) float64 precision. If
     # that tilt is too strong (epsilon far below its Chernoff estimate), retilt at the
     # estimate found.
@@ -642,15 +427,26 @@ def _compute_bounds(
     index = int(np.nanargmin(guess))
     theta, log_ratio = float(_LAMBDAS[index]), float(-_LOG_C[index])
     bounds = None
-    for _ in range(2):
-        tau = shrink * min(1e-6, delta_error / (1e5 * delta * math.exp(min(log_ratio, 700.0))))
-        found, estimate, slack = _tilted_bounds(
+    slack = math.inf
+    narrow = 1.0  # the window's tails: made smaller when they dominate the slack
+    for _ in range(3):
+        tau = (
+            narrow
+            * shrink
+            * min(1e-6, delta_error / (1e5 * delta * math.exp(min(log_ratio, 700.0))))
+        )
+        found, estimate, slack, window = _tilted_bounds(
             dists, counts, dt, theta, tau, support, 0.25 * attempt, delta, fixed, shift
         )
         if found is not None and (bounds is None or found[2] < bounds[2]):
             bounds = found
         if found is not None and slack <= delta_error:
             break
+        if window > 0.5 * slack and narrow == 1.0:
+            # The Chernoff estimate of the tilted tails was loose: a wider window (its
+            # width grows as log(1 / tau) only) at the same tilt.
+            narrow = 1e-8
+            continue
         # The slack does not fit in delta_error: retilt at the estimate found (the tilt that
         # minimises gamma there), keeping the tighter of the two results.
         if not math.isfinite(estimate):
@@ -675,62 +471,100 @@ def _compute_bounds(
     return lower, estimate, upper
 
 
-def _prepare(events, eps_error: float, delta_error: float, attempt: int, pair_of=None):
-    """Steps 1 of the module docstring: every event's PRV truncated and discretised.
+# The three ways of putting the steps on a lattice (`discretise`): "hoeffding" (mesh =
+# eps_error, fixed accuracy), "upper" (connect the dots, mesh = dt) and "lower" (merged
+# cells, mesh = dt).
+_KINDS = ("hoeffding", "upper", "lower")
 
-    Returns `(dists, counts, dt, support, fixed, shift, cgf)`: the lattice distributions,
-    their step counts, the mesh, the range of the composed loss, the delta slack that does
-    not depend on the tilt (Hoeffding and truncation), the epsilon slack (Hoeffding and
-    the discrete means) and an upper bound on the composed cumulant generating function
-    at `_LAMBDAS`. `pair_of` as in `_compute_bounds`.
+
+def _tail_mass(delta_error: float, n_total: int, attempt: int) -> float:
+    return 1e-3**attempt * delta_error / (16 * n_total)
+
+
+def _prepare(events, kind: str, mesh: float, delta_error: float, attempt: int, pair_of, budget=0.0):
+    """Every event's loss on the lattice of `kind`.
+
+    Returns `(dists, counts, dt, fixed, shift)`: the lattice distributions, their step
+    counts, the lattice spacing, the delta slack that does not depend on the tilt
+    (truncation, and Hoeffding for "hoeffding") and the epsilon slack (Hoeffding and the
+    discrete means; 0 for the lattice pairs, which bound the truth without a margin).
+    `budget` is the mean loss per step that the rounding of "lower" may lose.
     """
     if delta_error < 1e-250:
         raise _PRVFailure(f"delta_error={delta_error:.3g} is too close to float64 underflow")
     counts = [n for _, _, n in events]
     n_total = sum(counts)
-    dt = eps_error / math.sqrt(n_total / 2 * math.log(12 / delta_error))
-    h = eps_error
-    delta_h = math.exp(-2 * h**2 / (n_total * dt**2))  # one-sided Hoeffding: delta_error / 12
-    shrink = 1e-3**attempt
-
-    # 1. Truncate and discretise every event's PRV.
-    dists, delta_trunc, h_mean = [], 0.0, 0.0
+    tail_mass = _tail_mass(delta_error, n_total, attempt)
+    dists, dropped_total, shift, fixed = [], 0.0, 0.0, 0.0
+    if kind == "hoeffding":
+        eps_error = mesh
+        dt = eps_error / math.sqrt(n_total / 2 * math.log(12 / delta_error))
+        # One-sided Hoeffding: the discretised sum stays within eps_error of the continuous
+        # one except with probability delta_error / 12.
+        fixed = math.exp(-2 * eps_error**2 / (n_total * dt**2))
+        shift = eps_error
+    else:
+        dt = mesh
     for sigma, q, n_steps in events:
-        tail_mass = shrink * delta_error / (16 * n_total)
-        if pair_of is None:
-            dist, dropped, mean_error = _discretise(sigma, q, dt, tail_mass)
+        pair = pair_of(sigma, q)
+        if kind == "hoeffding":
+            dist, dropped, mean_error = _discretise.mean_preserving(pair, dt, tail_mass)
+            shift += n_steps * mean_error
+        elif kind == "upper":
+            dist, dropped = _discretise.connect_the_dots(pair, dt, tail_mass)
         else:
-            dist, dropped, mean_error = _discretise_pair(pair_of(sigma, q), dt, tail_mass)
+            dist, _ = _discretise.merged_cells(pair, dt, tail_mass, budget)
+            dropped = 0.0  # nothing truncated
         dists.append(dist)
-        delta_trunc += n_steps * dropped
-        h_mean += n_steps * mean_error
-    support = (
-        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
-        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
+        dropped_total += n_steps * dropped
+    return dists, counts, dt, fixed + dropped_total, shift
+
+
+def _compute_bounds(
+    events: list[tuple[float, float, int]],
+    delta: float,
+    mesh: float,
+    delta_error: float,
+    attempt: int = 0,
+    pair_of=_pairs.RemovePair,
+    kind: str = "hoeffding",
+    budget: float = 0.0,
+) -> tuple[float, float, float]:
+    """(lower, estimate, upper) epsilon of a non-trivial grouped history, or `_PRVFailure`.
+
+    `kind` and `mesh` as in `_prepare`; for "upper" only the estimate and the upper bound
+    are bounds of the truth, for "lower" only the lower bound. `attempt > 0` gives every
+    tail a 1000x smaller mass (a wider, more conservative domain). `pair_of(sigma, q)`
+    returns the dominating pair of one step (`pairs`); `budget` as in `_prepare`.
+    """
+    dists, counts, dt, fixed, shift = _prepare(
+        events, kind, mesh, delta_error, attempt, pair_of, budget
     )
-    fixed = delta_h + delta_trunc
-    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
-    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
-    return dists, counts, dt, support, fixed, h + h_mean, cgf
+    return _bounds_of(dists, counts, dt, delta, delta_error, fixed, shift, attempt)
 
 
 def _compute_delta(
     events: list[tuple[float, float, int]],
     epsilon: float,
-    eps_error: float,
+    mesh: float,
     delta_error: float,
     attempt: int = 0,
-    pair_of=None,
+    pair_of=_pairs.RemovePair,
+    kind: str = "upper",
 ) -> float:
     """Certified upper bound on the delta of a non-trivial grouped history at `epsilon`.
 
     The true delta(epsilon) is at most the composed curve at `epsilon - shift` plus the delta
-    slack (Hoeffding, truncation, window and floating-point noise): the same argument as the
-    upper bound on epsilon, read the other way. `pair_of` as in `_compute_bounds`. Raises
-    `_PRVFailure`.
+    slack (truncation, window and floating-point noise, and Hoeffding for "hoeffding"): the
+    argument of the upper bound on epsilon, read the other way. Raises `_PRVFailure`.
     """
-    dists, counts, dt, support, fixed, shift, cgf = _prepare(
-        events, eps_error, delta_error, attempt, pair_of
+    dists, counts, dt, fixed, shift = _prepare(events, kind, mesh, delta_error, attempt, pair_of)
+    n_total = sum(counts)
+    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
+    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
+    support = (
+        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
+        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
     )
     e = epsilon - shift
     # Tilt by the exponent of the Chernoff bound on delta(e) (none when it is trivial).
@@ -748,6 +582,33 @@ def _compute_delta(
     if not math.isfinite(bound):
         raise _PRVFailure(f"non-finite delta bound {bound!r}")
     return min(1.0, bound)
+
+
+def _initial_mesh(events, delta: float, target: float, pair_of, delta_error: float) -> float:
+    """A power of two `dt` for which connect-the-dots is expected within `target` / 8.
+
+    Connect-the-dots raises each step's mean loss by at most `dt^2 / 8` and its variance
+    by at most `dt^2 / 4`; the composed epsilon (about mean + z std, `z^2 = 2 log(1 /
+    delta)`) then moves by about `dt^2 (N + z sqrt(N) / s) / 8`, `s` the std of one step's
+    loss (from a coarse lattice). The refinement checks the actual change.
+    """
+    counts = [n for _, _, n in events]
+    n_total = sum(counts)
+    tail_mass = _tail_mass(delta_error, n_total, 0)
+    variance = 0.0
+    for sigma, q, n_steps in events:
+        pair = pair_of(sigma, q)
+        low, high = _discretise.loss_range(pair, tail_mass)
+        coarse = max(high - low, 1e-12) / min(4096, _discretise.MAX_POINTS // 2)
+        dist, _ = _discretise.connect_the_dots(pair, coarse, tail_mass)
+        rel = np.arange(len(dist.pmf), dtype=np.float64)
+        mean = float(dist.pmf @ rel)
+        variance += n_steps * coarse**2 * max(float(dist.pmf @ (rel - mean) ** 2), 0.0)
+    s = math.sqrt(variance / n_total)
+    z = math.sqrt(2 * math.log(1 / delta))
+    spread = n_total + (z * math.sqrt(n_total) / s if s > 0 else 0.0)
+    dt = math.sqrt(target / spread)
+    return 2.0 ** math.floor(math.log2(dt))
 
 
 def _relative_error(epsilon: float) -> float:
@@ -770,28 +631,25 @@ def _rdp(events, orders=None, neighboring: str = "add_or_remove", group_size: in
     return rdp
 
 
-def _group_pair(sigma: float, q: float, k: int, direction: str):
-    return _pairs.group_pair(sigma, q, k, direction)
-
-
 # -- the accountant --------------------------------------------------------------------------
 class PRVAccountant(Accountant):
     """Tight DP-SGD accountant: numerical composition of privacy random variables.
 
-    Accounts the Poisson-subsampled Gaussian mechanism (add/remove adjacency
-    by default) with the algorithm of Gopi, Lee and Wutschitz 2021: the PRVs of
-    the steps are discretised on a mesh fine enough for an `eps_error` guarantee
-    and composed with FFTs; histories with several different `(sigma, q)` events
-    are composed exactly (not approximated). By default the accuracy is relative
-    (a coarse pass, then the mesh that 1% of its estimate needs). See the module
-    docstring for the error analysis.
+    Accounts the Poisson-subsampled Gaussian mechanism (add/remove adjacency by
+    default): each step's privacy loss is put on a lattice and the steps are
+    composed with FFTs; histories with several different `(sigma, q)` events
+    are composed exactly (not approximated). By default the accuracy is
+    relative: the steps are replaced by a lattice pair that dominates them
+    (connect-the-dots), on a lattice refined until the bound has converged to
+    within 1% (or 0.001). With a fixed `eps_error` it is the algorithm of Gopi,
+    Lee and Wutschitz 2021 (as the `prv_accountant` package and Opacus). See the
+    module docstring for the error analysis.
 
     Args:
-        eps_error: None (default): relative accuracy, the bounds satisfy
-            `upper - lower <= max(ABS_ERROR, REL_ERROR * lower)` (0.001 or 1%),
-            so the reported upper bound is within that of the true epsilon.
-            A number: a fixed absolute error, `upper - lower` about
-            `2 * eps_error` (cost ~ 1/eps_error).
+        eps_error: None (default): relative accuracy, the upper bound is within
+            about `max(ABS_ERROR, REL_ERROR * epsilon)` (0.001 or 1%) of the
+            true epsilon. A number: a fixed absolute error, `upper - lower`
+            about `2 * eps_error` (cost ~ 1/eps_error).
         delta_error: The allowed error in delta; None (default) means
             `1e-3 * delta` at each query. Must be smaller than the queried delta.
         neighboring: "add_or_remove" (default) or "replace_one"; see
@@ -799,30 +657,31 @@ class PRVAccountant(Accountant):
         group_size: k >= 1 (at most 64, add_or_remove only): the guarantee for adding or
             removing k examples at once (one user's), by the Binomial(k, q) mixture pair.
 
-    Guarantee: `get_epsilon(delta)` is the upper bound, never below the true
-    epsilon of the composed history at `delta`. By default it is at most
-    `max(0.001, 1%)` above it (certified by the lower bound, after at most four
-    passes; if float64 noise keeps the bracket wider, e.g. a few steps at tiny q
-    and delta, the tightest bracket found is reported, still valid); with a fixed
-    `eps_error` at most about `2 * eps_error` above it. `get_delta(epsilon)` is a
-    certified upper bound on delta, with the same accuracy in epsilon. Edge cases: 0.0 for an empty
-    history or `q = 0`, inf if some step had `noise_multiplier = 0`. If the
-    numerical composition fails (an epsilon so large, typically hundreds, that
-    the mesh needs more than 2**25 points, or float64 noise dominating delta),
-    a warning is issued and the RDP accountant's upper bound (looser, still
-    valid) is reported instead.
+    Guarantee: `get_epsilon(delta)` is an upper bound, never below the true
+    epsilon of the composed history at `delta` (a dominating pair, certified
+    truncation and floating-point slack). By default it is within 1% (or
+    0.001) of it: the lattice is halved until the bound moves by less than half
+    that (the error of connect-the-dots shrinks as the square of the spacing);
+    `get_epsilon_bounds` also returns a certified lower bound (a dominated
+    pair), so `upper - lower` certifies the accuracy actually reached. With a
+    fixed `eps_error` the upper bound is at most about `2 * eps_error` above
+    the truth. `get_delta(epsilon)` is a certified upper bound on delta.
+    Edge cases: 0.0 for an empty history or `q = 0`, inf if some step had
+    `noise_multiplier = 0`. If the numerical composition fails (an epsilon so
+    large that even a coarse lattice needs more than 2**25 points, or float64
+    noise dominating delta), a warning is issued and the RDP accountant's upper
+    bound (looser, still valid) is reported instead.
 
-    Cost: about `width / dt` points, `width` the spread of the composed loss and
-    `dt` proportional to the accuracy over `sqrt(steps)` (e.g. 0.5 s for 100,000
-    steps at q=0.005, sigma=0.8, delta=1e-6 with `eps_error=0.01`, where
-    `prv_accountant` takes ~30 s; about 0.7 s for TF Privacy's 500,000 steps at
-    q=4e-5, epsilon 0.086, to 1%; `benches/bench_accountants.py` has the grid).
+    Cost: about `width / dt` points, `width` the spread of the composed loss;
+    by default `dt` shrinks as `1 / sqrt(steps)` only when the steps' own
+    spread is small (e.g. 0.05 s for TF Privacy's 500,000 steps at q=4e-5,
+    epsilon 0.086, to 1%; `benches/bench_accountants.py` has the grid).
 
     Example:
         >>> acc = PRVAccountant()
         >>> acc.compose(noise_multiplier=1.5, sampling_probability=0.04, steps=2250)
-        >>> round(acc.get_epsilon(1e-5), 1)  # Opacus reports 6.78 (PRV), PLD 6.77
-        6.8
+        >>> round(acc.get_epsilon(1e-5), 2)  # Opacus reports 6.78 (PRV), PLD 6.77
+        6.77
         >>> lower, estimate, upper = acc.get_epsilon_bounds(1e-5)
         >>> lower <= estimate <= upper
         True
@@ -854,9 +713,9 @@ class PRVAccountant(Accountant):
     def get_epsilon_bounds(self, delta: float) -> tuple[float, float, float]:
         """`(lower, estimate, upper)` bounds on the epsilon of the history at `delta`.
 
-        `lower <= true epsilon <= upper`. Returns `(0.0, 0.0, 0.0)` for an empty
-        history and `(inf, inf, inf)` when some step had no noise. After a failed
-        numerical composition (see the class docstring) it returns
+        `lower <= true epsilon <= upper`, both certified. Returns `(0.0, 0.0, 0.0)` for
+        an empty history and `(inf, inf, inf)` when some step had no noise. After a
+        failed numerical composition (see the class docstring) it returns
         `(0.0, eps_rdp, eps_rdp)` with a warning.
 
         Raises:
@@ -868,12 +727,15 @@ class PRVAccountant(Accountant):
             return 0.0, 0.0, 0.0
         if any(sigma == 0 for sigma, _, _ in events):
             return math.inf, math.inf, math.inf
-        return self._bounds(events, delta)
+        return self._bounds(events, delta, with_lower=True)
 
     def _epsilon(self, events, delta):
-        return self._bounds(events, delta)[2]
+        return self._bounds(events, delta, with_lower=False)[2]
 
-    def _bounds(self, events, delta) -> tuple[float, float, float]:
+    def _bounds(self, events, delta, with_lower: bool) -> tuple[float, float, float]:
+        """The bounds of every direction of the relation, combined (the true epsilon is the
+        largest of theirs). Without `with_lower`, the default mode skips the lower bound
+        (reported as 0.0)."""
         delta_error = 1e-3 * delta if self.delta_error is None else self.delta_error
         if delta_error >= delta:
             raise DPConfigError(
@@ -881,45 +743,40 @@ class PRVAccountant(Accountant):
                 f"Received: delta_error={delta_error!r}, delta={delta!r}"
             )
         key = (tuple(events), delta, self.eps_error, delta_error)
-        if key in self._cache:
-            return self._cache[key]
+        for cached in (key + (True,), key + (with_lower,)):
+            if cached in self._cache:
+                return self._cache[cached]
         failures: list[str] = []
         result: tuple[float, float, float] | None = None
         scale = None
         if self.eps_error is None:
             scale = self._rdp_of(events, self._sizing_orders()).get_epsilon(delta)
-        for pair_of in self._pair_functions():
-            # Each direction of the relation: the true epsilon is the largest of theirs.
-            if scale is None:
+        if scale is None:
+            for pair_of in self._pair_functions():
                 found = self._attempts(
-                    events, delta, self.eps_error, delta_error, failures, pair_of
+                    events, delta, self.eps_error, delta_error, failures, pair_of, "hoeffding"
                 )
-            else:
-                # Only the largest epsilon needs the accuracy: a direction whose upper bound
-                # is below the lower bound found so far is not refined.
-                floor = 0.0 if result is None else result[0]
-                found = self._relative_bounds(
-                    events, delta, delta_error, failures, pair_of, scale, floor
-                )
-            if found is None:
-                result = None
-                break
-            result = found if result is None else tuple(max(a, b) for a, b in zip(result, found))
+                if found is None:
+                    result = None
+                    break
+                result = found if result is None else tuple(map(max, zip(result, found)))
+        else:
+            result = self._relative_bounds(events, delta, delta_error, failures, scale, with_lower)
         if result is None:  # not cached: every such query warns
             return self._rdp_fallback(events, delta, failures)
         if len(self._cache) >= 16:
             self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = result
+        self._cache[key + (with_lower,)] = result
         return result
 
     def _pair_functions(self) -> list:
-        """One `pair_of` per direction to compose: None is the add/remove pair of one example."""
+        """One `pair_of(sigma, q)` per direction to compose (the dominating pair of a step)."""
         if self.neighboring == "replace_one":  # symmetric: one direction
-            return [functools.partial(_pairs.replace_one_pair)]
+            return [_pairs.replace_one_pair]
         if self.group_size == 1:  # the remove direction dominates (module docstring)
-            return [None]
+            return [_pairs.RemovePair]
         return [
-            functools.partial(_group_pair, k=self.group_size, direction=direction)
+            functools.partial(_pairs.group_pair, k=self.group_size, direction=direction)
             for direction in ("remove", "add")
         ]
 
@@ -935,22 +792,30 @@ class PRVAccountant(Accountant):
         return _PAIR_SCALE_ORDERS
 
     @staticmethod
-    def _attempts(events, delta, eps_error, delta_error, failures, pair_of=None, sizes=None):
-        """The bounds at a fixed `eps_error` (retried once with a wider domain), or None.
+    def _attempts(
+        events, delta, mesh, delta_error, failures, pair_of, kind, sizes=None, budget=0.0
+    ):
+        """The bounds of `kind` at `mesh` (retried once with a wider domain), or None.
 
         The point counts of meshes that were too large are appended to `sizes`."""
         for attempt in (0, 1):
             try:
-                if pair_of is None:
-                    bounds = _compute_bounds(events, delta, eps_error, delta_error, attempt)
-                else:
-                    bounds = _compute_bounds(
-                        events, delta, eps_error, delta_error, attempt, pair_of=pair_of
-                    )
+                bounds = _compute_bounds(
+                    events,
+                    delta,
+                    mesh,
+                    delta_error,
+                    attempt,
+                    pair_of=pair_of,
+                    kind=kind,
+                    budget=budget,
+                )
             except Exception as err:  # any failure: retry, then the RDP bound (still valid)
                 failures.append(f"{type(err).__name__}: {err}")
-                if isinstance(err, _TooManyPoints) and sizes is not None and attempt == 0:
-                    sizes.append(err.points)
+                if isinstance(err, _TooManyPoints):
+                    if sizes is not None:
+                        sizes.append(err.points)
+                    return None  # a wider domain would not fit either
                 continue
             if all(math.isfinite(v) for v in bounds) and bounds[0] <= bounds[1] <= bounds[2]:
                 lower, estimate, upper = bounds
@@ -958,52 +823,122 @@ class PRVAccountant(Accountant):
             failures.append(f"inconsistent bounds {bounds!r}")
         return None
 
-    def _relative_bounds(self, events, delta, delta_error, failures, pair_of, scale, floor):
-        """Bounds with `upper - lower <= max(ABS_ERROR, REL_ERROR * lower)` (certified).
+    def _relative_bounds(self, events, delta, delta_error, failures, scale, with_lower):
+        """`(lower, estimate, upper)` in the default mode (lower 0.0 without `with_lower`),
+        or None if the numerical composition failed.
 
-        A coarse first pass (its `eps_error` sized from `scale`, a quick RDP bound, so that
-        it costs a few percent of the second) finds the estimate; the second pass uses the
-        mesh that accuracy needs, and a third refines if the slack came out larger than
-        planned. Each pass is a certified result, the tightest is kept; a refinement that
-        fails keeps the coarser (valid) bounds. A direction whose upper bound is at most
-        `floor` (the lower bound of another direction, which decides the maximum) stops
-        there; one above it aims at the accuracy of the larger of the two.
+        Every direction's upper bound (`_relative_upper`); the largest is the bound of the
+        relation, and the lower bound of that direction is a lower bound of it.
         """
-        eps_error = max(0.02, 0.05 * scale) if math.isfinite(scale) else 0.02
-        best = None
-        for _ in range(4):
+        found = []
+        for pair_of in self._pair_functions():
+            upper = self._relative_upper(events, delta, delta_error, failures, pair_of, scale)
+            if upper is None:
+                return None
+            found.append((upper, pair_of))
+        (estimate, upper, dt, target), pair_of = max(found, key=lambda item: item[0][1])
+        estimate = max(item[0][0] for item in found)
+        lower = 0.0
+        if with_lower:
+            lower = self._merged_lower(
+                events, delta, delta_error, failures, pair_of, dt, target, upper
+            )
+        return lower, min(max(estimate, lower), upper), upper
+
+    def _relative_upper(self, events, delta, delta_error, failures, pair_of, scale):
+        """`(estimate, upper, dt, target)` of one direction, or None if it failed.
+
+        Connect-the-dots on the lattice `_initial_mesh` sizes (from `scale`, a quick RDP
+        bound), halved until a halving moves the bound by at most half the accuracy
+        `target` (each pass is a certified upper bound; the finer lattices can only lower
+        it). A lattice too large for memory keeps the finest bound that fitted, or starts
+        coarser. `dt` is the last lattice's spacing.
+        """
+        target = _SAFETY * _relative_error(scale)
+        try:
+            dt = 2 * _initial_mesh(events, delta, target, pair_of, delta_error)
+        except Exception as err:  # e.g. overflow at extreme sigma: the RDP bound (valid)
+            failures.append(f"{type(err).__name__}: {err}")
+            return None
+        best, previous, best_dt = None, None, dt
+        for _ in range(12):
             sizes: list[int] = []
-            found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of, sizes)
-            if found is None and best is not None and sizes:
-                # The mesh that accuracy needs is too large: the finest that fits (the number
-                # of points goes as 1 / eps_error) gives the tightest bracket within reach.
-                eps_error *= 1.25 * max(sizes) / _MAX_POINTS
-                found = self._attempts(events, delta, eps_error, delta_error, failures, pair_of)
-                if found is not None and found[2] < best[2]:
-                    best = found
-                break
+            found = self._attempts(
+                events, delta, dt, delta_error, failures, pair_of, "upper", sizes
+            )
             if found is None:
+                if best is None and sizes:  # too fine from the start: coarser
+                    dt *= 2.0 ** math.ceil(math.log2(1.25 * max(sizes) / _discretise.MAX_POINTS))
+                    continue
                 break
             if best is None or found[2] < best[2]:
-                best = found
-            lower, estimate, upper = found
-            # Certified: the true epsilon is at least `lower`, so `upper` is within the
-            # accuracy of it when the whole bracket is.
-            if upper <= floor or upper - lower <= _relative_error(max(lower, floor)):
+                best, best_dt = found, dt
+            target = _SAFETY * _relative_error(found[1])
+            if previous is not None and previous - found[2] <= 0.5 * target:
                 break
-            # Sized on the estimate (a coarse pass may leave lower at 0), at least 4x finer.
-            aim = _relative_error(max(estimate, floor))
-            eps_error *= min(0.25, _SAFETY * aim / (upper - lower))
+            previous = found[2]
+            dt /= 2
+        if best is None:
+            return None
+        return best[1], best[2], best_dt, target
+
+    def _merged_lower(
+        self, events, delta, delta_error, failures, pair_of, dt, target, upper
+    ) -> float:
+        """Certified lower bound from merged cells (0.0 if it cannot be computed).
+
+        The rounding of merged cells may lose `target / (4 steps)` per step; if it loses
+        more, the lattice is refined once (to the spacing that `dt^2` scaling predicts).
+        If the bound is then further than the accuracy below `upper` (merging costs first
+        order in `dt` when few steps are composed), the lattice is refined by 4, at most
+        twice, while that helps.
+        """
+        counts = [n for _, _, n in events]
+        n_total = sum(counts)
+        tail_mass = _tail_mass(delta_error, n_total, 0)
+        budget = 0.25 * target / n_total
+        best = 0.0
+        refined = False
+        for _ in range(4):
+            try:
+                made = [
+                    _discretise.merged_cells(pair_of(sigma, q), dt, tail_mass, budget)
+                    for sigma, q, _ in events
+                ]
+            except Exception as err:  # too many points or a numerical failure
+                failures.append(f"{type(err).__name__}: {err}")
+                break
+            lost = sum(n * loss for (_, loss), n in zip(made, counts))
+            if not refined and lost > 0.25 * target:
+                refined = True
+                dt *= max(0.05, min(0.5, 0.8 * math.sqrt(0.25 * target / lost)))
+                continue
+            refined = True
+            dists = [dist for dist, _ in made]
+            found = None
+            for attempt in (0, 1):
+                try:
+                    found = _bounds_of(dists, counts, dt, delta, delta_error, 0.0, 0.0, attempt)
+                    break
+                except Exception as err:  # retry with a wider window
+                    failures.append(f"{type(err).__name__}: {err}")
+            if found is None:
+                break
+            gain = found[0] - best
+            best = max(best, found[0])
+            if upper - best <= _relative_error(best):
+                break
+            if gain < 0.25 * (upper - best + gain):
+                break  # limited by something else (float64 noise): refining does not help
+            dt /= 4
         return best
 
     # -- delta -------------------------------------------------------------------------------
     def _delta(self, events, epsilon):
-        """Certified upper bound on delta at `epsilon`; in the default (relative) mode the
-        mesh is sized for an epsilon accuracy of `max(ABS_ERROR, REL_ERROR * epsilon)`.
-        With several directions (groups) the largest of their deltas."""
-        eps_error = self.eps_error
-        if eps_error is None:
-            eps_error = 0.5 * _SAFETY * _relative_error(epsilon)
+        """Certified upper bound on delta at `epsilon`; in the default (relative) mode on the
+        lattices sized for an epsilon accuracy of `max(ABS_ERROR, REL_ERROR * epsilon)` (the
+        smaller of two nested ones). With several directions (groups) the largest of their
+        deltas."""
         rdp_delta = self._rdp_of(events, self._sizing_orders()).get_delta(epsilon)
         failures: list[str] = []
         worst = 0.0
@@ -1011,15 +946,7 @@ class PRVAccountant(Accountant):
             scale, best = rdp_delta, math.inf
             for _ in range(3):
                 delta_error = 1e-3 * scale if self.delta_error is None else self.delta_error
-                found = None
-                for attempt in (0, 1):
-                    try:
-                        found = _compute_delta(
-                            events, epsilon, eps_error, delta_error, attempt, pair_of
-                        )
-                        break
-                    except Exception as err:  # any failure: retry, then the RDP bound
-                        failures.append(f"{type(err).__name__}: {err}")
+                found = self._delta_attempts(events, epsilon, delta_error, failures, pair_of)
                 if found is None:
                     break
                 best = min(best, found)
@@ -1043,6 +970,33 @@ class PRVAccountant(Accountant):
             stacklevel=3,
         )
         return rdp_delta
+
+    def _delta_attempts(self, events, epsilon, delta_error, failures, pair_of):
+        """The smallest certified delta of the mode's lattices (None if all failed)."""
+        if self.eps_error is not None:
+            meshes, kind = [self.eps_error], "hoeffding"
+        else:
+            reference = max(delta_error * 1e3, 1e-300)
+            target = _SAFETY * _relative_error(epsilon)
+            try:
+                dt = _initial_mesh(events, min(reference, 0.5), target, pair_of, delta_error)
+            except Exception as err:  # the RDP bound (valid)
+                failures.append(f"{type(err).__name__}: {err}")
+                return None
+            meshes, kind = [2 * dt, dt], "upper"
+        best = None
+        for mesh in meshes:
+            for attempt in (0, 1):
+                try:
+                    found = _compute_delta(
+                        events, epsilon, mesh, delta_error, attempt, pair_of, kind
+                    )
+                except Exception as err:  # any failure: retry, then the RDP bound
+                    failures.append(f"{type(err).__name__}: {err}")
+                    continue
+                best = found if best is None else min(best, found)
+                break
+        return best
 
     def _rdp_fallback(self, events, delta, failures) -> tuple[float, float, float]:
         eps = float(self._rdp_of(events).get_epsilon(delta))

@@ -1,0 +1,154 @@
+"""The lattice pairs of one step against the exact hockey-stick curve (slow references).
+
+`connect_the_dots` must dominate the step (its delta(epsilon) is never below the exact
+one, once the truncated tail is added), `merged_cells` must be dominated by it (never
+above), both must be close to it, and refining the lattice must tighten both. The exact
+curve is integrated here from the mixtures' densities (scipy.stats), independently of
+the package's CDF code.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from torchdp_keras.accounting import discretise
+from torchdp_keras.accounting.pairs import RemovePair, group_pair, replace_one_pair
+
+
+def _mixture(weights, means, sigma):
+    def pdf(x):
+        return sum(w * stats.norm.pdf(x, m, sigma) for w, m in zip(weights, means))
+
+    return pdf
+
+
+def _densities(kind, sigma, q):
+    """(p, q) densities of the step's pair, written out independently."""
+    if kind == "remove":
+        return _mixture([1 - q, q], [0.0, 1.0], sigma), _mixture([1.0], [0.0], sigma)
+    if kind == "replace_one":
+        return (
+            _mixture([1 - q, q], [0.0, 1.0], sigma),
+            _mixture([1 - q, q], [0.0, -1.0], sigma),
+        )
+    k = 2  # groups of two: Binomial(2, q) shifts
+    weights = [(1 - q) ** 2, 2 * q * (1 - q), q**2]
+    if kind == "group_remove":
+        return _mixture(weights, [0.0, 1.0, 2.0], sigma), _mixture([1.0], [0.0], sigma)
+    assert kind == "group_add"
+    return _mixture([1.0], [0.0], sigma), _mixture(weights, [0.0, -1.0, -2.0][: k + 1], sigma)
+
+
+def _pair(kind, sigma, q):
+    if kind == "remove":
+        return RemovePair(sigma, q)
+    if kind == "replace_one":
+        return replace_one_pair(sigma, q)
+    return group_pair(sigma, q, 2, kind.split("_")[1])
+
+
+def exact_delta(kind, sigma, q, epsilon):
+    """delta(epsilon) = int (p - e^epsilon q)_+ dx, by quadrature."""
+    p, r = _densities(kind, sigma, q)
+    lo, hi = -12 * sigma - 3, 12 * sigma + 3
+
+    def integrand(x):
+        return max(0.0, p(x) - math.exp(epsilon) * r(x))
+
+    value, _ = integrate.quad(integrand, lo, hi, limit=400, epsabs=1e-14, epsrel=1e-10)
+    return value
+
+
+def lattice_delta(lattice, dt, epsilon):
+    """delta(epsilon) of a lattice distribution of losses, term by term."""
+    values = lattice.offset + (np.arange(len(lattice.pmf)) - lattice.centre) * dt
+    above = values > epsilon
+    return float(np.sum(lattice.pmf[above] * -np.expm1(epsilon - values[above])))
+
+
+# (kind, sigma, q, a coarse and a fine lattice spacing for that loss's spread)
+CASES = [
+    ("remove", 1.0, 0.01, 1e-2, 1e-3),
+    ("remove", 0.5, 1e-5, 1e-5, 2e-6),  # the loss piles up at its bottom, log(1 - q)
+    ("remove", 0.5, 0.5, 1e-2, 1e-3),
+    ("replace_one", 0.8, 0.05, 1e-2, 1e-3),
+    ("group_remove", 1.0, 0.02, 1e-2, 1e-3),
+    ("group_add", 1.0, 0.02, 1e-2, 1e-3),  # the loss piles up at its top
+]
+STEPS = [
+    pytest.param(kind, sigma, q, dt, id=f"{kind}-{sigma}-{q}-{dt}")
+    for kind, sigma, q, *dts in CASES
+    for dt in dts
+]
+
+
+def _epsilons(kind, sigma, q):
+    """A spread of epsilons where delta is above about 1e-8."""
+    grid = np.geomspace(1e-5, 12.0, 40)
+    deltas = np.array([exact_delta(kind, sigma, q, e) for e in grid])
+    top = grid[np.flatnonzero(deltas > 1e-8)[-1]]
+    return [0.0, *np.geomspace(top / 200, top, 6)]
+
+
+@pytest.mark.parametrize("kind,sigma,q,dt", STEPS)
+def test_connect_the_dots_dominates_and_is_close(kind, sigma, q, dt):
+    lattice, dropped = discretise.connect_the_dots(_pair(kind, sigma, q), dt, 1e-12)
+    assert dropped <= 1e-12 * (1 + 1e-9)
+    assert lattice.pmf.sum() == pytest.approx(1.0, abs=1e-12)
+    for epsilon in _epsilons(kind, sigma, q):
+        exact = exact_delta(kind, sigma, q, epsilon)
+        ours = lattice_delta(lattice, dt, epsilon)
+        assert ours + dropped >= exact - 1e-13 * (1 + exact)  # dominates
+        # The chord through the lattice points lies below the curve's value at the lattice
+        # point below epsilon: within one dt of the exact curve.
+        assert ours <= exact_delta(kind, sigma, q, epsilon - dt) + 1e-12
+
+
+@pytest.mark.parametrize("kind,sigma,q,dt", STEPS)
+def test_merged_cells_are_dominated_and_close(kind, sigma, q, dt):
+    lattice, lost = discretise.merged_cells(_pair(kind, sigma, q), dt, 1e-12)
+    assert lattice.pmf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert 0.0 <= lost
+    # Every part's lattice value is at most its loss: E_P[exp(-value)] >= Q's mass, 1.
+    values = lattice.offset + (np.arange(len(lattice.pmf)) - lattice.centre) * dt
+    assert float(lattice.pmf @ np.exp(-values)) >= 1.0 - 1e-12
+    for epsilon in _epsilons(kind, sigma, q):
+        exact = exact_delta(kind, sigma, q, epsilon)
+        ours = lattice_delta(lattice, dt, epsilon)
+        assert ours <= exact + 1e-13 * (1 + exact)  # dominated
+        if kind in ("replace_one", "group_add"):
+            # No pile-up at the bottom, so every part is at most about 2 dt wide: within
+            # 3 dt of the exact curve. (A pile-up goes into one wider bottom part.)
+            assert ours >= exact_delta(kind, sigma, q, epsilon + 3 * dt) - 1e-12
+
+
+def test_the_walk_puts_a_pile_up_exactly_on_the_lattice():
+    # sigma 0.5, q 1e-5: most of the mass is within 1e-6 of log(1 - q); cells centred on
+    # the lattice would lose a large fraction of dt per step, the walk almost nothing.
+    pair, dt = RemovePair(0.5, 1e-5), 4e-6
+    _, lost_walk = discretise.merged_cells(pair, dt, 1e-12)
+    _, lost_centred = discretise.merged_cells(pair, dt, 1e-12, budget=math.inf)
+    assert lost_walk < 1e-4 * dt
+    assert lost_centred > 100 * lost_walk
+
+
+def test_nested_lattices_tighten_both_bounds():
+    from torchdp_keras.accounting import prv
+
+    events, delta = [(0.8, 0.02, 2000)], 1e-6
+    uppers, lowers = [], []
+    for dt in (2**-8, 2**-9, 2**-10):
+        uppers.append(prv._compute_bounds(events, delta, dt, 1e-9, kind="upper")[2])
+        lowers.append(prv._compute_bounds(events, delta, dt, 1e-9, kind="lower")[0])
+    assert uppers[0] >= uppers[1] >= uppers[2] > lowers[2]
+    assert lowers[0] <= lowers[1] + 1e-9 and lowers[1] <= lowers[2] + 1e-9
+    # Connect-the-dots converges as dt^2: each halving removes most of the remaining gap.
+    assert uppers[1] - uppers[2] < 0.5 * (uppers[0] - uppers[1])
+
+
+def test_too_many_points_is_reported_with_the_count():
+    with pytest.raises(discretise.TooManyPoints, match="needs") as info:
+        discretise.connect_the_dots(RemovePair(1.0, 0.01), 1e-9, 1e-12)
+    assert info.value.points > discretise.MAX_POINTS
