@@ -11,34 +11,23 @@ import math
 
 import numpy as np
 import pytest
-from scipy import integrate, stats
+from scipy import optimize, special, stats
 
 from torchdp_keras.accounting import discretise
 from torchdp_keras.accounting.pairs import RemovePair, group_pair, replace_one_pair
 
 
-def _mixture(weights, means, sigma):
-    def pdf(x):
-        return sum(w * stats.norm.pdf(x, m, sigma) for w, m in zip(weights, means))
-
-    return pdf
-
-
-def _densities(kind, sigma, q):
-    """(p, q) densities of the step's pair, written out independently."""
+def _components(kind, sigma, q):
+    """(P's weights and means, Q's weights and means) of the step's pair, written out."""
     if kind == "remove":
-        return _mixture([1 - q, q], [0.0, 1.0], sigma), _mixture([1.0], [0.0], sigma)
+        return ([1 - q, q], [0.0, 1.0]), ([1.0], [0.0])
     if kind == "replace_one":
-        return (
-            _mixture([1 - q, q], [0.0, 1.0], sigma),
-            _mixture([1 - q, q], [0.0, -1.0], sigma),
-        )
-    k = 2  # groups of two: Binomial(2, q) shifts
-    weights = [(1 - q) ** 2, 2 * q * (1 - q), q**2]
+        return ([1 - q, q], [0.0, 1.0]), ([1 - q, q], [0.0, -1.0])
+    weights = [(1 - q) ** 2, 2 * q * (1 - q), q**2]  # groups of two: Binomial(2, q)
     if kind == "group_remove":
-        return _mixture(weights, [0.0, 1.0, 2.0], sigma), _mixture([1.0], [0.0], sigma)
+        return (weights, [0.0, 1.0, 2.0]), ([1.0], [0.0])
     assert kind == "group_add"
-    return _mixture([1.0], [0.0], sigma), _mixture(weights, [0.0, -1.0, -2.0][: k + 1], sigma)
+    return ([1.0], [0.0]), (weights, [0.0, -1.0, -2.0])
 
 
 def _pair(kind, sigma, q):
@@ -50,15 +39,23 @@ def _pair(kind, sigma, q):
 
 
 def exact_delta(kind, sigma, q, epsilon):
-    """delta(epsilon) = int (p - e^epsilon q)_+ dx, by quadrature."""
-    p, r = _densities(kind, sigma, q)
-    lo, hi = -12 * sigma - 3, 12 * sigma + 3
+    """delta(epsilon) = P(x > x_e) - e^epsilon Q(x > x_e), x_e where the loss is epsilon
+    (the loss is increasing in x), from scipy.stats."""
+    (pw, pm), (qw, qm) = _components(kind, sigma, q)
 
-    def integrand(x):
-        return max(0.0, p(x) - math.exp(epsilon) * r(x))
+    def log_density(x, weights, means):
+        return special.logsumexp(stats.norm.logpdf(x, means, sigma), b=weights)
 
-    value, _ = integrate.quad(integrand, lo, hi, limit=400, epsabs=1e-14, epsrel=1e-10)
-    return value
+    def loss(x):
+        return log_density(x, pw, pm) - log_density(x, qw, qm)
+
+    lo, hi = -40.0 * sigma - 3, 40.0 * sigma + 3
+    if loss(hi) <= epsilon:
+        return 0.0
+    x_e = lo if loss(lo) >= epsilon else optimize.brentq(lambda x: loss(x) - epsilon, lo, hi)
+    above_p = float(np.dot(pw, stats.norm.sf(x_e, pm, sigma)))
+    above_q = float(np.dot(qw, stats.norm.sf(x_e, qm, sigma)))
+    return max(0.0, above_p - math.exp(epsilon) * above_q)
 
 
 def lattice_delta(lattice, dt, epsilon):
