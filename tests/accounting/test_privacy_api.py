@@ -88,6 +88,54 @@ def test_cli_statement_and_calibration(capsys):
     assert "noise_multiplier=-1" in capsys.readouterr().err
 
 
+def _sigma_from(out: str) -> float:
+    return float(out.split("noise_multiplier = ")[1].split()[0])
+
+
+@pytest.mark.parametrize(
+    "extra,kwargs",
+    [
+        (["--neighboring", "replace_one"], {"neighboring": "replace_one"}),
+        (["--max-examples-per-user", "3"], {"group_size": 3}),
+    ],
+)
+def test_cli_calibrates_for_the_relation_and_the_user(capsys, extra, kwargs):
+    args = ["--n", "60000", "--batch-size", "250", "--epochs", "3", "--delta", "1e-5"]
+    assert privacy_cli.main([*args, "--target-epsilon", "2.0"]) == 0
+    example = _sigma_from(capsys.readouterr().out)
+    assert privacy_cli.main([*args, "--target-epsilon", "2.0", *extra]) == 0
+    out = capsys.readouterr().out
+    sigma = _sigma_from(out)
+    assert sigma > example  # both relations cost more noise than add/remove of one example
+    acc = PRVAccountant(**kwargs)
+    acc.compose(sigma, 250 / 60000, 720)
+    assert 0.99 * 2.0 <= acc.get_epsilon(1e-5) <= 2.0
+    assert ("replace_one" in out) == ("neighboring" in kwargs)
+    assert ("user of at most 3 examples" in out) == ("group_size" in kwargs)
+
+
+def test_cli_statement_with_replace_one(capsys):
+    args = ["--n", "60000", "--batch-size", "250", "--epochs", "3", "--delta", "1e-5"]
+    args += ["--noise-multiplier", "1.0"]
+    assert privacy_cli.main(args) == 0
+    add_remove = capsys.readouterr().out
+    assert privacy_cli.main([*args, "--neighboring", "replace_one"]) == 0
+    replace = capsys.readouterr().out
+    assert "replace-one adjacency" in replace and "add-or-remove-one adjacency" in add_remove
+
+    def first_epsilon(text):
+        return float(text.split("PRV accountant: ")[1].split()[0])
+
+    assert first_epsilon(replace) > first_epsilon(add_remove)
+    # User-level DP adds or removes a user: refused with replace_one, naming both.
+    assert (
+        privacy_cli.main([*args, "--neighboring", "replace_one", "--max-examples-per-user", "2"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "neighboring='replace_one'" in err and "max_examples_per_user=2" in err
+
+
 CONFIG = dict(
     epsilon=3.0,
     delta=1e-5,

@@ -19,7 +19,7 @@ from torchdp_keras._validation import (
     to_float,
 )
 from torchdp_keras.accounting.base import Accountant, check_delta, check_event
-from torchdp_keras.accounting.pairs import MAX_GROUP_SIZE
+from torchdp_keras.accounting.pairs import MAX_GROUP_SIZE, check_group_size, check_neighboring
 from torchdp_keras.accounting.rdp import RDPAccountant
 from torchdp_keras.errors import DPConfigError
 
@@ -150,8 +150,13 @@ def compute_dp_sgd_privacy(
     return accountant.get_epsilon_and_order(delta)
 
 
-def _epsilon_for(sigma, q, steps, delta, accountant, group_size=1) -> float:
-    acc = make_accountant(accountant, group_size=group_size)
+_ADJACENCY = {"add_or_remove": "add-or-remove-one", "replace_one": "replace-one"}
+
+
+def _epsilon_for(
+    sigma, q, steps, delta, accountant, group_size=1, neighboring="add_or_remove"
+) -> float:
+    acc = make_accountant(accountant, neighboring=neighboring, group_size=group_size)
     acc.compose(sigma, q, steps)
     return acc.get_epsilon(delta)
 
@@ -232,6 +237,8 @@ def calibrate_noise_multiplier(
     accountant: str = "prv",
     *,
     tolerance: float = 0.01,
+    neighboring: str = "add_or_remove",
+    group_size: int = 1,
 ) -> float:
     """The noise multiplier that spends a budget to within `tolerance` (relative).
 
@@ -250,6 +257,11 @@ def calibrate_noise_multiplier(
         steps: Number of steps (optimizer updates).
         accountant: "prv" (default) or "rdp".
         tolerance: Relative precision of the search in epsilon (default 1%).
+        neighboring: "add_or_remove" (default) or "replace_one": the neighbouring
+            relation the budget is about (see `torchdp_keras.accounting.pairs`).
+        group_size: k >= 1: a budget about adding or removing k examples at once (one
+            user's, with `UserDataLoader`-style user-level sampling use the users' q and
+            1 instead: there the unit is already the user).
 
     Returns:
         sigma; 0.0 when the budget is infinite or nothing is spent (q or
@@ -276,6 +288,8 @@ def calibrate_noise_multiplier(
         raise DPConfigError(
             f"Expected accountant in {ACCOUNTANTS}. Received: accountant={accountant!r}"
         )
+    neighboring = check_neighboring(neighboring)
+    group_size = check_group_size(group_size, neighboring)
     if math.isinf(to_float(target_epsilon)) or q == 0 or steps == 0:
         return 0.0
 
@@ -283,7 +297,7 @@ def calibrate_noise_multiplier(
     floor = (1.0 - min(tolerance, 1.0)) * target
 
     def epsilon(sigma):
-        return _epsilon_for(sigma, q, steps, delta, accountant)
+        return _epsilon_for(sigma, q, steps, delta, accountant, group_size, neighboring)
 
     high = 1.0
     eps_high = epsilon(high)
@@ -328,6 +342,8 @@ def compute_dp_sgd_privacy_statement(
     delta: float,
     used_microbatching: bool = True,
     max_examples_per_user: int | None = None,
+    *,
+    neighboring: str = "add_or_remove",
 ) -> str:
     """A privacy statement for a DP-SGD run, ready to publish with the model.
 
@@ -359,6 +375,8 @@ def compute_dp_sgd_privacy_statement(
             Set False when every microbatch holds one example.
         max_examples_per_user: If set, also report user-level DP for users
             contributing at most this many examples.
+        neighboring: "add_or_remove" (default) or "replace_one" for the example-level
+            lines (replace-one adjacency; user-level needs add_or_remove).
 
     Returns:
         The statement, several lines of text.
@@ -369,6 +387,13 @@ def compute_dp_sgd_privacy_statement(
     sigma, _, _ = check_event(noise_multiplier, q, steps)
     used_microbatching = check_bool(used_microbatching, "used_microbatching")
     k = check_optional_positive_int(max_examples_per_user, "max_examples_per_user")
+    neighboring = check_neighboring(neighboring)
+    if k is not None and neighboring != "add_or_remove":
+        raise DPConfigError(
+            "Expected neighboring='add_or_remove' with max_examples_per_user (user-level "
+            "DP adds or removes a user). Received: "
+            f"neighboring={neighboring!r}, max_examples_per_user={max_examples_per_user!r}"
+        )
     effective_sigma = sigma / 2.0 if used_microbatching else sigma
     epochs_rounded = int(math.ceil(num_epochs))
 
@@ -386,7 +411,13 @@ def compute_dp_sgd_privacy_statement(
                 effective_sigma / k_float, sampling_probability, n_steps, delta, accountant
             )
         return _epsilon_for(
-            effective_sigma, sampling_probability, n_steps, delta, accountant, group_size
+            effective_sigma,
+            sampling_probability,
+            n_steps,
+            delta,
+            accountant,
+            group_size,
+            "add_or_remove" if group_size > 1 else neighboring,
         )
 
     lines = [
@@ -404,7 +435,7 @@ def compute_dp_sgd_privacy_statement(
         "This privacy guarantee protects the release of all model checkpoints in "
         "addition to the final model.",
         "",
-        f"Example-level DP with add-or-remove-one adjacency at delta = {delta}:",
+        f"Example-level DP with {_ADJACENCY[neighboring]} adjacency at delta = {delta}:",
     ]
     if used_microbatching:
         lines.append(

@@ -17,7 +17,7 @@ import sys
 from torchdp_keras.accounting import (
     calibrate_noise_multiplier,
     compute_dp_sgd_privacy_statement,
-    get_privacy_budget,
+    make_accountant,
 )
 from torchdp_keras.errors import DPError
 
@@ -43,7 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="microbatches of several examples were clipped (TF Privacy's doubled "
         "sensitivity); torchdp_keras clips every example on its own by default",
     )
-    parser.add_argument("--max-examples-per-user", type=int, default=None)
+    parser.add_argument(
+        "--max-examples-per-user",
+        type=int,
+        default=None,
+        help="also state user-level DP for users with at most this many examples; with "
+        "--target-epsilon, calibrate for that user-level budget",
+    )
+    parser.add_argument(
+        "--neighboring",
+        choices=("add_or_remove", "replace_one"),
+        default="add_or_remove",
+        help="the example-level neighbouring relation (default add_or_remove)",
+    )
     return parser
 
 
@@ -56,22 +68,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.target_epsilon is not None:
             steps = int(math.ceil(args.epochs * args.n / args.batch_size))
             q = args.batch_size / args.n
+            group_size = args.max_examples_per_user or 1
             sigma = calibrate_noise_multiplier(
-                args.target_epsilon, args.delta, q, steps, accountant=args.accountant
-            )
-            spent = get_privacy_budget(
-                args.n,
-                args.batch_size,
-                args.epochs,
-                sigma,
+                args.target_epsilon,
                 args.delta,
-                args.accountant,
-                verbose=False,
+                q,
+                steps,
+                accountant=args.accountant,
+                neighboring=args.neighboring,
+                group_size=group_size,
             )
+            accountant = make_accountant(
+                args.accountant, neighboring=args.neighboring, group_size=group_size
+            )
+            accountant.compose(sigma, q, steps)
+            spent = accountant.get_epsilon(args.delta)
+            unit = "example" if group_size == 1 else f"user of at most {group_size} examples"
             print(
                 f"noise_multiplier = {sigma:.4f} gives epsilon = {spent:.4f} <= "
                 f"{args.target_epsilon} at delta = {args.delta} ({args.accountant.upper()}, "
-                f"{steps} steps, sampling probability {q:.4g})"
+                f"{steps} steps, sampling probability {q:.4g}, {args.neighboring} of one "
+                f"{unit})"
             )
         else:
             print(
@@ -83,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                     delta=args.delta,
                     used_microbatching=args.used_microbatching,
                     max_examples_per_user=args.max_examples_per_user,
+                    neighboring=args.neighboring,
                 )
             )
     except DPError as error:
