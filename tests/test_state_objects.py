@@ -161,6 +161,37 @@ def test_a_fit_adopts_its_plan():
     assert model.privacy_ledger.steps == model.dp_steps == 10
 
 
+def test_a_model_accounts_replace_one_through_its_ledger():
+    # The neighbouring relation is the accountant's: a model composes its updates in the
+    # accountant its ledger holds, and the state saves and restores it.
+    def trained():
+        model = tdk.DPSequential(
+            [keras.Input((3,)), keras.layers.Dense(1)],
+            l2_norm_clip=1.0,
+            noise_multiplier=1.0,
+            seed=0,
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        model.privacy_ledger.use_accountant(PRVAccountant(neighboring="replace_one"))
+        loader = tdk.PrivateDataLoader(np.zeros((50, 3), "float32"), np.zeros(50), batch_size=5)
+        model.fit(loader, epochs=1, verbose=0, target_delta=1e-3)
+        return model
+
+    model = trained()
+    reference = PRVAccountant(neighboring="replace_one")
+    reference.compose(1.0, 0.1, 10)
+    assert model.get_epsilon(1e-3) == reference.get_epsilon(1e-3)
+    add_remove = PRVAccountant()
+    add_remove.compose(1.0, 0.1, 10)
+    assert model.get_epsilon(1e-3) > add_remove.get_epsilon(1e-3)
+    state = model.accountant.state_dict()
+    fresh = PRVAccountant(neighboring="replace_one")
+    fresh.load_state_dict(state)
+    assert fresh.get_epsilon(1e-3) == reference.get_epsilon(1e-3)
+    with pytest.raises(DPConfigError, match="neighboring"):
+        PRVAccountant().load_state_dict(state)  # an add/remove accountant refuses it
+
+
 # -- engines --------------------------------------------------------------------------------------
 def _compiled(layers):
     model = keras.Sequential([keras.Input((3,)), *layers])
