@@ -4,7 +4,9 @@ Two accountants share one interface (`compose`, `get_epsilon`, `steps`,
 `history`, `state_dict`/`load_state_dict`):
 
 * `PRVAccountant`: numerical composition of privacy random variables (Gopi,
-  Lee and Wutschitz 2021); tight, the default everywhere in torchdp_keras;
+  Lee and Wutschitz 2021), by default on dominating and dominated lattice
+  pairs (connect-the-dots, Doroshenko et al. 2022); tight, the default
+  everywhere in torchdp_keras;
 * `RDPAccountant`: Renyi DP, for compatibility with older reports.
 
 Plus the functions users call to plan and report a run:
