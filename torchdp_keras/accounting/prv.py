@@ -406,6 +406,18 @@ def _block_size(dist: _Lattice, dt: float, n_total: int) -> int:
 
 
 # -- bounds from one set of lattice distributions ----------------------------------------------
+def _support_and_cgf(dists, counts, dt) -> tuple[tuple[float, float], np.ndarray]:
+    """The range of the composed loss and an upper bound on its cumulant generating
+    function at `_LAMBDAS`."""
+    n_total = sum(counts)
+    support = (
+        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
+        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
+    )
+    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
+    return support, _cgf_bound(blocks, counts, _LAMBDAS)
+
+
 def _bounds_of(dists, counts, dt, delta, delta_error, fixed, shift, attempt):
     """(lower, estimate, upper) epsilon of the composed lattice distributions at `delta`.
 
@@ -413,13 +425,7 @@ def _bounds_of(dists, counts, dt, delta, delta_error, fixed, shift, attempt):
     `shift` the epsilon slack; `attempt > 0` pads the composed window by a quarter on each
     side and certifies 1000x smaller window tails.
     """
-    n_total = sum(counts)
-    support = (
-        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
-        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
-    )
-    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
-    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
+    support, cgf = _support_and_cgf(dists, counts, dt)
 
     # Tilt by the exponent of the Chernoff bound on delta(e) <= delta, so that the FFT
     # resolves the tail around epsilon with relative (not absolute) float64 precision. If
@@ -563,13 +569,7 @@ def _compute_delta(
     argument of the upper bound on epsilon, read the other way. Raises `_PRVFailure`.
     """
     dists, counts, dt, fixed, shift = _prepare(events, kind, mesh, delta_error, attempt, pair_of)
-    n_total = sum(counts)
-    blocks = [_blocks(d, dt, _block_size(d, dt, n_total)) for d in dists]
-    cgf = _cgf_bound(blocks, counts, _LAMBDAS)
-    support = (
-        sum(n * d.lowest(dt) for d, n in zip(dists, counts)),
-        sum(n * d.highest(dt) for d, n in zip(dists, counts)),
-    )
+    support, cgf = _support_and_cgf(dists, counts, dt)
     e = epsilon - shift
     # Tilt by the exponent of the Chernoff bound on delta(e) (none when it is trivial).
     with np.errstate(invalid="ignore", over="ignore"):
