@@ -325,7 +325,8 @@ def merged_cells(
     t0 = math.log(p_bottom) - math.log(q_bottom)
     t0 -= 2 * _CDF_ULPS + 4 * _EPS64 * (1.0 + abs(t0))  # rounded down: never above its loss
     n = max(1, math.ceil((b - t0) / dt)) + 1
-    _check_points(n)
+    if 8 * n > MAX_POINTS:  # 2n noise values and a dozen arrays of n: bounded memory
+        raise TooManyPoints("merged", 8 * n)
 
     # Noise values at the losses t0 + k dt / 2: the lattice points (even k) and the edges
     # of the centred cells j = 1 .. n - 1 (odd k; cell j has index j - 1 below), which lie
