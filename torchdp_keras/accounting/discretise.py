@@ -346,7 +346,7 @@ def merged_cells(
 
     pmf = np.zeros(n)
     pmf[0] = p_bottom
-    walk = _Walk(pair, t0, dt, x_half[0::2])
+    walk = _Walk(pair, t0, dt, x_half[0::2][:n])  # the points t_0 .. t_(n-1) of pmf
     parts, (p_rest, q_rest, pe_rest, qe_rest) = walk.run(x_bottom, float(x[first]))
     for j, mass in parts:
         pmf[j] += mass
@@ -492,13 +492,15 @@ def _bottom_edge(pair: Pair, a: float, b: float, dt: float, x_lo: float, x_hi: f
 
 def _round_down(p, q, pe, qe, t0: float, dt: float, points: int) -> tuple[np.ndarray, np.ndarray]:
     """The merged losses of parts with masses `p`, `q` (errors `pe`, `qe`), lowered by
-    their rounding errors, and the indices of the lattice points `t0 + j dt` at or below
-    them (`0 <= j < points`; a part with Q-mass 0 goes to the top point)."""
+    their rounding errors (to t0 at the least: every part lies above the bottom part), and
+    the indices of the lattice points `t0 + j dt` at or below them (`0 <= j < points`; a
+    part with Q-mass 0 goes to the top point)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.log(p) - np.log(q)
         value -= pe / p + qe / q + 4 * _EPS64 * (1.0 + np.abs(value))
-    if np.any((value < t0) & (p > 0)):
-        raise PRVFailure("a merged part of the privacy loss is below the lattice")
+    # Every part lies above x_bottom, where the loss is at least t0: a value below t0 is
+    # the error margin swamping a tiny (or cancelled) mass, and t0 is still safe.
+    value = np.maximum(value, t0)
     top = t0 + (points - 1) * dt
     value = np.where(np.isnan(value), t0, np.minimum(value, top))
     index = np.floor((value - t0) / dt).astype(np.int64)

@@ -113,8 +113,10 @@ def _tilt(dist: _Lattice, theta: float, dt: float) -> tuple[_Lattice, float]:
     """The exponentially tilted distribution `pmf * exp(theta * value) / Z` and `log Z`."""
     rel = np.arange(len(dist.pmf), dtype=np.float64) - dist.centre
     log_w = theta * dt * rel
-    top = float(log_w[-1])
-    weights = dist.pmf * np.exp(log_w - top)
+    alive = dist.pmf > 0  # normalised at the largest weight that carries mass
+    top = float(np.max(log_w[alive])) if np.any(alive) else float(log_w[-1])
+    with np.errstate(over="ignore"):
+        weights = dist.pmf * np.exp(np.minimum(log_w - top, 0.0))
     total = float(weights.sum())
     if not (total > 0 and math.isfinite(total)):
         raise _PRVFailure("could not tilt the discretised privacy loss")
@@ -438,16 +440,28 @@ def _bounds_of(dists, counts, dt, delta, delta_error, fixed, shift, attempt):
     theta, log_ratio = float(_LAMBDAS[index]), float(-_LOG_C[index])
     bounds = None
     slack = math.inf
+    failure: _PRVFailure | None = None
     narrow = 1.0  # the window's tails: made smaller when they dominate the slack
-    for _ in range(3):
+    for _ in range(4):
         tau = (
             narrow
             * shrink
             * min(1e-6, delta_error / (1e5 * delta * math.exp(min(log_ratio, 700.0))))
         )
-        found, estimate, slack, window = _tilted_bounds(
-            dists, counts, dt, theta, tau, support, 0.25 * attempt, delta, fixed, shift
-        )
+        try:
+            found, estimate, slack, window = _tilted_bounds(
+                dists, counts, dt, theta, tau, support, 0.25 * attempt, delta, fixed, shift
+            )
+        except _TooManyPoints:
+            raise
+        except _PRVFailure as err:
+            # Typically a tilt so strong that the solution left the representable part of
+            # the window (a loss that piles up at its top): a weaker one.
+            failure = err
+            if theta == 0.0:
+                break
+            theta = theta / 100.0 if theta > 1e-2 else 0.0
+            continue
         if found is not None and (bounds is None or found[2] < bounds[2]):
             bounds = found
         if found is not None and slack <= delta_error:
@@ -470,6 +484,8 @@ def _bounds_of(dists, counts, dt, delta, delta_error, fixed, shift, attempt):
             theta = 0.0 if index == 0 else float(_LAMBDAS[index - 1])
             log_ratio = float(exponents[index]) - math.log(delta)
     if bounds is None:
+        if failure is not None and not math.isfinite(slack):
+            raise failure
         raise _PRVFailure(
             f"floating-point noise dominates at delta={delta:.3g} (numerical slack {slack:.3g})"
         )
@@ -479,12 +495,6 @@ def _bounds_of(dists, counts, dt, delta, delta_error, fixed, shift, attempt):
             f"inconsistent bounds lower={lower!r}, estimate={estimate!r}, upper={upper!r}"
         )
     return lower, estimate, upper
-
-
-# The three ways of putting the steps on a lattice (`discretise`): "hoeffding" (mesh =
-# eps_error, fixed accuracy), "upper" (connect the dots, mesh = dt) and "lower" (merged
-# cells, mesh = dt).
-_KINDS = ("hoeffding", "upper", "lower")
 
 
 def _tail_mass(delta_error: float, n_total: int, attempt: int) -> float:
@@ -866,6 +876,7 @@ class PRVAccountant(Accountant):
             failures.append(f"{type(err).__name__}: {err}")
             return None
         best, previous, best_dt = None, None, dt
+        retries = 0
         for _ in range(12):
             sizes: list[int] = []
             found = self._attempts(
@@ -874,6 +885,12 @@ class PRVAccountant(Accountant):
             if found is None:
                 if best is None and sizes:  # too fine from the start: coarser
                     dt *= 2.0 ** math.ceil(math.log2(1.25 * max(sizes) / _discretise.MAX_POINTS))
+                    continue
+                if best is None and not sizes and retries < 2 and "left the" in failures[-1]:
+                    # A numerical failure on the coarsest mesh (e.g. a loss piled up at its
+                    # top, out of the tilted window): a finer one may pass.
+                    retries += 1
+                    dt /= 4
                     continue
                 break
             if best is None or found[2] < best[2]:
