@@ -20,9 +20,15 @@ added). Its error shrinks as `dt^2`, so `dt` does not have to shrink with the
 number of steps. The lattice starts from the `dt` that the requested accuracy
 needs by a variance estimate, and is halved (nested lattices: the upper bound
 can only decrease) until the last halving moved it by less than half the
-accuracy. `get_epsilon_bounds` also composes the *dominated* pair of merged
-cells (`discretise.merged_cells`) for a certified lower bound, on a lattice
-refined until its rounding loses less than a quarter of the accuracy.
+accuracy. When that first halving raises the bound instead (the numerical
+slack below, which grows with the number of points, outweighs the lattice's
+error: a few steps at a tiny q and delta), coarser lattices are tried while
+they lower it. `get_epsilon_bounds` also composes the *dominated* pair of
+merged cells (`discretise.merged_cells`) for a certified lower bound, on a
+lattice refined until its rounding loses less than a quarter of the accuracy;
+where the FFT's noise keeps that bound further than the accuracy from the
+upper one, the merged cells are also composed by direct convolution (exact to
+a relative rounding, no noise floor; within a budget of multiply-adds).
 
 **Fixed `eps_error` (as the `prv_accountant` package and Opacus):** Gopi, Lee
 and Wutschitz 2021 ("Numerical composition of differential privacy"): the
@@ -241,6 +247,73 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
     spectrum_norm = math.sqrt(float(np.sum(weight * magnitude**2)))
     noise = 8 * (spectrum_err + _EPS64 * (log2m + 4) * spectrum_norm)
     return pmf, base + k_lo * dt, noise
+
+
+# Multiply-adds allowed for a direct composition (a few tenths of a second with numpy's
+# convolution).
+_DIRECT_MAX_OPS = 1e9
+
+
+class _OverBudget(Exception):
+    """A direct composition would take more than `_DIRECT_MAX_OPS`."""
+
+
+def _direct_lower(dists, counts, dt: float, delta: float) -> float | None:
+    """Lower bound on epsilon by direct convolution (no FFT), or None if too costly.
+
+    For the dominated (merged-cell) pair when few steps are composed at a tiny delta: the
+    FFT's noise, amplified by the tilt, then costs more than the lattice. Every term is
+    non-negative, so a convolution is exact to a relative `(length + 2) * eps` per entry
+    (accumulated over the products), with no absolute noise floor and no tilt. Entries
+    below `1e-12 * delta` are dropped at the ends of each product: that only lowers the
+    composed pmf entrywise, hence its delta curve, so the solution stays a lower bound.
+    """
+    floor = 1e-12 * delta
+    ops = 0.0
+
+    def trim(pmf: np.ndarray, first: int) -> tuple[np.ndarray, int]:
+        kept = np.flatnonzero(pmf >= floor)
+        if len(kept) == 0:
+            return pmf[:0], first
+        return pmf[kept[0] : kept[-1] + 1], first + int(kept[0])
+
+    def product(a, b):
+        # (pmf, first index, relative error) of the convolution of two such triples
+        nonlocal ops
+        ops += float(len(a[0])) * len(b[0])
+        if ops > _DIRECT_MAX_OPS:
+            raise _OverBudget
+        pmf, first = trim(np.convolve(a[0], b[0]), a[1] + b[1])
+        return pmf, first, a[2] + b[2] + (min(len(a[0]), len(b[0])) + 2) * _EPS64
+
+    total = None
+    t_base = 0.0  # the lattice value of index 0 of every factor, summed
+    try:
+        for dist, n_steps in zip(dists, counts):
+            t_base += n_steps * dist.lowest(dt)
+            pmf, first = trim(dist.pmf.astype(np.float64), 0)
+            power, base, n = None, (pmf, first, 0.0), n_steps
+            while n:  # binary powering
+                if n & 1:
+                    power = base if power is None else product(power, base)
+                n >>= 1
+                if n:
+                    base = product(base, base)
+            total = power if total is None else product(total, power)
+    except _OverBudget:
+        return None
+    assert total is not None
+    pmf, first, rel = total
+    if len(pmf) == 0:
+        return 0.0
+    curve = _Delta(pmf, t_base + first * dt, dt)
+    # The computed curve is at most (1 + rel) times the lattice pair's (plus the rounding of
+    # the curve's own sums): where it exceeds that target, the true delta exceeds `delta`.
+    sum_err = (4 * len(pmf) + 1400) * _EPS64 * delta
+    try:
+        return max(0.0, curve.solve(delta * (1 + rel) + sum_err, -1))
+    except _PRVFailure:
+        return None
 
 
 class _Delta:
@@ -877,6 +950,8 @@ class PRVAccountant(Accountant):
             return None
         best, previous, best_dt = None, None, dt
         retries = 0
+        passes = 0  # the passes that gave a bound
+        noisier = False  # a finer pass gave a larger bound: float64 noise, not the lattice
         for _ in range(12):
             sizes: list[int] = []
             found = self._attempts(
@@ -893,15 +968,30 @@ class PRVAccountant(Accountant):
                     dt /= 4
                     continue
                 break
+            passes += 1
             if best is None or found[2] < best[2]:
                 best, best_dt = found, dt
             target = _SAFETY * _relative_error(found[1])
             if previous is not None and previous - found[2] <= 0.5 * target:
+                noisier = found[2] > previous
                 break
             previous = found[2]
             dt /= 2
         if best is None:
             return None
+        if noisier and passes == 2:
+            # The first halving raised the bound: the numerical slack (FFT noise amplified
+            # by the tilt, which grows with the number of points) outweighs the lattice's
+            # error there, as for a few steps at tiny q and delta. Coarser lattices, while
+            # they lower the bound (each is a certified upper bound).
+            dt = best_dt
+            for _ in range(8):
+                dt *= 2
+                found = self._attempts(events, delta, dt, delta_error, failures, pair_of, "upper")
+                if found is None or found[2] >= best[2]:
+                    break
+                best, best_dt = found, dt
+            target = _SAFETY * _relative_error(best[1])
         return best[1], best[2], best_dt, target
 
     def _merged_lower(
@@ -913,7 +1003,8 @@ class PRVAccountant(Accountant):
         more, the lattice is refined once (to the spacing that `dt^2` scaling predicts).
         If the bound is then further than the accuracy below `upper` (merging costs first
         order in `dt` when few steps are composed), the lattice is refined by 4, at most
-        twice, while that helps.
+        twice, while that helps. A pass whose FFT bound is not within the accuracy also
+        tries the direct convolution (`_direct_lower`), free of the FFT's noise.
         """
         counts = [n for _, _, n in events]
         n_total = sum(counts)
@@ -937,17 +1028,25 @@ class PRVAccountant(Accountant):
                 continue
             refined = True
             dists = [dist for dist, _ in made]
-            found = None
+            lows = []
             for attempt in (0, 1):
                 try:
-                    found = _bounds_of(dists, counts, dt, delta, delta_error, 0.0, 0.0, attempt)
+                    lows.append(
+                        _bounds_of(dists, counts, dt, delta, delta_error, 0.0, 0.0, attempt)[0]
+                    )
                     break
                 except Exception as err:  # retry with a wider window
                     failures.append(f"{type(err).__name__}: {err}")
-            if found is None:
+            if not lows or upper - max(lows) > _relative_error(max(lows)):
+                # Not certified to the accuracy: float64 noise may be the cause, which
+                # direct convolution does not have (None when too costly).
+                direct = _direct_lower(dists, counts, dt, delta)
+                if direct is not None:
+                    lows.append(direct)
+            if not lows:
                 break
-            gain = found[0] - best
-            best = max(best, found[0])
+            gain = max(lows) - best
+            best = max(best, max(lows))
             if upper - best <= _relative_error(best):
                 break
             if gain < 0.25 * (upper - best + gain):
