@@ -195,6 +195,14 @@ def test_distributed_mnist_smoke_under_torchrun(mnist_path):
     assert "2 process(es)" in line and "epsilon" in line
 
 
+def test_accountant_benchmark_dense_mode_runs(capsys):
+    # numpy/scipy only (the comparison mode needs the bench extras)
+    bench = _load("benches/bench_accountants.py")
+    summary = bench.dense(None, points=[(1e-3, 1.0, 10, 1e-6), (0.5, 4.0, 1, 1e-3)])
+    assert summary["certified"] == 2
+    assert "2 of 2 points certified" in capsys.readouterr().out
+
+
 def test_secure_mode_benchmark_runs(capsys, mnist_path):
     bench = _load("benches/bench_secure_mode.py")
     summary = bench.main(
