@@ -191,3 +191,35 @@ def test_one_step_of_a_group_is_bracketed_without_falling_back(q):
         warnings.simplefilter("error")
         lower, _, upper = acc.get_epsilon_bounds(delta)
     assert lower <= exact <= upper <= exact + max(0.001, 0.01 * exact)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        replace_one_pair(0.5, 1e-5),
+        replace_one_pair(2.0, 0.3),
+        group_pair(1.0, 0.01, 8, "remove"),
+        group_pair(1.0, 0.01, 8, "add"),
+        group_pair(0.7, 0.5, 3, "remove"),
+    ],
+    ids=["replace_tiny_q", "replace", "group8_remove", "group8_add", "group3_q_half"],
+)
+def test_x_of_loss_inverts_the_loss(pair):
+    # Reference: the loss written out from the mixtures' densities, inverted point by point
+    # with brentq; beyond the loss at the ends, the ends themselves.
+    p_w, p_mu = np.exp(pair.p_logw), pair.p_mu
+    q_w, q_mu = np.exp(pair.q_logw), pair.q_mu
+
+    def loss(x):
+        p = np.sum(p_w * stats.norm.pdf(x, p_mu, pair.sigma))
+        q = np.sum(q_w * stats.norm.pdf(x, q_mu, pair.sigma))
+        return math.log(p) - math.log(q)
+
+    lo, hi = -6.0 * pair.sigma - 2.0, 6.0 * pair.sigma + 2.0
+    a, b = loss(lo), loss(hi)
+    t = np.concatenate([[a - 1.0, a], np.linspace(a, b, 41)[1:-1], [b, b + 1.0]])
+    found = pair.x_of_loss(t, lo, hi)
+    assert found[0] == lo and found[-1] == hi
+    for value, x in zip(t[2:-2], found[2:-2]):
+        expected = optimize.brentq(lambda y, v=value: loss(y) - v, lo, hi, xtol=1e-15, rtol=1e-15)
+        assert x == pytest.approx(expected, rel=1e-9, abs=1e-11)
