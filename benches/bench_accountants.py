@@ -27,9 +27,11 @@ of memory is shown as such.
 `--dense` instead runs ours alone on a denser grid (384 points: q in {1e-5, 1e-3,
 0.05, 0.5}, sigma in {0.5, 1, 4, 20}, steps in {1, 3, 10, ..., 10^6}, delta in
 {1e-10, 1e-6, 1e-3}), in this process, and reports how many points are certified
-within the target, the largest err/tol and the time of `get_epsilon_bounds`.
+within the target, the largest err/tol and the time of `get_epsilon_bounds`;
+`--neighboring` and `--group-size` choose the accountant's relation there.
 
-    python benches/bench_accountants.py [--timeout 60] [--quick] [--dense] [--json out.json]
+    python benches/bench_accountants.py [--timeout 60] [--quick] [--json out.json]
+    python benches/bench_accountants.py --dense [--neighboring replace_one] [--group-size k]
 """
 
 from __future__ import annotations
@@ -61,18 +63,19 @@ DENSE = list(
 )
 
 
-def ours(q, sigma, steps, delta):
+def ours(q, sigma, steps, delta, **relation):
+    """`relation`: the accountant's `neighboring` and `group_size` (default add/remove)."""
     from torchdp_keras.accounting.prv import PRVAccountant
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
-        accountant = PRVAccountant()
+        accountant = PRVAccountant(**relation)
         accountant.compose(sigma, q, steps)
         upper = accountant.get_epsilon(delta)
         upper_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        accountant = PRVAccountant()
+        accountant = PRVAccountant(**relation)
         accountant.compose(sigma, q, steps)
         bounds = accountant.get_epsilon_bounds(delta)
         bounds_seconds = time.perf_counter() - start
@@ -128,11 +131,11 @@ def timed(fun, args, timeout):
     return "timeout", None, None
 
 
-def dense(json_path, points=DENSE) -> dict:
+def dense(json_path, points=DENSE, **relation) -> dict:
     """Ours on `points`: the certified err/tol and the time of the bounds at every point."""
     rows, worst, total = [], None, 0.0
     for q, sigma, steps, delta in points:
-        lower, _, upper, fallback, _, seconds = ours(q, sigma, steps, delta)
+        lower, _, upper, fallback, upper_seconds, seconds = ours(q, sigma, steps, delta, **relation)
         ratio = (upper - lower) / max(0.001, 0.01 * lower)
         total += seconds
         rows.append(
@@ -142,6 +145,7 @@ def dense(json_path, points=DENSE) -> dict:
                 "err_tol": ratio,
                 "rdp": fallback,
                 "seconds": seconds,
+                "upper_seconds": upper_seconds,
             }
         )
         if worst is None or ratio > worst["err_tol"]:
@@ -149,12 +153,17 @@ def dense(json_path, points=DENSE) -> dict:
     assert worst is not None
     certified = sum(r["err_tol"] <= 1 + 1e-9 and not r["rdp"] for r in rows)
     slowest = max(rows, key=lambda r: r["seconds"])
+    slowest_upper = max(rows, key=lambda r: r["upper_seconds"])
     print(f"{certified} of {len(rows)} points certified within max(0.001, 1% of epsilon)")
     print(f"largest err/tol {worst['err_tol']:.2f} at (q, sigma, steps, delta) = {worst['point']}")
     print(f"RDP fallbacks: {sum(r['rdp'] for r in rows)}")
     print(
         f"get_epsilon_bounds: {total:.1f} s in all, slowest "
         f"{slowest['seconds']:.2f} s at {slowest['point']}"
+    )
+    print(
+        f"get_epsilon alone: {sum(r['upper_seconds'] for r in rows):.1f} s in all, slowest "
+        f"{slowest_upper['upper_seconds']:.2f} s at {slowest_upper['point']}"
     )
     summary = {"dense": rows, "certified": certified}
     if json_path:
@@ -168,9 +177,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the seed case and 4 corners")
     parser.add_argument("--json", default=None, help="write the table here")
     parser.add_argument("--dense", action="store_true", help="ours alone on 384 points")
+    parser.add_argument(
+        "--neighboring", default="add_or_remove", help="--dense: the accountant's relation"
+    )
+    parser.add_argument("--group-size", type=int, default=1, help="--dense: group_size")
     args = parser.parse_args(argv)
     if args.dense:
-        dense(args.json)
+        dense(args.json, neighboring=args.neighboring, group_size=args.group_size)
         return 0
 
     # Imported once here, so that the forked children time the computation only.

@@ -750,8 +750,10 @@ class PRVAccountant(Accountant):
     0.001) of it: the lattice is halved until the bound moves by less than half
     that (the error of connect-the-dots shrinks as the square of the spacing);
     `get_epsilon_bounds` also returns a certified lower bound (a dominated
-    pair), so `upper - lower` certifies the accuracy actually reached. With a
-    fixed `eps_error` the upper bound is at most about `2 * eps_error` above
+    pair), so `upper - lower` certifies the accuracy actually reached (for
+    `neighboring="replace_one"` at q <= 1e-3, sigma <= 1 and many steps that
+    lower bound can stay well below: merged cells cost first order in the
+    spacing). With a fixed `eps_error` the upper bound is at most about `2 * eps_error` above
     the truth. `get_delta(epsilon)` is a certified upper bound on delta.
     Edge cases: 0.0 for an empty history or `q = 0`, inf if some step had
     `noise_multiplier = 0`. If the numerical composition fails (an epsilon so
