@@ -63,6 +63,11 @@ DENSE = list(
 )
 
 
+def err_tol(lower: float, upper: float) -> float:
+    """`(upper - lower) / max(0.001, 1% of lower)`: at most 1 certifies the target."""
+    return (upper - lower) / max(0.001, 0.01 * lower)
+
+
 def ours(q, sigma, steps, delta, **relation):
     """`relation`: the accountant's `neighboring` and `group_size` (default add/remove)."""
     from torchdp_keras.accounting.prv import PRVAccountant
@@ -136,7 +141,7 @@ def dense(json_path, points=DENSE, **relation) -> dict:
     rows, worst, total = [], None, 0.0
     for q, sigma, steps, delta in points:
         lower, _, upper, fallback, upper_seconds, seconds = ours(q, sigma, steps, delta, **relation)
-        ratio = (upper - lower) / max(0.001, 0.01 * lower)
+        ratio = err_tol(lower, upper)
         total += seconds
         rows.append(
             {
@@ -215,7 +220,7 @@ def main(argv=None) -> int:
         if status == "ok":
             lower, estimate, upper, *_ = value
             eps_error = 0.5 * max(0.001, 0.01 * estimate)
-            row["within"] = upper - lower <= max(0.001, 0.01 * lower) * (1 + 1e-9)
+            row["within"] = err_tol(lower, upper) <= 1 + 1e-9
         for name, fun, extra in (
             ("pld_1e-4", pld, (1e-4,)),
             ("pld_1e-5", pld, (1e-5,)),
@@ -237,7 +242,7 @@ def main(argv=None) -> int:
             upper_s, bounds_s = f"{seconds_upper:6.2f}", f"{seconds_bounds:8.2f}"
             over = "rdp"
             if row["ours"][0] == "ok":
-                over = f"{(upper - lower) / max(0.001, 0.01 * lower):7.2f}"
+                over = f"{err_tol(lower, upper):7.2f}"
         print(
             f"{q:>7.2g} {sigma:>5.3g} {steps:>7} {delta:>6.0e} | {show(row['ours'], 10)[:10]} "
             f"{upper_s:>6} {over:>7} {bounds_s:>8} | {show(row['pld_1e-4'])} | "

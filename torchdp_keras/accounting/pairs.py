@@ -124,11 +124,14 @@ class MixturePair:
         means = np.concatenate([self.p_mu, self.q_mu])
         return float(means.min()), float(means.max())
 
+    def _exponents(self, x, logw, mu) -> np.ndarray:
+        # log(w_i) + (2 mu_i x - mu_i^2) / (2 sigma^2), one column per component
+        x = np.asarray(x, dtype=np.float64)[..., None]
+        return logw + (2.0 * mu * x - mu * mu) / (2.0 * self.sigma**2)
+
     def _log_ratio_part(self, x, logw, mu) -> np.ndarray:
         # log sum_i w_i exp((2 mu_i x - mu_i^2) / (2 sigma^2)) = log(mixture(x) / N(0)(x)).
-        s2 = self.sigma**2
-        x = np.asarray(x, dtype=np.float64)[..., None]
-        return _lse(logw + (2.0 * mu * x - mu * mu) / (2.0 * s2))
+        return _lse(self._exponents(x, logw, mu))
 
     def loss(self, x) -> np.ndarray:
         """The privacy loss `log(P(x) / Q(x))`."""
@@ -144,14 +147,13 @@ class MixturePair:
 
     def _part_and_slope(self, x: np.ndarray, logw, mu) -> tuple[np.ndarray, np.ndarray]:
         # `_log_ratio_part` and its derivative in x (the softmax-weighted mean / sigma^2).
-        s2 = self.sigma**2
-        z = logw + (2.0 * mu * x[..., None] - mu * mu) / (2.0 * s2)
+        z = self._exponents(x, logw, mu)
         top = np.max(z, axis=-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
         weights = np.exp(z - top)
         total = np.sum(weights, axis=-1)
         with np.errstate(divide="ignore"):
-            return np.log(total) + top[..., 0], (weights @ mu) / (total * s2)
+            return np.log(total) + top[..., 0], (weights @ mu) / (total * self.sigma**2)
 
     def x_of_loss(self, t: np.ndarray, lo: float, hi: float) -> np.ndarray:
         """The noise value in `[lo, hi]` whose privacy loss is `t` (clipped).

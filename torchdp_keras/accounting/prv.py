@@ -254,6 +254,12 @@ def _compose(dists, counts, dt: float, lo: float, hi: float):
 _DIRECT_MAX_OPS = 1e9
 
 
+def _curve_rounding(points: int, scale: float) -> float:
+    """Bound on the rounding of `_Delta`'s cumulative sums and exponentials (arguments
+    below 700) over `points` entries, at a delta of about `scale`."""
+    return (4 * points + 1400) * _EPS64 * scale
+
+
 class _OverBudget(Exception):
     """A direct composition would take more than `_DIRECT_MAX_OPS`."""
 
@@ -291,7 +297,7 @@ def _direct_lower(dists, counts, dt: float, delta: float) -> float | None:
     try:
         for dist, n_steps in zip(dists, counts):
             t_base += n_steps * dist.lowest(dt)
-            pmf, first = trim(dist.pmf.astype(np.float64), 0)
+            pmf, first = trim(np.asarray(dist.pmf, dtype=np.float64), 0)
             power, base, n = None, (pmf, first, 0.0), n_steps
             while n:  # binary powering
                 if n & 1:
@@ -309,7 +315,7 @@ def _direct_lower(dists, counts, dt: float, delta: float) -> float | None:
     curve = _Delta(pmf, t_base + first * dt, dt)
     # The computed curve is at most (1 + rel) times the lattice pair's (plus the rounding of
     # the curve's own sums): where it exceeds that target, the true delta exceeds `delta`.
-    sum_err = (4 * len(pmf) + 1400) * _EPS64 * delta
+    sum_err = _curve_rounding(len(pmf), delta)
     try:
         return max(0.0, curve.solve(delta * (1 + rel) + sum_err, -1))
     except _PRVFailure:
@@ -405,7 +411,7 @@ def _tilted_bounds(dists, counts, dt, theta, tau, support, pad, delta, fixed, sh
     """
     curve, gamma, kappa = _tilted_curve(dists, counts, dt, theta, tau, support, pad)
     # Rounding of the cumulative sums and of the exponentials (arguments below 700).
-    sum_err = (4 * len(curve.pmf) + 1400) * _EPS64 * delta
+    sum_err = _curve_rounding(len(curve.pmf), delta)
 
     estimate = curve.solve(delta, 0)
     ref = max(estimate, -shift) if math.isfinite(estimate) else -shift
@@ -664,7 +670,7 @@ def _compute_delta(
     tau = 1e-3**attempt * min(1e-6, delta_error / (1e5 * math.exp(min(log_gamma, 700.0))))
     curve, gamma, kappa = _tilted_curve(dists, counts, dt, theta, tau, support, 0.25 * attempt)
     value, tail = curve.delta_at(e)
-    sum_err = (4 * len(curve.pmf) + 1400) * _EPS64 * max(tail, value)
+    sum_err = _curve_rounding(len(curve.pmf), max(tail, value))
     bound = value + fixed + gamma(e) * kappa + sum_err
     if not math.isfinite(bound):
         raise _PRVFailure(f"non-finite delta bound {bound!r}")
@@ -753,8 +759,8 @@ class PRVAccountant(Accountant):
     pair), so `upper - lower` certifies the accuracy actually reached (for
     `neighboring="replace_one"` at q <= 1e-3, sigma <= 1 and many steps that
     lower bound can stay well below: merged cells cost first order in the
-    spacing). With a fixed `eps_error` the upper bound is at most about `2 * eps_error` above
-    the truth. `get_delta(epsilon)` is a certified upper bound on delta.
+    spacing). With a fixed `eps_error` the upper bound is at most about
+    `2 * eps_error` above the truth. `get_delta(epsilon)` is a certified upper bound on delta.
     Edge cases: 0.0 for an empty history or `q = 0`, inf if some step had
     `noise_multiplier = 0`. If the numerical composition fails (an epsilon so
     large that even a coarse lattice needs more than 2**25 points, or float64
@@ -1039,7 +1045,7 @@ class PRVAccountant(Accountant):
                     break
                 except Exception as err:  # retry with a wider window
                     failures.append(f"{type(err).__name__}: {err}")
-            if not lows or upper - max(lows) > _relative_error(max(lows)):
+            if not lows or upper - lows[0] > _relative_error(lows[0]):
                 # Not certified to the accuracy: float64 noise may be the cause, which
                 # direct convolution does not have (None when too costly).
                 direct = _direct_lower(dists, counts, dt, delta)
@@ -1047,8 +1053,9 @@ class PRVAccountant(Accountant):
                     lows.append(direct)
             if not lows:
                 break
-            gain = max(lows) - best
-            best = max(best, max(lows))
+            low = max(lows)
+            gain = low - best
+            best = max(best, low)
             if upper - best <= _relative_error(best):
                 break
             if gain < 0.25 * (upper - best + gain):
